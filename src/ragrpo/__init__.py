@@ -1,0 +1,16 @@
+"""ragrpo: GRPO-tune a small language model with reward functions, then answer over a LanceDB table.
+
+The library is the product; `ragrpo.cli` is a thin command line over it. Heavy imports (torch,
+transformers, trl, lancedb) happen inside the functions that need them, so importing this package
+and running `ragrpo --help` stay instant.
+"""
+
+__version__ = "0.1.0"
+
+
+class RagrpoError(Exception):
+    """A problem the user can fix (bad path, column, filter, reward, config).
+
+    The CLI prints its message as one line and exits with code 2; the message names the input
+    and, where there is one, the fix.
+    """

@@ -1,0 +1,198 @@
+"""The `ragrpo` command line: each command parses its options, calls one library function, and turns
+a `RagrpoError` into one line on stderr with exit code 2."""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+import warnings
+
+import click
+
+from ragrpo import RagrpoError
+
+DB_OPTION = click.option("--db", default="lancedb", show_default=True, help="LanceDB folder.")
+
+
+class UserError(click.ClickException):
+    exit_code = 2
+
+    def show(self, file=None):
+        click.echo(f"Error: {self.message}", err=True)
+
+
+def user_errors(func):
+    """Turn a library RagrpoError into one line and exit code 2; keep warnings from third parties quiet."""
+
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+        warnings.filterwarnings("ignore", category=FutureWarning)  # deprecation notices from dependencies
+        try:
+            from ragrpo.models import quiet_transformers
+
+            quiet_transformers()
+            return func(*args, **kwargs)
+        except RagrpoError as exc:
+            raise UserError(str(exc)) from None
+
+    return wrapper
+
+
+@click.group()
+@click.version_option(package_name="ragrpo")
+def main():
+    """GRPO-tune a small language model with reward functions and answer over your own LanceDB table.
+
+    \b
+    ragrpo quickstart                      the whole pipeline on built-in data
+    ragrpo index builtin:movies --table movies
+    ragrpo train --output runs/demo --max-steps 20
+    ragrpo ask "Which films end in betrayal?" --table movies --model runs/demo/merged
+    """
+
+
+@main.command()
+@click.option("--model", default=None, help="Hugging Face id or folder [default: packaged SmolLM2-135M-Instruct].")
+@click.option("--dataset", default=None, help="JSONL/CSV/Parquet file, Hugging Face dataset, or builtin:movies.")
+@click.option("--prompt-template", default=None, help='Build prompts from columns, e.g. "Summarize:\\n{movie_plot}".')
+@click.option("--reward", "rewards", multiple=True, help="NAME[=WEIGHT], repeatable: length, token_diversity, "
+              "or package.module:function.")
+@click.option("--preset", default=None, help="default (tuned for short runs) or seed (the write-up's configuration).")
+@click.option("--max-steps", type=int, default=None)
+@click.option("--num-generations", type=int, default=None, help="G: completions sampled per prompt.")
+@click.option("--max-completion-length", type=int, default=None, help="Tokens per completion.")
+@click.option("--learning-rate", type=float, default=None)
+@click.option("--beta", type=float, default=None, help="KL coefficient to the adapter-free reference model.")
+@click.option("--epsilon", type=float, default=None, help="Clipping range of the policy ratio.")
+@click.option("--config", "config_file", type=click.Path(dir_okay=False), default=None,
+              help="TOML file: top-level run keys plus [grpo] and [lora] tables.")
+@click.option("--output", default=None, help="Run folder [default: runs/latest].")
+@click.option("--overwrite", is_flag=True, help="Replace a non-empty output folder.")
+@user_errors
+def train(config_file, rewards, overwrite, **options):
+    """GRPO fine-tuning with a LoRA adapter; writes adapter/, merged/, config.json and metrics.jsonl.
+
+    Example: ragrpo train --max-steps 20 --reward length --reward token_diversity=0.5 --output runs/demo
+    """
+    from ragrpo.config import build_run_config
+    from ragrpo.train import train as run_training
+
+    cfg = build_run_config(config_file, rewards=list(rewards) or None, **options)
+    result = run_training(cfg, overwrite=overwrite)
+    click.echo(f"trained {result.steps} steps; merged model: {result.merged}; metrics: {result.metrics}")
+
+
+@main.command()
+@click.argument("model_dir")
+@click.argument("prompt")
+@click.option("--max-new-tokens", type=int, default=128, show_default=True)
+@click.option("--temperature", type=float, default=0.0, show_default=True, help="0 means greedy decoding.")
+@user_errors
+def generate(model_dir, prompt, max_new_tokens, temperature):
+    """Generate a reply to PROMPT through the chat template of the model in MODEL_DIR.
+
+    Example: ragrpo generate runs/demo/merged "Summarize the plot of a heist film in one sentence."
+    """
+    from ragrpo.models import load_model
+    from ragrpo.rag import generate as run_generate
+
+    model, tokenizer = load_model(model_dir)
+    [text] = run_generate(model, tokenizer, [[{"role": "user", "content": prompt}]],
+                          max_new_tokens=max_new_tokens, temperature=temperature)
+    click.echo(text.strip())
+
+
+@main.command()
+@click.argument("source")
+@click.option("--table", required=True, help="Name of the LanceDB table to create.")
+@DB_OPTION
+@click.option("--text-column", default=None, help="Column to embed [default: movie_plot, text, content, ...].")
+@click.option("--rename", "renames", multiple=True, help='OLD=NEW, repeatable, e.g. "Release Year=release_year".')
+@click.option("--embedding-model", default=None, help="sentence-transformers name or folder [default: packaged MiniLM].")
+@click.option("--overwrite", is_flag=True, help="Replace the table if it exists.")
+@user_errors
+def index(source, table, db, text_column, renames, embedding_model, overwrite):
+    """Embed SOURCE (CSV/JSONL/Parquet, Hugging Face dataset, or builtin:movies) into a LanceDB table.
+
+    Example: ragrpo index builtin:movies --table movies --db lancedb
+    """
+    from ragrpo.index import index as run_index
+    from ragrpo.index import parse_renames
+
+    result = run_index(source, table, db, text_column=text_column, renames=parse_renames(renames),
+                       embedding_model=embedding_model, overwrite=overwrite)
+    skipped = f" ({result.skipped_empty} rows with empty text skipped)" if result.skipped_empty else ""
+    click.echo(f"indexed {result.rows} rows into {db}/{table}{skipped}; text column {result.text_column!r}; "
+               f"columns: {', '.join(result.columns)}")
+
+
+@main.command()
+@click.argument("query")
+@click.option("--table", required=True)
+@DB_OPTION
+@click.option("--where", default=None, help='SQL prefilter, e.g. "release_year < 1990".')
+@click.option("-k", "k", type=int, default=5, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per line: every column but the vector.")
+@user_errors
+def search(query, table, db, where, k, as_json):
+    """Prefiltered vector search: the K rows nearest to QUERY among those matching --where.
+
+    Example: ragrpo search "a detective who is the killer" --table movies --where "release_year < 1990"
+    """
+    from ragrpo.rag import source_label
+    from ragrpo.retrieve import search_table
+
+    for n, row in enumerate(search_table(table, query, db=db, where=where, k=k), 1):
+        if as_json:
+            click.echo(json.dumps(row, default=str))
+        else:
+            click.echo(f"{n}. {source_label(row)}  distance {row['_distance']:.3f}")
+
+
+@main.command()
+@click.argument("query")
+@click.option("--table", required=True)
+@click.option("--model", default=None, help="Model folder, e.g. runs/demo/merged [default: packaged base model].")
+@DB_OPTION
+@click.option("--where", default=None, help='SQL prefilter, e.g. "release_year < 1990".')
+@click.option("-k", "k", type=int, default=5, show_default=True)
+@click.option("--max-new-tokens", type=int, default=128, show_default=True)
+@click.option("--temperature", type=float, default=0.0, show_default=True, help="0 means greedy decoding.")
+@user_errors
+def ask(query, table, model, db, where, k, max_new_tokens, temperature):
+    """Retrieve K passages for QUERY, answer from them with the model, and list the sources.
+
+    Example: ragrpo ask "What's common in movies where the protagonist is the bad guy" --table movies
+    --where "release_year < 1990" --model runs/demo/merged
+    """
+    from ragrpo.rag import ask as run_ask
+    from ragrpo.rag import source_label
+
+    result = run_ask(query, table, model, db=db, where=where, k=k, max_new_tokens=max_new_tokens,
+                     temperature=temperature)
+    click.echo(result.text)
+    click.echo("\nSources:")
+    for n, source in enumerate(result.sources, 1):
+        click.echo(f"  [{n}] {source_label(source)}")
+
+
+@main.command()
+@click.option("--workdir", default="runs/quickstart", show_default=True, help="Where the table and the run go.")
+@click.option("--max-steps", type=int, default=None, help="GRPO steps [default: the quickstart's 30].")
+@user_errors
+def quickstart(workdir, max_steps):
+    """The whole pipeline on built-in data: index, GRPO-train, merge, and answer with base and tuned models.
+
+    Example: ragrpo quickstart --workdir runs/quickstart
+    """
+    from ragrpo.quickstart import report, run
+
+    result = run(workdir, max_steps=max_steps, echo=lambda line: click.echo(line, err=True))
+    click.echo(report(result))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

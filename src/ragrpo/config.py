@@ -1,0 +1,211 @@
+"""Run configuration: the few fields that are ours, with TRL's GRPOConfig and PEFT's LoraConfig passed through.
+
+A run is described by `RunConfig`. What TRL or PEFT already define is not re-declared here: the `grpo`
+and `lora` tables hold overrides that go straight into `GRPOConfig(...)` and `LoraConfig(...)`, and
+their keys are checked against those classes' own fields. Precedence, lowest first:
+
+    preset  <  config file ([grpo], [lora] and top-level keys)  <  command-line flags
+"""
+
+from __future__ import annotations
+
+import sys
+import tomllib
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+from ragrpo import RagrpoError
+
+# ---- presets --------------------------------------------------------------------------------------
+# Values are GRPOConfig fields. "seed" is the write-up's configuration, term for term. TRL changed two
+# defaults since the write-up: `beta` is now 0 (no KL term, no reference model) and `loss_type` is now
+# "dapo"; the preset sets both back to what the write-up ran with (beta 0.04, the per-sequence "grpo"
+# loss). transformers 5 has no `warmup_ratio`: a float `warmup_steps` below 1 is the ratio.
+SEED_PRESET = {
+    "learning_rate": 5e-6,
+    "adam_beta1": 0.9,
+    "adam_beta2": 0.99,
+    "weight_decay": 0.1,
+    "warmup_steps": 0.1,
+    "lr_scheduler_type": "cosine",
+    "optim": "paged_adamw_8bit",
+    "logging_steps": 1,
+    "per_device_train_batch_size": 6,
+    "gradient_accumulation_steps": 1,
+    "num_generations": 6,
+    "max_completion_length": 128,
+    "max_steps": 250,
+    "save_steps": 250,
+    "max_grad_norm": 0.1,
+    "beta": 0.04,
+    "loss_type": "grpo",
+}
+
+# The everyday preset: the write-up's shape (G=6, 128 tokens, KL to the adapter-free model) with a
+# learning rate that moves a rank-8 adapter within a CPU-sized run, and the plain torch optimizer.
+# Issue 3 tunes it by experiment; until then it is a reasoned starting point, not a measured optimum.
+DEFAULT_PRESET = {
+    **SEED_PRESET,
+    "learning_rate": 1e-4,
+    "optim": "adamw_torch",
+    "max_grad_norm": 1.0,
+    "save_steps": 50,
+}
+
+PRESETS = {"default": DEFAULT_PRESET, "seed": SEED_PRESET}
+
+# The write-up's adapter: rank 8, alpha 32, every linear layer.
+LORA_DEFAULTS = {"task_type": "CAUSAL_LM", "r": 8, "lora_alpha": 32, "target_modules": "all-linear"}
+
+DEFAULT_PROMPT_TEMPLATE = "Summarize this movie plot in one sentence:\n{movie_plot}"
+
+
+@dataclass
+class RunConfig:
+    # ---- model and data ----
+    model: str | None = field(
+        default=None,
+        metadata={"help": "Hugging Face id or local folder; None means the packaged SmolLM2-135M-Instruct."},
+    )
+    dataset: str = field(
+        default="builtin:movies",
+        metadata={"help": "JSONL/CSV/Parquet file, Hugging Face dataset name, or builtin:movies."},
+    )
+    prompt_template: str | None = field(
+        default=None,
+        metadata={
+            "help": "Python format string over the dataset's columns, e.g. 'Summarize:\\n{movie_plot}'. "
+            "Without it the dataset needs a `prompt` column (text or chat messages); builtin:movies "
+            "uses DEFAULT_PROMPT_TEMPLATE."
+        },
+    )
+    max_prompt_length: int = field(
+        default=512,
+        metadata={"help": "Prompts longer than this many tokens are cut from the left (TRL no longer does it)."},
+    )
+    max_samples: int | None = field(
+        default=None, metadata={"help": "Use at most this many dataset rows (after shuffling with `seed`)."}
+    )
+    # ---- rewards ----
+    rewards: list[str] = field(
+        default_factory=lambda: ["length", "token_diversity"],
+        metadata={"help": "Reward specs NAME[=WEIGHT]; NAME is a built-in or package.module:function."},
+    )
+    # ---- run ----
+    preset: str = field(default="default", metadata={"help": f"One of {sorted(PRESETS)}."})
+    output: str = field(default="runs/latest", metadata={"help": "Folder for adapter, merged model, logs."})
+    seed: int = field(default=42, metadata={"help": "Seed for data shuffling, sampling and initialisation."})
+    # ---- passed through ----
+    grpo: dict = field(default_factory=dict, metadata={"help": "Overrides for trl.GRPOConfig."})
+    lora: dict = field(default_factory=dict, metadata={"help": "Overrides for peft.LoraConfig."})
+
+    def __post_init__(self):
+        if self.preset not in PRESETS:
+            raise RagrpoError(f"unknown preset {self.preset!r}; known presets: {', '.join(sorted(PRESETS))}")
+        if not self.rewards:
+            raise RagrpoError("no reward given: pass at least one --reward NAME")
+        if self.max_prompt_length < 1:
+            raise RagrpoError(f"max_prompt_length must be at least 1, got {self.max_prompt_length}")
+        if self.max_samples is not None and self.max_samples < 1:
+            raise RagrpoError(f"max_samples must be at least 1, got {self.max_samples}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _known(cls) -> set[str]:
+    return {f.name for f in fields(cls)}
+
+
+def load_config_file(path: str | Path) -> dict:
+    """Read a TOML run file into a dict of RunConfig fields; unknown keys are errors."""
+    path = Path(path)
+    try:
+        data = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise RagrpoError(f"config file {path} does not exist") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise RagrpoError(f"config file {path} cannot be read: {exc}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise RagrpoError(f"config file {path} is not valid TOML: {exc}") from None
+    unknown = set(data) - _known(RunConfig)
+    if unknown:
+        raise RagrpoError(
+            f"config file {path}: unknown key {sorted(unknown)[0]!r}; "
+            f"known keys: {', '.join(sorted(_known(RunConfig)))}"
+        )
+    for table in ("grpo", "lora"):
+        if table in data and not isinstance(data[table], dict):
+            raise RagrpoError(f"config file {path}: [{table}] must be a table of settings")
+    return data
+
+
+def build_run_config(config_file: str | Path | None = None, **overrides) -> RunConfig:
+    """Merge a config file and explicit overrides (None means 'not given') into a RunConfig.
+
+    Overrides named like GRPOConfig fields (max_steps, beta, ...) go into the `grpo` table; `grpo=` and
+    `lora=` dicts are merged over the file's tables.
+    """
+    data = load_config_file(config_file) if config_file else {}
+    grpo = {**data.pop("grpo", {}), **(overrides.pop("grpo", None) or {})}
+    lora = {**data.pop("lora", {}), **(overrides.pop("lora", None) or {})}
+    for key, value in overrides.items():
+        if value is None:
+            continue
+        if key in _known(RunConfig):
+            data[key] = value
+        else:
+            grpo[key] = value
+    try:
+        return RunConfig(**data, grpo=grpo, lora=lora)
+    except TypeError as exc:
+        raise RagrpoError(f"bad run configuration: {exc}") from None
+
+
+def _cuda_8bit_available() -> bool:
+    import importlib.util
+
+    import torch
+
+    return torch.cuda.is_available() and importlib.util.find_spec("bitsandbytes") is not None
+
+
+def grpo_config(cfg: RunConfig, output_dir: str | Path, **extra):
+    """The trl.GRPOConfig for a run: preset, then the run's [grpo] overrides, then `extra`."""
+    from trl import GRPOConfig
+
+    settings = {**PRESETS[cfg.preset], "seed": cfg.seed, "report_to": "none", **cfg.grpo, **extra}
+    unknown = set(settings) - _known(GRPOConfig)
+    if unknown:
+        raise RagrpoError(f"unknown GRPO setting {sorted(unknown)[0]!r} (not a field of trl.GRPOConfig)")
+    if "8bit" in str(settings.get("optim", "")) and not _cuda_8bit_available():
+        print(
+            f"notice: {settings['optim']} needs CUDA and bitsandbytes; using adamw_torch instead",
+            file=sys.stderr,
+        )
+        settings["optim"] = "adamw_torch"
+    import torch
+
+    if not torch.cuda.is_available():
+        # TRL turns bf16 on by default; plain float32 is the safe CPU default (issue 3 measures bf16 CPUs).
+        settings.setdefault("use_cpu", True)
+        settings.setdefault("bf16", False)
+    settings["output_dir"] = str(output_dir)
+    try:
+        return GRPOConfig(**settings)
+    except (ValueError, TypeError) as exc:
+        raise RagrpoError(f"bad GRPO setting: {str(exc).splitlines()[0]}") from None
+
+
+def lora_config(cfg: RunConfig):
+    """The peft.LoraConfig for a run: the write-up's adapter, then the run's [lora] overrides."""
+    from peft import LoraConfig
+
+    settings = {**LORA_DEFAULTS, **cfg.lora}
+    unknown = set(settings) - _known(LoraConfig)
+    if unknown:
+        raise RagrpoError(f"unknown LoRA setting {sorted(unknown)[0]!r} (not a field of peft.LoraConfig)")
+    try:
+        return LoraConfig(**settings)
+    except (ValueError, TypeError) as exc:
+        raise RagrpoError(f"bad LoRA setting: {str(exc).splitlines()[0]}") from None

@@ -1,0 +1,84 @@
+"""Reading documents and prompts: local CSV/JSONL/Parquet files, Hugging Face datasets, and builtin:movies.
+
+Everything arrives as a pandas DataFrame. `builtin:movies` is the corpus shipped in `ragrpo/data/`:
+original synopses written for this project, in the column layout of the wiki movie-plots CSV
+(`Release Year`, `Title`, `Origin/Ethnicity`, `Director`, `Cast`, `Genre`, `Wiki Page`, `Plot`).
+"""
+
+from __future__ import annotations
+
+from importlib import resources
+from pathlib import Path
+
+from ragrpo import RagrpoError
+
+BUILTIN = {"builtin:movies": "movies.csv"}
+_SUFFIXES = {".csv", ".jsonl", ".json", ".parquet"}
+
+
+def builtin_path(name: str) -> Path:
+    return Path(str(resources.files("ragrpo") / "data" / BUILTIN[name]))
+
+
+def _looks_like_path(source: str) -> bool:
+    return Path(source).suffix.lower() in _SUFFIXES or source.startswith((".", "/", "~"))
+
+
+def read_records(source: str):
+    """Rows of `source` as a DataFrame; a missing file, unknown format or empty table is a RagrpoError."""
+    import pandas as pd
+
+    if source in BUILTIN:
+        path = builtin_path(source)
+    elif Path(source).expanduser().exists():
+        path = Path(source).expanduser()
+    elif _looks_like_path(source):
+        raise RagrpoError(f"input file {source} does not exist")
+    else:
+        return _read_hub_dataset(source)
+    if path.is_dir():
+        raise RagrpoError(f"{path} is a folder; give a .csv, .jsonl or .parquet file")
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".csv":
+            frame = pd.read_csv(path)
+        elif suffix in (".jsonl", ".json"):
+            frame = pd.read_json(path, lines=suffix == ".jsonl")
+        elif suffix == ".parquet":
+            frame = pd.read_parquet(path)
+        else:
+            raise RagrpoError(f"{path}: unsupported format {suffix!r}; use .csv, .jsonl or .parquet")
+    except RagrpoError:
+        raise
+    except pd.errors.EmptyDataError:
+        raise RagrpoError(f"{path} is empty") from None
+    except Exception as exc:
+        raise RagrpoError(f"{path} cannot be read as {suffix[1:]}: {str(exc).splitlines()[0]}") from None
+    if frame.empty:
+        raise RagrpoError(f"{path} has no rows")
+    return frame
+
+
+def _read_hub_dataset(name: str):
+    """The `train` split of a Hugging Face dataset (`name` or `name:split`)."""
+    dataset_name, _, split = name.partition(":")
+    try:
+        from datasets import load_dataset
+
+        frame = load_dataset(dataset_name, split=split or "train").to_pandas()
+    except Exception as exc:
+        raise RagrpoError(
+            f"{name!r} is neither a local file nor a loadable Hugging Face dataset "
+            f"({str(exc).splitlines()[0][:160]})"
+        ) from None
+    if frame.empty:
+        raise RagrpoError(f"dataset {name} has no rows")
+    return frame
+
+
+def require_columns(frame, columns, source: str) -> None:
+    missing = [c for c in columns if c not in frame.columns]
+    if missing:
+        raise RagrpoError(
+            f"{source}: no column {missing[0]!r}; columns are: {', '.join(map(str, frame.columns))}"
+        )

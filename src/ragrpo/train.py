@@ -1,0 +1,195 @@
+"""GRPO fine-tuning with a LoRA adapter through TRL's GRPOTrainer, then merging the adapter.
+
+For every prompt the trainer samples G completions, scores each with the reward functions (weighted
+sum), turns the scores into group z-score advantages `(r - mean) / (std + 1e-4)`, and optimises the
+clipped policy ratio with an optional per-token KL penalty (beta) to the reference model. With a
+LoRA-wrapped model the reference is the same network with its adapter switched off, so no second
+copy of the weights is held in memory.
+
+A run folder holds:
+    config.json      the run configuration, the resolved GRPOConfig and LoraConfig
+    metrics.jsonl    one JSON object per logged step (rewards, KL, clip ratio, lengths, step_time)
+    adapter/         the trained LoRA adapter (PEFT format) and tokenizer
+    merged/          base + adapter merged (`merge_and_unload`): an ordinary Hugging Face model folder
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import string
+from dataclasses import dataclass
+from pathlib import Path
+
+from ragrpo import RagrpoError
+from ragrpo.config import DEFAULT_PROMPT_TEMPLATE, RunConfig, grpo_config, lora_config
+from ragrpo.data import read_records, require_columns
+from ragrpo.rewards import resolve_rewards
+
+
+@dataclass
+class TrainResult:
+    output: Path
+    adapter: Path
+    merged: Path
+    metrics: Path
+    steps: int
+
+
+# ---- prompts --------------------------------------------------------------------------------------
+
+
+def _template_fields(template: str) -> list[str]:
+    try:
+        return [name for _, name, _, _ in string.Formatter().parse(template) if name]
+    except ValueError as exc:
+        raise RagrpoError(f"--prompt-template {template!r} is not a valid format string: {exc}") from None
+
+
+def _truncate_content(text: str, tokenizer, budget: int) -> str:
+    """Keep the first `budget` tokens of `text` (the instruction of a template sits at its start)."""
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    return text if len(ids) <= budget else tokenizer.decode(ids[:max(budget, 1)])
+
+
+def build_prompts(frame, source: str, template: str | None, tokenizer, max_prompt_length: int) -> list:
+    """Training prompts: chat messages from `template`, else the dataset's `prompt` column as it is.
+
+    Template prompts become one user message each, so the instruct model sees them through its chat
+    template, as `generate` and `ask` do. A `prompt` column may hold text (used raw, as TRL does) or
+    chat messages. Prompts over `max_prompt_length` tokens are shortened in their content, keeping
+    the chat framing.
+    """
+    from ragrpo.index import normalize_columns
+
+    if template:
+        names = _template_fields(template)
+        if any(n not in frame.columns for n in names):
+            frame = normalize_columns(frame, {}, source)  # the names `ragrpo index` gives, e.g. movie_plot
+        require_columns(frame, names, source)
+        prompts = [[{"role": "user", "content": template.format(**row)}] for row in frame.to_dict("records")]
+    else:
+        require_columns(frame, ["prompt"], source)
+        prompts = frame["prompt"].tolist()
+    shaped = []
+    for i, prompt in enumerate(prompts):
+        if hasattr(prompt, "tolist"):  # parquet/arrow lists arrive as numpy arrays
+            prompt = prompt.tolist()
+        if isinstance(prompt, str) and prompt.strip():
+            shaped.append(_truncate_content(prompt, tokenizer, max_prompt_length))
+            continue
+        if not (isinstance(prompt, list) and prompt and all(isinstance(m, dict) and "content" in m for m in prompt)):
+            raise RagrpoError(f"{source}: prompt {i} is neither text nor a list of chat messages: {str(prompt)[:60]!r}")
+        messages = [dict(m) for m in prompt]
+        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        total = len(tokenizer(text, add_special_tokens=False)["input_ids"])
+        if total > max_prompt_length:
+            last = messages[-1]
+            framing = total - len(tokenizer(last["content"], add_special_tokens=False)["input_ids"])
+            last["content"] = _truncate_content(last["content"], tokenizer, max_prompt_length - framing)
+        shaped.append(messages)
+    return shaped
+
+
+def build_dataset(cfg: RunConfig, tokenizer):
+    """A `datasets.Dataset` with a `prompt` column, shuffled with the run's seed."""
+    from datasets import Dataset
+
+    frame = read_records(cfg.dataset)
+    template = cfg.prompt_template or (DEFAULT_PROMPT_TEMPLATE if cfg.dataset == "builtin:movies" else None)
+    frame = frame.sample(frac=1.0, random_state=cfg.seed).reset_index(drop=True)
+    if cfg.max_samples:
+        frame = frame.head(cfg.max_samples)
+    prompts = build_prompts(frame, cfg.dataset, template, tokenizer, cfg.max_prompt_length)
+    return Dataset.from_dict({"prompt": prompts})
+
+
+# ---- logging --------------------------------------------------------------------------------------
+
+
+def _metrics_logger(path: Path):
+    """A TrainerCallback writing every log event as one JSON line (TRL's own keys, plus `step`)."""
+    from transformers import TrainerCallback
+
+    class MetricsLogger(TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            with path.open("a") as handle:
+                handle.write(json.dumps({"step": state.global_step, **(logs or {})}, default=float) + "\n")
+
+    return MetricsLogger()
+
+
+# ---- training -------------------------------------------------------------------------------------
+
+
+def make_trainer(cfg: RunConfig, model, tokenizer, dataset, output: Path):
+    """A GRPOTrainer over `model` wrapped in the run's LoRA adapter."""
+    from peft import get_peft_model
+    from trl import GRPOTrainer
+
+    reward_funcs, weights = resolve_rewards(cfg.rewards)
+    args = grpo_config(cfg, output / "checkpoints", reward_weights=weights)
+    peft_model = get_peft_model(model, lora_config(cfg))
+    try:
+        return GRPOTrainer(
+            model=peft_model,
+            reward_funcs=reward_funcs,
+            args=args,
+            train_dataset=dataset,
+            processing_class=tokenizer,
+            callbacks=[_metrics_logger(output / "metrics.jsonl")],
+        )
+    except ValueError as exc:  # TRL checks batch/generation divisibility and similar settings here
+        raise RagrpoError(f"bad GRPO setting: {str(exc).splitlines()[0]}") from None
+
+
+def save_run(trainer, tokenizer, output: Path) -> tuple[Path, Path]:
+    """Save the adapter, then merge it into the base weights and save an ordinary model folder."""
+    adapter, merged = output / "adapter", output / "merged"
+    trainer.model.save_pretrained(adapter)
+    tokenizer.save_pretrained(adapter)
+    model = trainer.model.merge_and_unload()
+    model.save_pretrained(merged)
+    tokenizer.save_pretrained(merged)
+    return adapter, merged
+
+
+def _write_config(cfg: RunConfig, trainer, output: Path) -> None:
+    record = {
+        "run": cfg.to_dict(),
+        "grpo": trainer.args.to_dict(),
+        "lora": trainer.model.peft_config["default"].to_dict(),
+    }
+    (output / "config.json").write_text(json.dumps(record, indent=2, default=str))
+
+
+def train(cfg: RunConfig, *, overwrite: bool = False) -> TrainResult:
+    """Run GRPO as `cfg` says and write the run folder; a failure leaves no half-written folder."""
+    from ragrpo.models import load_model
+
+    output = Path(cfg.output)
+    if output.exists() and any(output.iterdir()) and not overwrite:
+        raise RagrpoError(f"output folder {output} is not empty; pass --overwrite or choose another --output")
+    resolve_rewards(cfg.rewards)  # fail on an unknown reward before loading anything heavy
+    grpo_config(cfg, output / "checkpoints")
+    lora_config(cfg)
+    model, tokenizer = load_model(cfg.model)
+    dataset = build_dataset(cfg, tokenizer)
+
+    created = not output.exists()
+    if overwrite and output.exists():
+        shutil.rmtree(output)
+    output.mkdir(parents=True, exist_ok=True)
+    try:
+        trainer = make_trainer(cfg, model, tokenizer, dataset, output)
+        _write_config(cfg, trainer, output)
+        trainer.train()
+        adapter, merged = save_run(trainer, tokenizer, output)
+    except BaseException:
+        if created or overwrite:
+            shutil.rmtree(output, ignore_errors=True)
+        raise
+    checkpoints = output / "checkpoints"
+    if checkpoints.exists() and not any(checkpoints.glob("checkpoint-*")):
+        shutil.rmtree(checkpoints)  # TRL creates the folder even when no checkpoint was saved
+    return TrainResult(output, adapter, merged, output / "metrics.jsonl", trainer.state.global_step)
