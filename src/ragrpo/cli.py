@@ -29,6 +29,7 @@ def user_errors(func):
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+        os.environ.setdefault("LANCEDB_LOG", "error")  # lance logs "No existing dataset ..." at WARN
         warnings.filterwarnings("ignore", category=FutureWarning)  # deprecation notices from dependencies
         try:
             from ragrpo.models import quiet_transformers
@@ -181,7 +182,7 @@ def ask(query, table, model, db, where, k, max_new_tokens, temperature):
 
 @main.command()
 @click.option("--workdir", default="runs/quickstart", show_default=True, help="Where the table and the run go.")
-@click.option("--max-steps", type=int, default=None, help="GRPO steps [default: the quickstart's 30].")
+@click.option("--max-steps", type=int, default=None, help="GRPO steps [default: QUICKSTART_GRPO in ragrpo.quickstart].")
 @user_errors
 def quickstart(workdir, max_steps):
     """The whole pipeline on built-in data: index, GRPO-train, merge, and answer with base and tuned models.

@@ -1,0 +1,81 @@
+"""Shared fixtures. Unit tests use tiny models built in memory; integration tests use the real packaged
+SmolLM2 and MiniLM weights, loaded once per session. Nothing here reaches the network."""
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+
+PARAPHRASES = {
+    # query (a paraphrase written for the test) -> the corpus title it describes
+    "A fake explorer invents an arctic island and spends the money of the people funding his voyage":
+        "The Cartographer's Lie",
+    "An elderly bee keeper helps a police sergeant hunt a poisoner, but he poisoned the honey himself":
+        "The Beekeeper's Confession",
+    "A girl finishes her injured father's crystal chandelier in Venice and her hidden signature is found":
+        "The Glassblower's Debt",
+    "The commander of an asteroid mine learns from a restored recording that she sabotaged the airlocks":
+        "Saboteur of Ceres Station",
+}
+
+
+@pytest.fixture(scope="session")
+def base_model_dir():
+    from ragrpo.models import default_model_dir
+
+    return default_model_dir()
+
+
+@pytest.fixture(scope="session")
+def base_model(base_model_dir):
+    from ragrpo.models import load_model
+
+    return load_model(str(base_model_dir))
+
+
+@pytest.fixture(scope="session")
+def movie_db(tmp_path_factory):
+    """builtin:movies indexed once into a LanceDB folder; returns the folder."""
+    from ragrpo.index import index
+
+    db = tmp_path_factory.mktemp("lancedb")
+    index("builtin:movies", "movies", db)
+    return db
+
+
+@pytest.fixture()
+def tiny_causal_lm(base_model_dir):
+    """A 2-layer Llama built from a config in memory, with the real tokenizer (for the vocabulary)."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    tokenizer = AutoTokenizer.from_pretrained(base_model_dir)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                         bos_token_id=tokenizer.bos_token_id, tie_word_embeddings=True)
+    return LlamaForCausalLM(config), tokenizer
+
+
+TINY_RUN = {
+    # 2 optimizer steps, 2 prompts x G=2 completions of at most 16 tokens each: seconds on a CPU.
+    "max_steps": 2,
+    "num_generations": 2,
+    "max_completion_length": 16,
+    "learning_rate": 1e-3,
+    "max_samples": 8,
+    "grpo": {"per_device_train_batch_size": 4, "logging_steps": 1, "save_strategy": "no"},
+}
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory, base_model_dir):
+    """A real 2-step GRPO run of the packaged model on builtin:movies; returns its TrainResult."""
+    from ragrpo.config import build_run_config
+    from ragrpo.train import train
+
+    output = tmp_path_factory.mktemp("runs") / "tiny"
+    return train(build_run_config(output=str(output), **TINY_RUN))

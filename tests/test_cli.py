@@ -1,0 +1,109 @@
+"""The command line: every command has help, and bad input gives one error line, exit code 2, no
+traceback, and leaves nothing half-made behind."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+from click.testing import CliRunner
+
+from ragrpo.cli import main
+
+
+def ragrpo(*args, cwd=None):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    return subprocess.run([sys.executable, "-m", "ragrpo.cli", *map(str, args)], capture_output=True, text=True,
+                          cwd=cwd, env=env, timeout=600)
+
+
+def assert_user_error(result, *fragments):
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: "), result.stderr
+    for fragment in fragments:
+        assert fragment in lines[0]
+
+
+def test_every_command_has_help_with_an_example():
+    runner = CliRunner()
+    assert runner.invoke(main, ["--help"]).exit_code == 0
+    for name, command in main.commands.items():
+        result = runner.invoke(main, [name, "--help"])
+        assert result.exit_code == 0, name
+        assert "Example:" in (command.help or ""), f"{name} has no example in its help"
+
+
+def test_help_is_instant_without_heavy_imports():
+    code = "import sys, ragrpo.cli; print(any(m in sys.modules for m in ('torch', 'transformers', 'lancedb', 'trl')))"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip() == "False"
+
+
+def test_index_missing_file_leaves_no_database(tmp_path):
+    result = ragrpo("index", tmp_path / "missing.csv", "--table", "t", "--db", tmp_path / "db")
+    assert_user_error(result, "missing.csv", "does not exist")
+    assert not (tmp_path / "db").exists()
+
+
+def test_index_missing_text_column(tmp_path):
+    result = ragrpo("index", "builtin:movies", "--table", "t", "--db", tmp_path / "db", "--text-column", "summary")
+    assert_user_error(result, "no column 'summary'", "movie_plot")
+    assert not (tmp_path / "db").exists()
+
+
+def test_index_bad_rename(tmp_path):
+    result = ragrpo("index", "builtin:movies", "--table", "t", "--db", tmp_path / "db", "--rename", "Year=year")
+    assert_user_error(result, "no column 'Year'")
+
+
+def test_index_empty_dataset(tmp_path):
+    (tmp_path / "empty.csv").write_text("title,text\n")
+    result = ragrpo("index", tmp_path / "empty.csv", "--table", "t", "--db", tmp_path / "db")
+    assert_user_error(result, "has no rows")
+    assert not (tmp_path / "db").exists()
+
+
+def test_search_unknown_table(tmp_path):
+    assert_user_error(ragrpo("search", "q", "--table", "nope", "--db", tmp_path), "no table 'nope'")
+
+
+def test_train_unknown_reward_leaves_no_output(tmp_path):
+    result = ragrpo("train", "--reward", "brevity", "--output", tmp_path / "run")
+    assert_user_error(result, "unknown reward 'brevity'", "length, token_diversity")
+    assert not (tmp_path / "run").exists()
+
+
+def test_train_unreadable_config(tmp_path):
+    (tmp_path / "run.toml").write_text("[grpo\n")
+    assert_user_error(ragrpo("train", "--config", tmp_path / "run.toml", "--output", tmp_path / "run"),
+                      "not valid TOML")
+    (tmp_path / "run.toml").write_text("[grpo]\nmax_stepz = 3\n")
+    assert_user_error(ragrpo("train", "--config", tmp_path / "run.toml", "--output", tmp_path / "run"),
+                      "unknown GRPO setting 'max_stepz'")
+    assert not (tmp_path / "run").exists()
+
+
+def test_train_unknown_model(tmp_path):
+    assert_user_error(ragrpo("train", "--model", tmp_path / "no-such-model", "--output", tmp_path / "run"),
+                      "no-such-model", "not found")
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.integration
+def test_train_bad_datasets_leave_no_output(tmp_path, base_model_dir):
+    (tmp_path / "empty.jsonl").write_text("")
+    assert_user_error(ragrpo("train", "--dataset", tmp_path / "empty.jsonl", "--output", tmp_path / "run"), "empty")
+    (tmp_path / "noprompt.csv").write_text("question\nwhy?\n")
+    assert_user_error(ragrpo("train", "--dataset", tmp_path / "noprompt.csv", "--output", tmp_path / "run"),
+                      "no column 'prompt'")
+    assert_user_error(ragrpo("train", "--prompt-template", "Summarize {synopsis}", "--output", tmp_path / "run"),
+                      "no column 'synopsis'")
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.integration
+def test_search_malformed_filters(movie_db):
+    assert_user_error(ragrpo("search", "q", "--table", "movies", "--db", movie_db, "--where", "release_yr < 1990"),
+                      "invalid --where", "release_yr")
+    assert_user_error(ragrpo("search", "q", "--table", "movies", "--db", movie_db, "--where", "release_year <<< 1"),
+                      "invalid --where")

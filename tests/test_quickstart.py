@@ -1,0 +1,25 @@
+"""The quickstart's wiring, end to end on the real models, with a 2-step run instead of its full one."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+pytestmark = pytest.mark.integration
+
+
+def test_quickstart_prints_both_answers_and_the_before_after_table(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "ragrpo.cli", "quickstart", "--workdir", str(tmp_path / "qs"), "--max-steps", "2"],
+        capture_output=True, text=True, timeout=1200, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert result.returncode == 0, result.stderr[-2000:]
+    out = result.stdout
+    for row in ("length (mean)", "token_diversity (mean)", "total reward (mean)", "completion length, chars"):
+        line = next(line for line in out.splitlines() if line.startswith(row))
+        base, tuned = (float(x) for x in line.split()[-2:])
+        assert base == base and tuned == tuned  # numbers, not NaN
+    assert "BASE MODEL" in out and "GRPO-TUNED MODEL" in out
+    assert "Filter: release_year < 1990" in out
+    assert (tmp_path / "qs" / "run" / "merged" / "config.json").exists()
+    assert [line for line in result.stderr.splitlines() if line.startswith("[")][-1].startswith("[5/5]")
