@@ -1,9 +1,30 @@
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 
 from ragrpo import RagrpoError
-from ragrpo.rewards import REWARDS, RewardError, completion_text, guarded, length, parse_reward, resolve_rewards
+from ragrpo.rewards import (
+    REWARDS,
+    RewardError,
+    answer_logprobs,
+    answer_text,
+    completion_text,
+    describe,
+    get_context_reliance_reward,
+    get_format_reward,
+    get_groundedness_reward,
+    get_length_reward,
+    get_repetition_reward,
+    guarded,
+    length,
+    parse_reward,
+    passages,
+    resolve_rewards,
+    score_text,
+)
 
 
 def chat(text):
@@ -109,3 +130,356 @@ def test_none_scores_pass_through():
 
 def test_length_docstring_example():
     assert length(["x" * 50, "", chat("x" * 60)]) == [0.0, -50.0, -10.0]
+
+
+# ---- the reward library: one table per reward ---------------------------------------------------
+
+DOCS = [
+    "Aldous Finch invents an arctic island called New Thule.",
+    "The sponsors of the voyage lose their money.",
+]
+
+FORMAT_CASES = [
+    ("<think>The twist is in passage 2.</think><answer>The hero.</answer>", 1.0),
+    ("  <think>a</think>\n\n<answer>b</answer>\n", 1.0),
+    ("", 0.0),
+    ("   \n\t ", 0.0),
+    (chat("<think>x</think><answer>y</answer>"), 1.0),
+    ("<think>二加二等于四</think><answer>四</answer>", 1.0),
+    ("<think>x</think> y", 0.25),  # two tags once each
+    ("<think>x</think><answer> </answer>", 0.75),  # empty answer: in order, not strict
+    ("Sure! <think>x</think><answer>y</answer>", 0.75),  # text around the sections
+    ("<answer>y</answer><think>x</think>", 0.5),  # out of order
+    ("<think>a</think><think>b</think><answer>c</answer>", 0.25),
+    ("The answer is 4.", 0.0),
+]
+
+# (completion, context, expected): the context is a list of passages or one string of them
+GROUNDEDNESS_CASES = [
+    ("Finch invents New Thule.", DOCS, 1.0),
+    ("Finch invents a tropical paradise.", DOCS, 0.5),
+    ("", DOCS, 0.0),
+    ("  \t\n", DOCS, 0.0),
+    ("It is what it is.", DOCS, 0.0),  # stop words only
+    (chat("The sponsors lose their money."), DOCS, 1.0),
+    ("<think>Bananas, bananas.</think><answer>Finch invents New Thule.</answer>", DOCS, 1.0),
+    ("Finch invente une île.", DOCS, 0.25),  # finch / invente, une, île
+    ("Хвост кота длинный.", ["У кота длинный хвост."], 1.0),
+    ("Finch lied.", "Finch invents.\n\nNobody lied.", 1.0),
+    ("Finch invents New Thule [1].", DOCS, 1.0),  # a citation mark is not a claim
+    ("Finch invents New Thule.", [], 0.0),
+    ("Finch invents New Thule.", None, 0.0),
+]
+
+CITATION_CASES = [
+    ("Finch invents an island [1].", 1.0),
+    ("Finch invents an island [2].", 0.0),
+    ("Finch invents an island [1]. The sponsors lose money [2].", 1.0),
+    ("Finch invents an island [1][2].", 0.5),
+    ("Finch invents an island [1, 3].", 0.0),  # 1.0 and -1.0
+    ("Finch lied [0].", -1.0),
+    ("Finch invents an island. [1]", 1.0),  # a citation after the full stop belongs to that sentence
+    ("Finch invents an island.\nThe voyage failed [2].", 0.5),
+    ("[1]", 0.0),
+    ("No citations at all.", 0.0),
+    ("", 0.0),
+    ("   ", 0.0),
+    (chat("The sponsors lose money [2]."), 1.0),
+    ("Finch invente une île [1].", 0.25),
+    ("芬奇[1]。", 0.0),
+]
+
+REPETITION_CASES = [
+    ("the cat sat on the mat", 0.0),
+    ("go go go go go go", -0.75),
+    ("Go go GO go", -0.5),  # lowercased
+    ("one two", 0.0),  # shorter than a 3-gram
+    ("", 0.0),
+    ("   ", 0.0),
+    (chat("a b c a b c"), -0.25),
+    ("猫 犬 鳥 猫 犬 鳥", -0.25),
+]
+
+
+@pytest.mark.parametrize("completion,expected", FORMAT_CASES)
+def test_format(completion, expected):
+    assert REWARDS["format"](completions=[completion]) == [expected]
+
+
+@pytest.mark.parametrize("completion,expected", [
+    ("<think>x</think><answer>y</answer>", 1.0),
+    ("Sure! <think>x</think><answer>y</answer>", 0.0),
+    ("<think>x</think>", 0.0),
+    ("", 0.0),
+])
+def test_format_strict(completion, expected):
+    reward = get_format_reward(partial=False)
+    assert reward.__name__ == "format_strict" and reward(completions=[completion]) == [expected]
+
+
+@pytest.mark.parametrize("completion,context,expected", GROUNDEDNESS_CASES)
+def test_groundedness(completion, context, expected):
+    assert REWARDS["groundedness"](completions=[completion], context=[context]) == [pytest.approx(expected)]
+
+
+@pytest.mark.parametrize("completion,expected", [
+    ("Finch invents an arctic island.", 1.0),
+    ("Aldous Finch invents a tropical island.", 0.4),  # 2 of 5 bigrams: "aldous finch", "finch invents"
+    ("the of the", 0.0),  # no n-gram with a content word
+    ("Finch", 0.0),  # shorter than a bigram
+])
+def test_groundedness_bigrams(completion, expected):
+    reward = get_groundedness_reward(ngram=2)
+    assert reward.__name__ == "groundedness_2gram"
+    assert reward(completions=[completion], context=[DOCS]) == [pytest.approx(expected)]
+
+
+@pytest.mark.parametrize("completion,expected", CITATION_CASES)
+def test_citation(completion, expected):
+    assert REWARDS["citation"](completions=[completion], context=[DOCS]) == [pytest.approx(expected)]
+
+
+@pytest.mark.parametrize("completion,expected", REPETITION_CASES)
+def test_repetition(completion, expected):
+    assert REWARDS["repetition"](completions=[completion]) == [pytest.approx(expected)]
+
+
+# ---- factories, names, conventions ----------------------------------------------------------------
+
+
+class WhitespaceTokenizer:
+    def __call__(self, text, add_special_tokens=True):
+        return {"input_ids": text.split()}
+
+
+def test_length_factory_in_characters_and_tokens():
+    assert get_length_reward().__name__ == "length"
+    assert get_length_reward()(completions=["x" * 50, ""]) == length(["x" * 50, ""])
+    by_tokens = get_length_reward(target=3, unit="tokens", tokenizer=WhitespaceTokenizer())
+    assert by_tokens.__name__ == "length_3_tokens"
+    assert by_tokens(completions=["a b c", chat("a b c d e"), ""]) == [0.0, -2.0, -3.0]
+    from_trl = get_length_reward(target=3, unit="tokens")
+    assert from_trl(completions=["whatever"], completion_ids=[[1, 2, 3, 4, 5]]) == [-2.0]
+    with pytest.raises(RagrpoError, match="tokenizer"):
+        from_trl(completions=["a"])
+    with pytest.raises(RagrpoError, match="'chars' or 'tokens'"):
+        get_length_reward(unit="words")
+
+
+def test_factory_names_say_their_parameters():
+    assert get_repetition_reward().__name__ == "repetition"
+    assert get_repetition_reward(ngram=4).__name__ == "repetition_4gram"
+    assert get_groundedness_reward().__name__ == "groundedness"
+    assert get_format_reward().__name__ == "format"
+    for factory in (get_repetition_reward, get_groundedness_reward):
+        with pytest.raises(RagrpoError, match="at least 1"):
+            factory(ngram=0)
+
+
+def test_registry_names_are_metric_keys_with_one_line_descriptions():
+    assert list(REWARDS) == ["length", "token_diversity", "format", "groundedness", "citation",
+                             "context_reliance", "relevance", "repetition"]
+    funcs, _ = resolve_rewards(list(REWARDS))
+    assert [f.__name__ for f in funcs] == list(REWARDS)
+    for func in REWARDS.values():
+        assert describe(func) and "\n" not in describe(func)
+
+
+def test_registry_loads_no_model_until_a_model_reward_is_called():
+    code = ("import sys; from ragrpo.rewards import parse_reward; "
+            "parse_reward('relevance'); parse_reward('context_reliance'); "
+            "print(any(m in sys.modules for m in ('torch', 'sentence_transformers')))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.stdout.strip() == "False", result.stderr
+
+
+def test_a_user_file_can_configure_a_factory(tmp_path):
+    script = tmp_path / "my_rewards.py"
+    script.write_text("from ragrpo.rewards import get_repetition_reward\n"
+                      "score = get_repetition_reward(ngram=2)\n")
+    [func], _ = resolve_rewards([f"{script}:score"])
+    assert func.__name__ == "repetition_2gram"
+    assert func(prompts=["p"], completions=["a b a b"]) == [pytest.approx(2 / 3 - 1)]
+
+
+def test_the_readme_custom_reward_example(tmp_path):
+    from pathlib import Path
+
+    readme = (Path(__file__).parents[1] / "README.md").read_text(encoding="utf-8")
+    code = readme.split("```python\n# my_rewards.py\n", 1)[1].split("```", 1)[0]
+    script = tmp_path / "my_rewards.py"
+    script.write_text(code)
+    funcs, weights = resolve_rewards([f"{script}:no_hedging=0.5", f"{script}:repetition_4"])
+    assert [f.__name__ for f in funcs] == ["no_hedging", "repetition_4gram"] and weights == [0.5, 1.0]
+    assert funcs[0](prompts=["p", "q"], completions=["Maybe Finch.", chat("Finch.")]) == [0.0, 1.0]
+
+
+@pytest.mark.parametrize("completion,answer", [
+    ("<think>long reasoning</think><answer> Paris </answer>", "Paris"),
+    ("<think>reasoning</think> Paris", "Paris"),
+    ("<think>never closed", ""),
+    (chat("Paris"), "Paris"),
+])
+def test_answer_text(completion, answer):
+    assert answer_text(completion) == answer
+
+
+def test_passages_from_a_list_or_a_string():
+    assert passages(["a", "b"]) == ["a", "b"]
+    text = "## Movie- 1:\nfirst\n\n## Movie- 2:\nsecond\n"
+    assert passages(text) == ["## Movie- 1:\nfirst", "## Movie- 2:\nsecond"]
+    assert passages(None) == []
+
+
+def test_a_missing_column_stops_with_one_line_naming_reward_and_column():
+    for name in ("groundedness", "citation", "context_reliance"):
+        [func], _ = resolve_rewards([name])
+        with pytest.raises(RewardError, match=rf"^reward '{name}': needs a 'context' column") as info:
+            func(prompts=["p"], completions=["an answer"])
+        assert "\n" not in str(info.value)
+    [relevance], _ = resolve_rewards(["relevance"])
+    with pytest.raises(RewardError, match="needs a 'query' column"):
+        relevance(prompts=None, completions=["an answer"])
+
+
+def test_score_text():
+    results = score_text(["length", "groundedness", "citation"], "Finch invents New Thule [1].", context=DOCS)
+    assert results == [("length", -22.0), ("groundedness", 1.0), ("citation", 1.0)]
+
+
+def test_docstring_examples():
+    import doctest
+
+    import ragrpo.rewards
+
+    result = doctest.testmod(ragrpo.rewards)
+    assert result.failed == 0 and result.attempted >= 15
+
+
+# ---- rewards that run a model ---------------------------------------------------------------------
+
+
+def test_answer_logprobs_batched_equals_one_row_at_a_time(tiny_causal_lm):
+    import torch
+    from transformers import LlamaForCausalLM
+
+    model, tokenizer = tiny_causal_lm
+    model.config.initializer_range = 1.0  # large random weights, so that a shifted position shows
+    model = LlamaForCausalLM(model.config).eval()
+    prompts = ["short", "a much longer prompt, so that the rows are padded differently", "mid"]
+    answers = ["one two three four five six", "x", ""]
+
+    def one_row(prompt, answer):
+        messages = [{"role": "user", "content": prompt}]
+        prompt_ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=False)
+        answer_ids = tokenizer(answer, add_special_tokens=False)["input_ids"]
+        with torch.no_grad():
+            logits = model(torch.tensor([list(prompt_ids) + answer_ids])).logits[0]  # (T, vocab), no padding
+        logprobs = logits.log_softmax(-1)
+        start = len(prompt_ids) - 1  # the position that predicts the first answer token
+        return sum(logprobs[start + k, t].item() for k, t in enumerate(answer_ids)) / len(answer_ids)
+
+    got = answer_logprobs(model, tokenizer, prompts, answers, batch_size=2)
+    assert got == [pytest.approx(one_row(p, a), abs=1e-4) for p, a in zip(prompts[:2], answers[:2])] + [0.0]
+
+
+def test_context_reliance_with_a_given_model(tiny_causal_lm):
+    reward = get_context_reliance_reward(model=tiny_causal_lm)
+    assert reward.__name__ == "context_reliance"
+    scores = reward(completions=["", "   ", chat("Finch invents it."), "Finch invente une île."],
+                    context=[DOCS] * 4, query=["Who invents the island?"] * 4)
+    assert scores[:2] == [0.0, 0.0] and all(math.isfinite(s) and s != 0.0 for s in scores[2:])
+
+
+CONTEXT_RELIANCE_CASES = [
+    # (completion, low, high): copying a fact from the context makes it much likelier with the context
+    ("Aldous Finch invents the island of New Thule.", 1.0, math.inf),
+    (chat("Aldous Finch invents New Thule."), 1.0, math.inf),
+    ("<think>Passage 1 says so.</think><answer>Aldous Finch.</answer>", 1.0, math.inf),
+    ("Aldous Finch a inventé l'île de New Thule.", 0.5, math.inf),
+    ("I like turtles very much.", -math.inf, 0.5),
+    ("", 0.0, 0.0),
+    ("  \n ", 0.0, 0.0),
+]
+
+
+@pytest.mark.integration
+def test_context_reliance_on_the_base_model(base_model):
+    reward = get_context_reliance_reward(model=base_model)
+    completions = [c for c, _, _ in CONTEXT_RELIANCE_CASES]
+    scores = reward(completions=completions, context=[DOCS] * len(completions),
+                    query=["Who invents the island?"] * len(completions))
+    for (completion, low, high), score in zip(CONTEXT_RELIANCE_CASES, scores):
+        assert low <= score <= high, (completion, score)
+
+
+RELEVANCE_CASES = [
+    ("The detective turns out to be the murderer.", 0.6, 1.0),
+    (chat("The detective turns out to be the murderer."), 0.6, 1.0),
+    ("Le détective est le meurtrier.", 0.2, 1.0),
+    ("Bananas are yellow.", 0.0, 0.3),
+    ("", 0.0, 0.0),
+    ("   ", 0.0, 0.0),
+]
+
+
+@pytest.mark.integration
+def test_relevance_with_the_packaged_embedder():
+    reward = REWARDS["relevance"]
+    completions = [c for c, _, _ in RELEVANCE_CASES]
+    scores = reward(completions=completions, query=["a detective who is the killer"] * len(completions))
+    for (completion, low, high), score in zip(RELEVANCE_CASES, scores):
+        assert low <= score <= high, (completion, score)
+    conversation = [{"role": "system", "content": "Be brief."},
+                    {"role": "user", "content": "a detective who is the killer"}]
+    # without a query column the query is the prompt's last user message
+    from_prompt = reward(prompts=[conversation], completions=completions[:1])
+    assert from_prompt == [pytest.approx(scores[0])]
+
+
+# ---- the command line ---------------------------------------------------------------------------
+
+
+def run_cli(*args):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    command = [sys.executable, "-m", "ragrpo.cli", *map(str, args)]
+    return subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+
+
+def test_cli_rewards_list():
+    result = run_cli("rewards", "list")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.strip().splitlines()
+    assert [line.split()[0] for line in lines] == list(REWARDS)
+
+
+def test_cli_rewards_score(tmp_path):
+    context = tmp_path / "docs.txt"
+    context.write_text("\n\n".join(DOCS) + "\n", encoding="utf-8")
+    completion = "Finch invents New Thule [1]. The voyage failed [3]."
+    rewards = ["--reward", "groundedness", "--reward", "citation", "--reward", "length"]
+    result = run_cli("rewards", "score", *rewards, "--completion", completion, "--context", context)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == ["groundedness: 0.8333", "citation: 0.0", "length: -1.0"]
+
+
+@pytest.mark.parametrize("args,fragment", [
+    (["--reward", "nope", "--completion", "x"], "unknown reward 'nope'"),
+    (["--reward", "groundedness", "--completion", "x"], "reward 'groundedness': needs a 'context' column"),
+    (["--reward", "length", "--completion", "x", "--context", "no_such_file.txt"], "does not exist"),
+])
+def test_cli_rewards_score_errors(args, fragment):
+    result = run_cli("rewards", "score", *args)
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: ") and fragment in lines[0], result.stderr
+
+
+def test_rewards_subcommands_have_help_with_an_example():
+    from click.testing import CliRunner
+
+    from ragrpo.cli import rewards_group
+
+    for name, command in rewards_group.commands.items():
+        assert CliRunner().invoke(rewards_group, [name, "--help"]).exit_code == 0, name
+        assert "Example:" in (command.help or ""), name

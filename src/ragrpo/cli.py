@@ -59,8 +59,8 @@ def main():
 @click.option("--model", default=None, help="Hugging Face id or folder [default: packaged SmolLM2-135M-Instruct].")
 @click.option("--dataset", default=None, help="JSONL/CSV/Parquet file, Hugging Face dataset, or builtin:movies.")
 @click.option("--prompt-template", default=None, help='Build prompts from columns, e.g. "Summarize:\\n{movie_plot}".')
-@click.option("--reward", "rewards", multiple=True, help="NAME[=WEIGHT], repeatable: length, token_diversity, "
-              "or package.module:function.")
+@click.option("--reward", "rewards", multiple=True, help="NAME[=WEIGHT], repeatable: a built-in (ragrpo rewards "
+              "list), package.module:function or file.py:function.")
 @click.option("--preset", default=None, help="default (tuned for short runs) or seed (the write-up's configuration).")
 @click.option("--max-steps", type=int, default=None)
 @click.option("--num-generations", type=int, default=None, help="G: completions sampled per prompt.")
@@ -178,6 +178,49 @@ def ask(query, table, model, db, where, k, max_new_tokens, temperature):
     click.echo("\nSources:")
     for n, source in enumerate(result.sources, 1):
         click.echo(f"  [{n}] {source_label(source)}")
+
+
+@main.group("rewards")
+def rewards_group():
+    """List the built-in rewards, or score a text with any reward to debug it before a long run.
+
+    Example: ragrpo rewards score --reward groundedness --completion "Finch made it up." --context docs.txt
+    """
+
+
+@rewards_group.command("list")
+@user_errors
+def rewards_list():
+    """Print the built-in rewards, one line each: the name (also the metric key) and what it scores.
+
+    Example: ragrpo rewards list
+    """
+    from ragrpo.rewards import REWARDS, describe
+
+    width = max(map(len, REWARDS))
+    for name, func in REWARDS.items():
+        click.echo(f"{name:<{width}}  {describe(func)}")
+
+
+@rewards_group.command("score")
+@click.option("--reward", "specs", multiple=True, required=True,
+              help="NAME, package.module:function or file.py:function; repeatable.")
+@click.option("--completion", required=True, help="The text to score, as the model would have written it.")
+@click.option("--context", "context_file", default=None,
+              help="Text file of retrieved passages separated by blank lines (the 'context' column).")
+@click.option("--query", default=None, help="The question (the 'query' column).")
+@user_errors
+def rewards_score(specs, completion, context_file, query):
+    """Print each reward's score for one completion, called as training calls it.
+
+    Example: ragrpo rewards score --reward citation --reward groundedness --completion "Finch lied [1]."
+    --context docs.txt --query "Who invented the island?"
+    """
+    from ragrpo.rewards import read_passages, score_text
+
+    context = read_passages(context_file) if context_file is not None else None
+    for name, value in score_text(list(specs), completion, context=context, query=query):
+        click.echo(f"{name}: {value if value is None else round(value, 4)}")
 
 
 @main.command()

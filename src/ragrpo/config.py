@@ -20,7 +20,9 @@ from ragrpo import RagrpoError
 # Values are GRPOConfig fields. "seed" is the write-up's configuration, term for term. TRL changed two
 # defaults since the write-up: `beta` is now 0 (no KL term, no reference model) and `loss_type` is now
 # "dapo"; the preset sets both back to what the write-up ran with (beta 0.04, the per-sequence "grpo"
-# loss). transformers 5 has no `warmup_ratio`: a float `warmup_steps` below 1 is the ratio.
+# loss). TRL also multiplies the KL term by the policy ratio by default (`use_bias_correction_kl`); the
+# write-up's per-token penalty is the plain k3 estimator, so that is switched off too.
+# transformers 5 has no `warmup_ratio`: a float `warmup_steps` below 1 is the ratio.
 SEED_PRESET = {
     "learning_rate": 5e-6,
     "adam_beta1": 0.9,
@@ -39,6 +41,7 @@ SEED_PRESET = {
     "max_grad_norm": 0.1,
     "beta": 0.04,
     "loss_type": "grpo",
+    "use_bias_correction_kl": False,
 }
 
 # The everyday preset: the write-up's shape (G=6, 128 tokens, KL to the adapter-free model) with a

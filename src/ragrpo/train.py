@@ -119,28 +119,62 @@ def _metrics_logger(path: Path):
     return MetricsLogger()
 
 
+def _progress_bar():
+    """A TrainerCallback drawing one progress bar (on stderr) with the latest reward and step time.
+
+    It replaces transformers' own bar, which also prints every log dict to the terminal.
+    """
+    from tqdm.auto import tqdm
+    from transformers import TrainerCallback
+
+    class RewardProgress(TrainerCallback):
+        bar = None
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.bar = tqdm(total=state.max_steps, initial=state.global_step, desc="GRPO", unit="step", dynamic_ncols=True)
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if self.bar is None or not logs or "reward" not in logs:
+                return
+            self.bar.n = state.global_step
+            self.bar.set_postfix(reward=f"{logs['reward']:.2f}", step_s=f"{logs.get('step_time', 0):.1f}")
+
+        def on_train_end(self, args, state, control, **kwargs):
+            if self.bar is not None:
+                self.bar.n = state.global_step
+                self.bar.close()
+
+    return RewardProgress()
+
+
 # ---- training -------------------------------------------------------------------------------------
 
 
 def make_trainer(cfg: RunConfig, model, tokenizer, dataset, output: Path):
-    """A GRPOTrainer over `model` wrapped in the run's LoRA adapter."""
-    from peft import get_peft_model
+    """A GRPOTrainer that trains the run's LoRA adapter on `model`."""
+    from transformers import PrinterCallback, ProgressCallback
     from trl import GRPOTrainer
 
     reward_funcs, weights = resolve_rewards(cfg.rewards)
     args = grpo_config(cfg, output / "checkpoints", reward_weights=weights)
-    peft_model = get_peft_model(model, lora_config(cfg))
     try:
-        return GRPOTrainer(
-            model=peft_model,
+        # TRL wraps the model with the LoRA config itself; for a new adapter its KL reference is then the same
+        # network with the adapter disabled. (Handing it an already-wrapped model makes it keep a copy of the
+        # adapter as a "ref" adapter instead.)
+        trainer = GRPOTrainer(
+            model=model,
+            peft_config=lora_config(cfg),
             reward_funcs=reward_funcs,
             args=args,
             train_dataset=dataset,
             processing_class=tokenizer,
-            callbacks=[_metrics_logger(output / "metrics.jsonl")],
+            callbacks=[_metrics_logger(output / "metrics.jsonl"), _progress_bar()],
         )
     except ValueError as exc:  # TRL checks batch/generation divisibility and similar settings here
         raise RagrpoError(f"bad GRPO setting: {str(exc).splitlines()[0]}") from None
+    trainer.remove_callback(ProgressCallback)
+    trainer.remove_callback(PrinterCallback)
+    return trainer
 
 
 def save_run(trainer, tokenizer, output: Path) -> tuple[Path, Path]:
