@@ -51,7 +51,7 @@ def trainer_and_batch(tiny_causal_lm, tmp_path):
 
 
 def test_advantages_are_group_z_scores(trainer_and_batch):
-    trainer, tokenizer, inputs = trainer_and_batch
+    _, tokenizer, inputs = trainer_and_batch
     texts = tokenizer.batch_decode(inputs["completion_ids"] * inputs["completion_mask"], skip_special_tokens=True)
     funcs, weights = resolve_rewards(REWARDS)
     completions = [[{"role": "assistant", "content": t}] for t in texts]

@@ -33,13 +33,21 @@ def test_template_uses_original_or_index_column_names(tokenizer):
     assert raw[0][0]["content"] == f"{frame['Title'][0]}: {frame['Plot'][0]}"
 
 
-def test_prompt_column_text_and_messages(tmp_path, tokenizer):
-    path = tmp_path / "prompts.jsonl"
-    rows = [{"prompt": "Once upon a time"}, {"prompt": [{"role": "user", "content": "Hello"}]}]
+def _jsonl(path, rows):
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    dataset = build_dataset(build_run_config(dataset=str(path)), tokenizer)
-    prompts = sorted(dataset["prompt"], key=str)
-    assert "Once upon a time" in prompts and [{"role": "user", "content": "Hello"}] in prompts
+    return str(path)
+
+
+def test_prompt_column_text_or_messages_and_other_columns_travel(tmp_path, tokenizer):
+    text = _jsonl(tmp_path / "text.jsonl", [{"prompt": "Once upon a time", "context": ["a", "b"]}])
+    dataset = build_dataset(build_run_config(dataset=text), tokenizer)
+    assert dataset[0] == {"prompt": "Once upon a time", "context": ["a", "b"]}
+    chat = _jsonl(tmp_path / "chat.jsonl", [{"prompt": [{"role": "user", "content": "Hello"}], "query": "q"}])
+    dataset = build_dataset(build_run_config(dataset=chat), tokenizer)
+    assert dataset[0] == {"prompt": [{"role": "user", "content": "Hello"}], "query": "q"}
+    mixed = _jsonl(tmp_path / "mixed.jsonl", [{"prompt": "text"}, {"prompt": [{"role": "user", "content": "Hi"}]}])
+    with pytest.raises(RagrpoError, match="mixes plain text and chat messages"):
+        build_dataset(build_run_config(dataset=mixed), tokenizer)
 
 
 def test_long_prompts_are_cut_to_max_prompt_length(tokenizer):

@@ -70,10 +70,15 @@ def main():
 @click.option("--epsilon", type=float, default=None, help="Clipping range of the policy ratio.")
 @click.option("--config", "config_file", type=click.Path(dir_okay=False), default=None,
               help="TOML file: top-level run keys plus [grpo] and [lora] tables.")
+@click.option("--save-steps", type=int, default=None, help="Checkpoint every N steps (for --resume).")
+@click.option("--report-to", default=None, type=click.Choice(["none", "tensorboard", "wandb"]),
+              help="Also log to TensorBoard or Weights & Biases (passed to the trainer).")
 @click.option("--output", default=None, help="Run folder [default: runs/latest].")
 @click.option("--overwrite", is_flag=True, help="Replace a non-empty output folder.")
+@click.option("--resume", is_flag=True, help="Continue the run in --output from its last checkpoint, with the "
+              "configuration it was started with (other options are ignored).")
 @user_errors
-def train(config_file, rewards, overwrite, **options):
+def train(config_file, rewards, overwrite, resume, **options):
     """GRPO fine-tuning with a LoRA adapter; writes adapter/, merged/, config.json and metrics.jsonl.
 
     Example: ragrpo train --max-steps 20 --reward length --reward token_diversity=0.5 --output runs/demo
@@ -82,7 +87,7 @@ def train(config_file, rewards, overwrite, **options):
     from ragrpo.train import train as run_training
 
     cfg = build_run_config(config_file, rewards=list(rewards) or None, **options)
-    result = run_training(cfg, overwrite=overwrite)
+    result = run_training(cfg, overwrite=overwrite, resume=resume)
     click.echo(f"trained {result.steps} steps; merged model: {result.merged}; metrics: {result.metrics}")
 
 
@@ -221,6 +226,65 @@ def rewards_score(specs, completion, context_file, query):
     context = read_passages(context_file) if context_file is not None else None
     for name, value in score_text(list(specs), completion, context=context, query=query):
         click.echo(f"{name}: {value if value is None else round(value, 4)}")
+
+
+@main.command("eval")
+@click.argument("model")
+@click.option("--base", default=None, help="Model to compare with [default: packaged SmolLM2-135M-Instruct].")
+@click.option("--dataset", default=None, help="Prompts [default: the run's, else builtin:movies].")
+@click.option("--prompt-template", default=None)
+@click.option("--reward", "rewards", multiple=True, help="NAME[=WEIGHT], repeatable [default: the run's].")
+@click.option("--samples", type=int, default=2, show_default=True, help="Completions per prompt.")
+@click.option("--max-new-tokens", type=int, default=None, help="[default: the run's max_completion_length, else 128]")
+@click.option("--max-prompts", type=int, default=None, help="Use at most this many held-out prompts.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print the figures as one JSON object.")
+@user_errors
+def evaluate(model, base, dataset, prompt_template, rewards, samples, max_new_tokens, max_prompts, seed, as_json):
+    """Score MODEL and its base on held-out prompts: each reward's mean, side by side.
+
+    MODEL is a run folder (its dataset, template, rewards and held-out split are reused) or a model
+    folder. Both models see the same prompts with the same sampling seed (temperature 1).
+
+    Example: ragrpo eval runs/demo --samples 4
+    """
+    from pathlib import Path
+
+    from ragrpo.config import build_run_config
+    from ragrpo.evaluate import compare
+    from ragrpo.train import load_run_config
+
+    run_dir = Path(model)
+    if (run_dir / "config.json").exists() and (run_dir / "merged").exists():
+        cfg = load_run_config(run_dir)
+        model = str(run_dir / "merged")
+        tokens = json.loads((run_dir / "config.json").read_text())["grpo"].get("max_completion_length", 128)
+        cfg.dataset = dataset or cfg.dataset
+        cfg.prompt_template = prompt_template or cfg.prompt_template
+        cfg.rewards = list(rewards) or cfg.rewards
+    else:
+        cfg = build_run_config(dataset=dataset, prompt_template=prompt_template, rewards=list(rewards) or None)
+        tokens = 128
+    result = compare(model, base, cfg, samples=samples, max_new_tokens=max_new_tokens or tokens, seed=seed,
+                     max_prompts=max_prompts)
+    if as_json:
+        click.echo(json.dumps(result.to_dict()))
+    else:
+        click.echo(f"{result.prompts} held-out prompts x {result.samples} samples per model\n{result.table()}")
+
+
+@main.command()
+@click.argument("run_dir")
+@click.option("--output", default=None, help="PNG path [default: RUN_DIR/curves.png].")
+@user_errors
+def plot(run_dir, output):
+    """Draw a run's training curves (rewards, KL, completion length, step time) to a PNG.
+
+    Example: ragrpo plot runs/demo
+    """
+    from ragrpo.evaluate import plot_run
+
+    click.echo(str(plot_run(run_dir, output)))
 
 
 @main.command()

@@ -8,6 +8,7 @@ compared on the same prompts with the same random stream.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from ragrpo.rag import generate
 from ragrpo.rewards import completion_text, resolve_rewards
@@ -43,3 +44,93 @@ def evaluate(model, tokenizer, conversations: list[list[dict]], reward_specs: li
     means, total = score(prompts, completions, reward_specs)
     chars = sum(len(completion_text(c)) for c in completions) / len(completions)
     return EvalResult(rewards=means, total=total, completion_chars=chars, completions=completions)
+
+
+# ---- comparing a tuned model with its base --------------------------------------------------------
+
+
+@dataclass
+class Comparison:
+    prompts: int
+    samples: int
+    base: EvalResult
+    tuned: EvalResult
+
+    def table(self) -> str:
+        rows = [("", "base", "tuned")]
+        rows += [(f"{name} (mean)", f"{self.base.rewards[name]:.2f}", f"{self.tuned.rewards[name]:.2f}")
+                 for name in self.base.rewards]
+        rows.append(("total reward (mean)", f"{self.base.total:.2f}", f"{self.tuned.total:.2f}"))
+        rows.append(("completion length, chars", f"{self.base.completion_chars:.1f}",
+                     f"{self.tuned.completion_chars:.1f}"))
+        return "\n".join(f"{a:<28}{b:>10}{c:>10}" for a, b, c in rows)
+
+    def to_dict(self) -> dict:
+        side = lambda r: {"rewards": r.rewards, "total": r.total, "completion_chars": r.completion_chars}
+        return {"prompts": self.prompts, "samples": self.samples, "base": side(self.base), "tuned": side(self.tuned)}
+
+
+def compare(model: str, base: str | None, cfg, *, samples: int = 2, max_new_tokens: int = 128,
+            temperature: float = 1.0, seed: int = 0, max_prompts: int | None = None) -> Comparison:
+    """Score `model` and `base` on the held-out prompts of `cfg`'s dataset, same prompts, same seed."""
+    from ragrpo import RagrpoError
+    from ragrpo.models import load_model
+    from ragrpo.train import split_prompts
+
+    tuned_model, tokenizer = load_model(model)
+    _, _, held = split_prompts(cfg, tokenizer)
+    if not held:
+        raise RagrpoError(f"{cfg.dataset}: no held-out prompts (held_out is {cfg.held_out})")
+    held = held[:max_prompts] if max_prompts else held
+    held = [[{"role": "user", "content": p}] if isinstance(p, str) else p for p in held]
+    settings = {"samples": samples, "max_new_tokens": max_new_tokens, "temperature": temperature, "seed": seed}
+    tuned = evaluate(tuned_model, tokenizer, held, cfg.rewards, **settings)
+    del tuned_model
+    base_model, base_tokenizer = load_model(base)
+    return Comparison(len(held), samples, evaluate(base_model, base_tokenizer, held, cfg.rewards, **settings), tuned)
+
+
+# ---- training curves ------------------------------------------------------------------------------
+
+
+def plot_run(run_dir: str | Path, output: str | Path | None = None) -> Path:
+    """Draw a run's metrics.jsonl (total and per-reward means, KL, completion length, step time) to PNG."""
+    import json
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from ragrpo import RagrpoError
+
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.exists():
+        raise RagrpoError(f"{run_dir} has no metrics.jsonl: is it a ragrpo run folder?")
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    records = [r for r in records if "reward" in r]
+    if not records:
+        raise RagrpoError(f"{path} has no logged training steps yet")
+    reward_keys = sorted(k for k in records[0] if k.startswith("rewards/") and k.endswith("/mean"))
+    panels = [("total reward", ["reward"])] + [(k.split("/")[1], [k]) for k in reward_keys]
+    panels += [("KL to reference", ["kl"]), ("completion length, tokens", ["completions/mean_length"]),
+               ("step time, s", ["step_time"])]
+    panels = [(title, keys) for title, keys in panels if any(k in records[0] for k in keys)]
+    columns = 3
+    rows = -(-len(panels) // columns)
+    figure, axes = plt.subplots(rows, columns, figsize=(4.2 * columns, 3.0 * rows), squeeze=False)
+    steps = [r["step"] for r in records]
+    for axis, (title, keys) in zip(axes.flat, panels):
+        for key in keys:
+            axis.plot(steps, [r.get(key, float("nan")) for r in records], marker=".", linewidth=1)
+        axis.set_title(title)
+        axis.set_xlabel("step")
+        axis.grid(alpha=0.3)
+    for axis in list(axes.flat)[len(panels):]:
+        axis.set_visible(False)
+    figure.suptitle(f"GRPO run {Path(run_dir).resolve().name}")
+    figure.tight_layout()
+    target = Path(output) if output else Path(run_dir) / "curves.png"
+    figure.savefig(target, dpi=100)
+    plt.close(figure)
+    return target

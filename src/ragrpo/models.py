@@ -51,7 +51,7 @@ def _package_dir(package: str, install_hint: str) -> Path:
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
         raise RagrpoError(f"the default model needs the {install_hint} package: run `make setup`")
-    return Path(list(spec.submodule_search_locations)[0])
+    return Path(next(iter(spec.submodule_search_locations)))
 
 
 def packaged_gguf() -> Path:

@@ -55,21 +55,11 @@ def completion_text(completion) -> str:
 
 # Written for this project: articles, pronouns, auxiliaries, prepositions and conjunctions that carry
 # no claim of their own, so that "the" in an answer is not "supported" by "the" in the context.
-STOP_WORDS = frozenset("""
-a an the and or but nor so yet if then than that this these those there here
-is are was were be been being am do does did done have has had having will would shall should can could
-may might must not no yes
-i me my mine we us our ours you your yours he him his she her hers it its they them their theirs
-who whom whose which what when where why how
-of in on at to from by for with about as into onto over under after before between through during
-without within against among up down out off again further once
-all any both each few more most other some such only own same too very just also
-s t d ll m re ve
-""".split())
+STOP_WORDS = frozenset(["a", "an", "the", "and", "or", "but", "nor", "so", "yet", "if", "then", "than", "that", "this", "these", "those", "there", "here", "is", "are", "was", "were", "be", "been", "being", "am", "do", "does", "did", "done", "have", "has", "had", "having", "will", "would", "shall", "should", "can", "could", "may", "might", "must", "not", "no", "yes", "i", "me", "my", "mine", "we", "us", "our", "ours", "you", "your", "yours", "he", "him", "his", "she", "her", "hers", "it", "its", "they", "them", "their", "theirs", "who", "whom", "whose", "which", "what", "when", "where", "why", "how", "of", "in", "on", "at", "to", "from", "by", "for", "with", "about", "as", "into", "onto", "over", "under", "after", "before", "between", "through", "during", "without", "within", "against", "among", "up", "down", "out", "off", "again", "further", "once", "all", "any", "both", "each", "few", "more", "most", "other", "some", "such", "only", "own", "same", "too", "very", "just", "also", "s", "t", "d", "ll", "m", "re", "ve"])
 
 _WORD = re.compile(r"\w+")
-_ANSWER = re.compile(r"<answer>(.*?)</answer>", re.S)
-_THINK = re.compile(r"<think>.*?(?:</think>|$)", re.S)
+_ANSWER = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
+_THINK = re.compile(r"<think>.*?(?:</think>|$)", re.DOTALL)
 
 
 def words(text: str) -> list[str]:
@@ -203,7 +193,7 @@ def token_diversity(completions, **kwargs) -> list[float]:
 # ---- the shape of a reasoning answer ------------------------------------------------------------
 
 _TAGS = ("<think>", "</think>", "<answer>", "</answer>")
-_STRICT_FORMAT = re.compile(r"\s*<think>(.*?)</think>\s*<answer>(.*?)</answer>\s*", re.S)
+_STRICT_FORMAT = re.compile(r"\s*<think>(.*?)</think>\s*<answer>(.*?)</answer>\s*", re.DOTALL)
 
 
 def _format_score(text: str, partial: bool) -> float:

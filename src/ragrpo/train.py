@@ -11,10 +11,15 @@ A run folder holds:
     metrics.jsonl    one JSON object per logged step (rewards, KL, clip ratio, lengths, step_time)
     adapter/         the trained LoRA adapter (PEFT format) and tokenizer
     merged/          base + adapter merged (`merge_and_unload`): an ordinary Hugging Face model folder
+    checkpoints/     trainer checkpoints every `save_steps` steps, for `--resume` (kept only if any were saved)
+
+A stable tenth of the prompts (by a hash of each prompt, `held_out`) never reaches the trainer, so that
+`ragrpo eval` can score base and tuned models on prompts neither has trained on.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import string
@@ -91,17 +96,43 @@ def build_prompts(frame, source: str, template: str | None, tokenizer, max_promp
     return shaped
 
 
-def build_dataset(cfg: RunConfig, tokenizer):
-    """A `datasets.Dataset` with a `prompt` column, shuffled with the run's seed."""
-    from datasets import Dataset
+def _is_held_out(prompt, share: float) -> bool:
+    """A stable, order-free choice: the first 4 bytes of the prompt's SHA-1 as a fraction of 2**32."""
+    digest = hashlib.sha1(json.dumps(prompt, sort_keys=True).encode()).digest()
+    return int.from_bytes(digest[:4], "big") / 2**32 < share
 
+
+def split_prompts(cfg: RunConfig, tokenizer):
+    """(training frame, training prompts, held-out prompts) from the run's dataset."""
     frame = read_records(cfg.dataset)
     template = cfg.prompt_template or (DEFAULT_PROMPT_TEMPLATE if cfg.dataset == "builtin:movies" else None)
+    prompts = build_prompts(frame, cfg.dataset, template, tokenizer, cfg.max_prompt_length)
+    if len({isinstance(p, str) for p in prompts}) > 1:
+        raise RagrpoError(f"{cfg.dataset}: the prompt column mixes plain text and chat messages; use one kind")
+    held = [_is_held_out(p, cfg.held_out) for p in prompts]
+    if all(held):
+        raise RagrpoError(f"{cfg.dataset}: every prompt is held out; lower held_out or add rows")
+    frame = frame.assign(prompt=prompts)[[not h for h in held]]
+    return frame, frame["prompt"].tolist(), [p for p, h in zip(prompts, held) if h]
+
+
+def build_dataset(cfg: RunConfig, tokenizer):
+    """A `datasets.Dataset` of the training prompts, shuffled with the run's seed.
+
+    The dataset's other columns travel with it: TRL hands them to every reward function as keyword
+    arguments (a `context` column for `groundedness`, say).
+    """
+    from datasets import Dataset
+
+    frame, _, _ = split_prompts(cfg, tokenizer)
     frame = frame.sample(frac=1.0, random_state=cfg.seed).reset_index(drop=True)
     if cfg.max_samples:
         frame = frame.head(cfg.max_samples)
-    prompts = build_prompts(frame, cfg.dataset, template, tokenizer, cfg.max_prompt_length)
-    return Dataset.from_dict({"prompt": prompts})
+    columns = {str(c): frame[c].tolist() for c in frame.columns}
+    try:
+        return Dataset.from_dict(columns)
+    except Exception as exc:  # e.g. a column mixing lists and scalars
+        raise RagrpoError(f"{cfg.dataset}: cannot be used as a training set: {str(exc).splitlines()[0]}") from None
 
 
 # ---- logging --------------------------------------------------------------------------------------
@@ -131,7 +162,9 @@ def _progress_bar():
         bar = None
 
         def on_train_begin(self, args, state, control, **kwargs):
-            self.bar = tqdm(total=state.max_steps, initial=state.global_step, desc="GRPO", unit="step", dynamic_ncols=True)
+            # disable=None: no bar when stderr is not a terminal (CI logs, captured output).
+            self.bar = tqdm(total=state.max_steps, initial=state.global_step, desc="GRPO", unit="step",
+                            dynamic_ncols=True, disable=None)
 
         def on_log(self, args, state, control, logs=None, **kwargs):
             if self.bar is None or not logs or "reward" not in logs:
@@ -142,7 +175,13 @@ def _progress_bar():
         def on_train_end(self, args, state, control, **kwargs):
             if self.bar is not None:
                 self.bar.n = state.global_step
+                self.close()
+
+        def close(self):
+            """Also called when training fails, so that the bar is gone before the error line is printed."""
+            if self.bar is not None:
                 self.bar.close()
+                self.bar = None
 
     return RewardProgress()
 
@@ -197,13 +236,48 @@ def _write_config(cfg: RunConfig, trainer, output: Path) -> None:
     (output / "config.json").write_text(json.dumps(record, indent=2, default=str))
 
 
-def train(cfg: RunConfig, *, overwrite: bool = False) -> TrainResult:
-    """Run GRPO as `cfg` says and write the run folder; a failure leaves no half-written folder."""
+def load_run_config(output: str | Path) -> RunConfig:
+    """The RunConfig a run folder was started with (its config.json)."""
+    path = Path(output) / "config.json"
+    try:
+        return RunConfig(**json.loads(path.read_text())["run"])
+    except FileNotFoundError:
+        raise RagrpoError(f"{output} is not a run folder: no config.json") from None
+    except (ValueError, KeyError, TypeError) as exc:
+        raise RagrpoError(f"{path} is not a ragrpo run configuration: {exc}") from None
+
+
+def _latest_checkpoint(output: Path) -> Path | None:
+    found = sorted((output / "checkpoints").glob("checkpoint-*"), key=lambda p: int(p.name.rsplit("-", 1)[1]))
+    return found[-1] if found else None
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Drop log lines after `step`: the resumed run logs those steps again."""
+    if path.exists():
+        kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= step]
+        path.write_text("".join(line + "\n" for line in kept))
+
+
+def train(cfg: RunConfig, *, overwrite: bool = False, resume: bool = False) -> TrainResult:
+    """Run GRPO as `cfg` says and write the run folder.
+
+    `resume=True` continues the run in `cfg.output` from its last checkpoint, with the configuration it
+    was started with. A run that fails before its first checkpoint leaves no folder behind; one that
+    fails later keeps its checkpoints, so that it can be resumed.
+    """
     from ragrpo.models import load_model
 
     output = Path(cfg.output)
-    if output.exists() and any(output.iterdir()) and not overwrite:
-        raise RagrpoError(f"output folder {output} is not empty; pass --overwrite or choose another --output")
+    checkpoint = None
+    if resume:
+        cfg = load_run_config(output)
+        cfg.output = str(output)
+        checkpoint = _latest_checkpoint(output)
+        if checkpoint is None:
+            raise RagrpoError(f"{output} has no checkpoint to resume from; start the run again with --overwrite")
+    elif output.exists() and any(output.iterdir()) and not overwrite:
+        raise RagrpoError(f"output folder {output} is not empty; pass --overwrite, --resume or another --output")
     resolve_rewards(cfg.rewards)  # fail on an unknown reward before loading anything heavy
     grpo_config(cfg, output / "checkpoints")
     lora_config(cfg)
@@ -214,13 +288,19 @@ def train(cfg: RunConfig, *, overwrite: bool = False) -> TrainResult:
     if overwrite and output.exists():
         shutil.rmtree(output)
     output.mkdir(parents=True, exist_ok=True)
+    trainer = None
     try:
         trainer = make_trainer(cfg, model, tokenizer, dataset, output)
-        _write_config(cfg, trainer, output)
-        trainer.train()
+        if checkpoint is None:
+            _write_config(cfg, trainer, output)
+        else:
+            _truncate_metrics(output / "metrics.jsonl", int(checkpoint.name.rsplit("-", 1)[1]))
+        trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
         adapter, merged = save_run(trainer, tokenizer, output)
     except BaseException:
-        if created or overwrite:
+        for callback in trainer.callback_handler.callbacks if trainer else []:
+            getattr(callback, "close", lambda: None)()
+        if (created or overwrite) and _latest_checkpoint(output) is None:
             shutil.rmtree(output, ignore_errors=True)
         raise
     checkpoints = output / "checkpoints"
