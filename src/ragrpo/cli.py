@@ -167,8 +167,10 @@ def search(query, table, db, where, k, as_json):
 @click.option("-k", "k", type=int, default=5, show_default=True)
 @click.option("--max-new-tokens", type=int, default=128, show_default=True)
 @click.option("--temperature", type=float, default=0.0, show_default=True, help="0 means greedy decoding.")
+@click.option("--repetition-penalty", type=float, default=1.0, show_default=True,
+              help="Above 1 discourages repeating tokens (keeps small models out of loops).")
 @user_errors
-def ask(query, table, model, db, where, k, max_new_tokens, temperature):
+def ask(query, table, model, db, where, k, max_new_tokens, temperature, repetition_penalty):
     """Retrieve K passages for QUERY, answer from them with the model, and list the sources.
 
     Example: ragrpo ask "What's common in movies where the protagonist is the bad guy" --table movies
@@ -178,7 +180,7 @@ def ask(query, table, model, db, where, k, max_new_tokens, temperature):
     from ragrpo.rag import source_label
 
     result = run_ask(query, table, model, db=db, where=where, k=k, max_new_tokens=max_new_tokens,
-                     temperature=temperature)
+                     temperature=temperature, repetition_penalty=repetition_penalty)
     click.echo(result.text)
     click.echo("\nSources:")
     for n, source in enumerate(result.sources, 1):

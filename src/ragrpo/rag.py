@@ -60,9 +60,14 @@ def generate(
     max_new_tokens: int = 128,
     temperature: float = 0.0,
     top_p: float = 1.0,
+    repetition_penalty: float = 1.0,
     seed: int | None = None,
 ) -> list[str]:
-    """Completions for a batch of chat conversations; temperature 0 means greedy decoding."""
+    """Completions for a batch of chat conversations; temperature 0 means greedy decoding.
+
+    `repetition_penalty` > 1 divides the scores of tokens already in the text (transformers' CTRL-style
+    penalty); it keeps small models' greedy answers out of loops.
+    """
     import torch
 
     if seed is not None:
@@ -74,7 +79,8 @@ def generate(
         "do_sample": False, "temperature": None, "top_p": None, "top_k": None}
     with torch.no_grad():
         output = model.generate(
-            **batch, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id, **sampling
+            **batch, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
+            repetition_penalty=repetition_penalty, **sampling
         )  # (B, prompt + new)
     new_tokens = output[:, batch["input_ids"].shape[1]:]
     return [tokenizer.decode(row, skip_special_tokens=True) for row in new_tokens]
@@ -89,16 +95,16 @@ def retrieve(table, query: str, *, where: str | None = None, k: int = 5) -> tupl
 
 
 def answer_from_hits(model, tokenizer, query: str, hits: list[dict], column: str, *,
-                     max_new_tokens: int = 128, temperature: float = 0.0) -> Answer:
+                     max_new_tokens: int = 128, temperature: float = 0.0, repetition_penalty: float = 1.0) -> Answer:
     prompt = build_prompt(query, [hit[column] for hit in hits])
-    [text] = generate(model, tokenizer, [[{"role": "user", "content": prompt}]],
-                      max_new_tokens=max_new_tokens, temperature=temperature)
+    [text] = generate(model, tokenizer, [[{"role": "user", "content": prompt}]], max_new_tokens=max_new_tokens,
+                      temperature=temperature, repetition_penalty=repetition_penalty)
     sources = [{key: value for key, value in hit.items() if key != column} for hit in hits]
     return Answer(query=query, text=text.strip(), sources=sources, prompt=prompt)
 
 
 def ask(query: str, table: str, model: str | None, *, db: str | Path = DEFAULT_DB, where: str | None = None,
-        k: int = 5, max_new_tokens: int = 128, temperature: float = 0.0) -> Answer:
+        k: int = 5, max_new_tokens: int = 128, temperature: float = 0.0, repetition_penalty: float = 1.0) -> Answer:
     """Retrieve `k` passages for `query` (prefiltered by `where`), then answer from them with `model`.
 
     Retrieval runs first, so a bad table or filter fails before the model is loaded.
@@ -107,5 +113,5 @@ def ask(query: str, table: str, model: str | None, *, db: str | Path = DEFAULT_D
 
     hits, column = retrieve(open_table(table, db), query, where=where, k=k)
     lm, tokenizer = load_model(model)
-    return answer_from_hits(lm, tokenizer, query, hits, column,
-                            max_new_tokens=max_new_tokens, temperature=temperature)
+    return answer_from_hits(lm, tokenizer, query, hits, column, max_new_tokens=max_new_tokens,
+                            temperature=temperature, repetition_penalty=repetition_penalty)
