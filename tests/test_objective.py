@@ -39,7 +39,8 @@ def trainer_and_batch(tiny_causal_lm, tmp_path):
     cfg = build_run_config(
         rewards=REWARDS, num_generations=G, max_completion_length=12, beta=BETA, epsilon=EPSILON,
         output=str(tmp_path), grpo={"per_device_train_batch_size": 2 * G, "num_iterations": 2, "loss_type": "grpo",
-                                    "temperature": 1.0, "max_steps": 1, "save_strategy": "no"},
+                                    "temperature": 1.0, "max_steps": 1, "save_strategy": "no",
+                                    "bf16": False},  # exact float32 arithmetic for the comparison
         lora={"init_lora_weights": False},  # a random B, so that policy and reference differ from the start
     )
     torch.manual_seed(0)
