@@ -89,6 +89,13 @@ def test_train_unknown_model(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+def test_train_unreachable_hub_model(tmp_path):
+    # HF_HUB_OFFLINE=1 here: a Hub id takes the same from_pretrained path, and fails with one line.
+    assert_user_error(ragrpo("train", "--model", "no-such-org/no-such-model", "--output", tmp_path / "run"),
+                      "'no-such-org/no-such-model' could not be loaded")
+    assert not (tmp_path / "run").exists()
+
+
 @pytest.mark.integration
 def test_train_bad_datasets_leave_no_output(tmp_path, base_model_dir):
     (tmp_path / "empty.jsonl").write_text("")
