@@ -46,9 +46,10 @@ SEED_PRESET = {
 
 # The everyday preset: the write-up's shape (G=6, 128 tokens, KL to the adapter-free model, `grpo` loss)
 # with a learning rate that moves a rank-8 adapter within a CPU-sized run, grad clip 1.0 and the plain
-# torch optimizer. The learning rate comes from the quickstart's measured runs (5e-4 took the held-out
-# length error from about 108 to about 13 characters in 20 steps); the 60-step length is not yet tuned
-# by the experiment issue 3 asks for. `grpo_config` adds `engine_settings()` under this preset.
+# torch optimizer; `grpo_config` adds `engine_settings()` under it. Measured on 2 CPU cores (AVX512-BF16):
+# 60 steps in 25.5 min took the held-out length error |len - 50| from 138.9 to 17.9 characters with
+# token diversity 87.7 -> 97.7 (`ragrpo train` then `ragrpo eval RUN --samples 2`, 14 prompts). One
+# run of one configuration: the learning rate came from the quickstart's runs, not from a sweep.
 DEFAULT_PRESET = {
     **SEED_PRESET,
     "learning_rate": 5e-4,
