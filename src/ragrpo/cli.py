@@ -250,25 +250,10 @@ def evaluate(model, base, dataset, prompt_template, rewards, samples, max_new_to
 
     Example: ragrpo eval runs/demo --samples 4
     """
-    from pathlib import Path
+    from ragrpo.evaluate import compare_run
 
-    from ragrpo.config import build_run_config
-    from ragrpo.evaluate import compare
-    from ragrpo.train import load_run_config
-
-    run_dir = Path(model)
-    if (run_dir / "config.json").exists() and (run_dir / "merged").exists():
-        cfg = load_run_config(run_dir)
-        model = str(run_dir / "merged")
-        tokens = json.loads((run_dir / "config.json").read_text())["grpo"].get("max_completion_length", 128)
-        cfg.dataset = dataset or cfg.dataset
-        cfg.prompt_template = prompt_template or cfg.prompt_template
-        cfg.rewards = list(rewards) or cfg.rewards
-    else:
-        cfg = build_run_config(dataset=dataset, prompt_template=prompt_template, rewards=list(rewards) or None)
-        tokens = 128
-    result = compare(model, base, cfg, samples=samples, max_new_tokens=max_new_tokens or tokens, seed=seed,
-                     max_prompts=max_prompts)
+    result = compare_run(model, base, dataset=dataset, prompt_template=prompt_template, rewards=list(rewards),
+                         max_new_tokens=max_new_tokens, samples=samples, seed=seed, max_prompts=max_prompts)
     if as_json:
         click.echo(json.dumps(result.to_dict()))
     else:

@@ -90,6 +90,28 @@ def compare(model: str, base: str | None, cfg, *, samples: int = 2, max_new_toke
     return Comparison(len(held), samples, evaluate(base_model, base_tokenizer, held, cfg.rewards, **settings), tuned)
 
 
+def compare_run(model: str, base: str | None = None, *, dataset: str | None = None,
+                prompt_template: str | None = None, rewards: list[str] | None = None,
+                max_new_tokens: int | None = None, **settings) -> Comparison:
+    """`compare` for a run folder (its merged model, dataset, template, rewards and completion length are
+    reused unless given) or for a plain model folder (builtin:movies, the write-up's rewards, 128 tokens)."""
+    from ragrpo.config import PRESETS, build_run_config
+    from ragrpo.train import load_run_config
+
+    run_dir = Path(model)
+    if (run_dir / "config.json").exists() and (run_dir / "merged").exists():
+        cfg = load_run_config(run_dir)
+        model = str(run_dir / "merged")
+        cfg.dataset = dataset or cfg.dataset
+        cfg.prompt_template = prompt_template or cfg.prompt_template
+        cfg.rewards = rewards or cfg.rewards
+        tokens = {**PRESETS[cfg.preset], **cfg.grpo}.get("max_completion_length", 128)
+    else:
+        cfg = build_run_config(dataset=dataset, prompt_template=prompt_template, rewards=rewards or None)
+        tokens = 128
+    return compare(model, base, cfg, max_new_tokens=max_new_tokens or tokens, **settings)
+
+
 # ---- training curves ------------------------------------------------------------------------------
 
 

@@ -25,6 +25,7 @@ WHERE = "release_year < 1990"
 # Both models answer greedily with a mild repetition penalty: without it the tuned model, trained on
 # one-sentence summaries only, can fall into a loop on the much longer RAG prompt.
 REPETITION_PENALTY = 1.2
+SAMPLES = 2  # completions per held-out movie and model
 # A short run of the default preset, sized for the 15-minute budget on 2 CPU cores: one prompt x G=6
 # completions per step, as in the write-up, capped at 64 tokens (the length reward's target, 50
 # characters, is about 12 tokens). A step costs about 25 s there, nearly all of it in the forward and
@@ -95,7 +96,7 @@ def run(workdir: str | Path = "runs/quickstart", *, seed: int = 42, max_steps: i
     _, _, held = split_prompts(cfg, tokenizer)  # the same held-out movies `ragrpo eval` uses
 
     echo(f"[2/5] scoring the base model on {len(held)} held-out movies ...")
-    base = evaluate(base_model, tokenizer, held, REWARDS, max_new_tokens=tokens, seed=seed)
+    base = evaluate(base_model, tokenizer, held, REWARDS, samples=SAMPLES, max_new_tokens=tokens, seed=seed)
     hits, column = retrieve(table, DEFAULT_QUERY, where=WHERE, k=5)
     base_answer = answer_from_hits(base_model, tokenizer, DEFAULT_QUERY, hits, column,
                                    repetition_penalty=REPETITION_PENALTY)
@@ -106,9 +107,9 @@ def run(workdir: str | Path = "runs/quickstart", *, seed: int = 42, max_steps: i
 
     echo("[4/5] scoring the tuned model on the same held-out movies ...")
     tuned_model, tokenizer = load_model(str(result.merged))
-    tuned = evaluate(tuned_model, tokenizer, held, REWARDS, max_new_tokens=tokens, seed=seed)
+    tuned = evaluate(tuned_model, tokenizer, held, REWARDS, samples=SAMPLES, max_new_tokens=tokens, seed=seed)
     echo("[5/5] answering the write-up's query with both models ...")
     tuned_answer = answer_from_hits(tuned_model, tokenizer, DEFAULT_QUERY, hits, column,
                                     repetition_penalty=REPETITION_PENALTY)
-    scores = Comparison(len(held), 2, base, tuned)
+    scores = Comparison(len(held), SAMPLES, base, tuned)
     return QuickstartReport(scores, base_answer, tuned_answer, time.perf_counter() - started, result.output)
