@@ -6,7 +6,8 @@ For G completions of one prompt with total rewards r_1..r_G:
     L_tok = -min(rho * A_i, clip(rho, 1 - eps, 1 + eps) * A_i)
             + beta * (exp(logp_ref - logp_theta) - (logp_ref - logp_theta) - 1)   k3 KL estimator
     loss  = mean over sequences of (mean over that sequence's completion tokens of L_tok)   loss_type "grpo"
-The reference policy is the same network with its LoRA adapter switched off.
+The reference policy is the same network with its LoRA adapter switched off. Both engines are checked:
+plain TRL and ragrpo's fast engine, which samples from a merged copy but computes every term on the policy.
 """
 
 import pytest
@@ -28,8 +29,8 @@ def _logps(model, input_ids, attention_mask, n_completion):
     return token_logps[:, -n_completion:]  # (B, C)
 
 
-@pytest.fixture()
-def trainer_and_batch(tiny_causal_lm, tmp_path):
+@pytest.fixture(params=["fast", "trl"])
+def trainer_and_batch(request, tiny_causal_lm, tmp_path):
     from datasets import Dataset
 
     model, tokenizer = tiny_causal_lm
@@ -37,7 +38,7 @@ def trainer_and_batch(tiny_causal_lm, tmp_path):
     lengths = {len(tokenizer.apply_chat_template(p, add_generation_prompt=True)["input_ids"]) for p in prompts}
     assert len(lengths) == 1, "equal prompt lengths keep the micro example free of padding"
     cfg = build_run_config(
-        rewards=REWARDS, num_generations=G, max_completion_length=12, beta=BETA, epsilon=EPSILON,
+        engine=request.param, rewards=REWARDS, num_generations=G, max_completion_length=12, beta=BETA, epsilon=EPSILON,
         output=str(tmp_path), grpo={"per_device_train_batch_size": 2 * G, "num_iterations": 2, "loss_type": "grpo",
                                     "temperature": 1.0, "max_steps": 1, "save_strategy": "no",
                                     "bf16": False},  # exact float32 arithmetic for the comparison

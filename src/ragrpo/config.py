@@ -61,6 +61,7 @@ DEFAULT_PRESET = {
 }
 
 PRESETS = {"default": DEFAULT_PRESET, "seed": SEED_PRESET}
+ENGINES = ("fast", "trl")
 
 # The write-up's adapter: rank 8, alpha 32, every linear layer.
 LORA_DEFAULTS = {"task_type": "CAUSAL_LM", "r": 8, "lora_alpha": 32, "target_modules": "all-linear"}
@@ -110,6 +111,14 @@ class RunConfig:
     preset: str = field(default="default", metadata={"help": f"One of {sorted(PRESETS)}."})
     output: str = field(default="runs/latest", metadata={"help": "Folder for adapter, merged model, logs."})
     seed: int = field(default=42, metadata={"help": "Seed for data shuffling, sampling and initialisation."})
+    engine: str | None = field(
+        default=None,
+        metadata={
+            "help": "'fast' (bf16 frozen base where the hardware has fast bf16, sampling on a merged copy with a "
+            "static cache; see ragrpo.engine) or 'trl' (plain GRPOTrainer). None: 'fast' under the default "
+            "preset, 'trl' under the seed preset."
+        },
+    )
     # ---- passed through ----
     grpo: dict = field(default_factory=dict, metadata={"help": "Overrides for trl.GRPOConfig."})
     lora: dict = field(default_factory=dict, metadata={"help": "Overrides for peft.LoraConfig."})
@@ -123,11 +132,17 @@ class RunConfig:
             raise RagrpoError(f"max_prompt_length must be at least 1, got {self.max_prompt_length}")
         if not 0 <= self.held_out < 1:
             raise RagrpoError(f"held_out must be in [0, 1), got {self.held_out}")
+        if self.engine not in (None, *ENGINES):
+            raise RagrpoError(f"unknown engine {self.engine!r}; known engines: {', '.join(ENGINES)}")
         if self.max_samples is not None and self.max_samples < 1:
             raise RagrpoError(f"max_samples must be at least 1, got {self.max_samples}")
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    @property
+    def fast_engine(self) -> bool:
+        return (self.engine or ("fast" if self.preset == "default" else "trl")) == "fast"
 
 
 def _known(cls) -> set[str]:
@@ -221,7 +236,7 @@ def grpo_config(cfg: RunConfig, output_dir: str | Path, **extra):
     """The trl.GRPOConfig for a run: preset, then the run's [grpo] overrides, then `extra`."""
     from trl import GRPOConfig
 
-    engine = engine_settings() if cfg.preset == "default" else {}
+    engine = engine_settings() if cfg.fast_engine else {}
     settings = {**PRESETS[cfg.preset], **engine, "seed": cfg.seed, "report_to": "none", **cfg.grpo, **extra}
     unknown = set(settings) - _known(GRPOConfig)
     if unknown:

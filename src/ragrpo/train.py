@@ -191,16 +191,24 @@ def _progress_bar():
 
 def make_trainer(cfg: RunConfig, model, tokenizer, dataset, output: Path):
     """A GRPOTrainer that trains the run's LoRA adapter on `model`."""
+    import torch
     from transformers import PrinterCallback, ProgressCallback
     from trl import GRPOTrainer
 
     reward_funcs, weights = resolve_rewards(cfg.rewards)
     args = grpo_config(cfg, output / "checkpoints", reward_weights=weights)
+    trainer_class = GRPOTrainer
+    if cfg.fast_engine:
+        from ragrpo.engine import fast_trainer_class
+
+        trainer_class = fast_trainer_class()
+        if args.bf16:  # the frozen base in bf16: what autocast computed anyway, without a cast per call
+            model = model.to(torch.bfloat16)
     try:
         # TRL wraps the model with the LoRA config itself; for a new adapter its KL reference is then the same
         # network with the adapter disabled. (Handing it an already-wrapped model makes it keep a copy of the
         # adapter as a "ref" adapter instead.)
-        trainer = GRPOTrainer(
+        trainer = trainer_class(
             model=model,
             peft_config=lora_config(cfg),
             reward_funcs=reward_funcs,
@@ -221,7 +229,8 @@ def save_run(trainer, tokenizer, output: Path) -> tuple[Path, Path]:
     adapter, merged = output / "adapter", output / "merged"
     trainer.model.save_pretrained(adapter)
     tokenizer.save_pretrained(adapter)
-    model = trainer.model.merge_and_unload()
+    # merged in float32 (a bf16 base from the fast engine is widened first, which is exact)
+    model = trainer.model.float().merge_and_unload()
     model.save_pretrained(merged)
     tokenizer.save_pretrained(merged)
     return adapter, merged
