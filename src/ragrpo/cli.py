@@ -62,6 +62,9 @@ def main():
 @click.option("--reward", "rewards", multiple=True, help="NAME[=WEIGHT], repeatable: a built-in (ragrpo rewards "
               "list), package.module:function or file.py:function.")
 @click.option("--preset", default=None, help="default (tuned for short runs) or seed (the write-up's configuration).")
+@click.option("--engine", default=None, type=click.Choice(["fast", "trl"]),
+              help="fast: bf16 base and a merged sampling copy (same objective); trl: plain GRPOTrainer. "
+              "[default: fast with --preset default, trl with --preset seed]")
 @click.option("--max-steps", type=int, default=None)
 @click.option("--num-generations", type=int, default=None, help="G: completions sampled per prompt.")
 @click.option("--max-completion-length", type=int, default=None, help="Tokens per completion.")
