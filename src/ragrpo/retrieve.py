@@ -65,6 +65,8 @@ def search(table, query: str, *, where: str | None = None, k: int = 5, mode: str
     """
     from lancedb.rerankers import RRFReranker
 
+    from ragrpo.embed import single_thread
+
     if mode not in MODES:
         raise RagrpoError(f"search mode {mode!r}: use one of {', '.join(MODES)}")
     if not query or not query.strip():
@@ -77,7 +79,8 @@ def search(table, query: str, *, where: str | None = None, k: int = 5, mode: str
         raise RagrpoError(f"--mode {mode} needs a full-text index, which this table lacks; "
                           "re-create it with `ragrpo index ... --overwrite`")
     fetch = k * RERANK_CANDIDATES if rerank else k
-    builder = table.search(query, query_type=mode)
+    with single_thread():  # LanceDB embeds the query here
+        builder = table.search(query, query_type=mode)
     if mode == "hybrid":
         builder = builder.rerank(RRFReranker())
     if mode != "fts" and _has_index(table, "IVF"):
@@ -86,7 +89,8 @@ def search(table, query: str, *, where: str | None = None, k: int = 5, mode: str
     if where:
         builder = builder.where(where, prefilter=True)
     try:
-        rows = builder.to_list()
+        with single_thread():
+            rows = builder.to_list()
     except Exception as exc:  # LanceDB raises ValueError/RuntimeError/... for a filter it could not run
         if where:
             raise _filter_error(where, exc) from None
