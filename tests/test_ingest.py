@@ -153,6 +153,7 @@ def test_indexes_built_from_the_threshold_and_filters_still_hold(tmp_path):
     vector search through them returns only matching rows, nearest first."""
     import lancedb
     import pandas as pd
+    import pyarrow as pa
 
     from ragrpo.index import build_indexes
 
@@ -164,13 +165,15 @@ def test_indexes_built_from_the_threshold_and_filters_still_hold(tmp_path):
                           "genre": rng.choice(["drama", "comedy", "horror"], n),
                           "text": [f"story number {i} about {'cats' if i % 2 else 'dogs'}" for i in range(n)],
                           "vector": list(vectors)})
-    table = lancedb.connect(tmp_path / "db").create_table("t", data=frame)
+    schema = pa.schema([("doc_id", pa.string()), ("chunk", pa.int64()), ("year", pa.int64()), ("genre", pa.string()),
+                        ("text", pa.string()), ("vector", pa.list_(pa.float32(), 16))])
+    table = lancedb.connect(tmp_path / "db").create_table("t", data=pa.Table.from_pandas(frame, schema=schema))
     assert build_indexes(table, "text", threshold=n + 1) == ["text_idx"]
     built = build_indexes(table, "text", threshold=n)
     assert set(built) == {"vector_idx", "doc_id_idx", "chunk_idx", "year_idx", "genre_idx"}
-    kinds = {ix.name: ix.index_type for ix in table.list_indices()}
-    assert kinds["vector_idx"] == "IVF_HNSW_SQ" and kinds["year_idx"] == "BTREE" and kinds["genre_idx"] == "BITMAP"
-    assert kinds["text_idx"] == "FTS"
+    kinds = {ix.name: ix.index_type.upper().replace("_", "") for ix in table.list_indices()}  # e.g. IvfHnswSq
+    assert kinds == {"vector_idx": "IVFHNSWSQ", "year_idx": "BTREE", "chunk_idx": "BTREE", "doc_id_idx": "BTREE",
+                     "genre_idx": "BITMAP", "text_idx": "FTS"}
     hits = table.search(vectors[7]).nprobes(20).where("year < 1980", prefilter=True).limit(10).to_list()
     assert len(hits) == 10 and all(h["year"] < 1980 for h in hits)
     if frame.loc[7, "year"] < 1980:

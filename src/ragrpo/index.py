@@ -175,7 +175,8 @@ def _embed(embedder, texts: list[str], counts: list[int], progress: bool):
 
     parent = np.repeat(np.arange(len(counts)), counts)
     left = np.array(counts)
-    with tqdm(total=len(counts), unit="doc", desc="embedding", disable=not progress, leave=False,
+    # disable=None: tqdm shows the bar only when stderr is a terminal (no bar in logs or pipes).
+    with tqdm(total=len(counts), unit="doc", desc="embedding", disable=None if progress else True, leave=False,
               dynamic_ncols=True) as bar:
         def on_batch(indices):
             np.subtract.at(left, parent[indices], 1)
@@ -227,7 +228,7 @@ def index(
             raise RagrpoError(f"--id-column {id_column!r} is the text column; name a column of document ids")
         duplicated = frame[id_column][frame[id_column].duplicated()]
         if len(duplicated):
-            raise RagrpoError(f"{source}: --id-column {id_column!r} repeats the id {duplicated.iloc[0]!r}; "
+            raise RagrpoError(f"{source}: --id-column {id_column!r} repeats the id {_sql_literal(duplicated.iloc[0])}; "
                               "ids must be unique for an upsert")
     exists = Path(db).exists() and table in lancedb.connect(db).table_names()
     upsert = exists and id_column is not None and not overwrite
@@ -283,9 +284,12 @@ def _scalar_index_type(table, column: str, rows: int) -> str | None:
     if pa.types.is_integer(kind) or pa.types.is_floating(kind):
         return "BTREE"
     if pa.types.is_string(kind) or pa.types.is_large_string(kind):
-        # Few distinct values (genre, country): a bitmap; near-unique strings (ids, titles): a B-tree.
+        # Few distinct values (genre, country): a bitmap; near-unique strings (ids, titles): a B-tree,
+        # which Lance builds on utf8 only (a large_utf8 column of ids stays unindexed).
         distinct = len(table.search().select([column]).limit(rows).to_arrow()[column].unique())
-        return "BITMAP" if distinct <= 1000 else "BTREE"
+        if distinct <= 1000:
+            return "BITMAP"
+        return "BTREE" if pa.types.is_string(kind) else None
     return None
 
 
