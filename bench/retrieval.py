@@ -184,7 +184,7 @@ def synthetic_table(docs, vectors: np.ndarray, rows: int, workdir: Path):
 
 def latency_and_recall(docs, vectors, rows: int, queries: list[str], workdir: Path) -> dict:
     from ragrpo.index import build_indexes
-    from ragrpo.retrieve import NPROBES, search
+    from ragrpo.retrieve import NPROBES, REFINE_FACTOR, search
 
     table, func = synthetic_table(docs, vectors, rows, workdir)
     started = time.perf_counter()
@@ -202,7 +202,7 @@ def latency_and_recall(docs, vectors, rows: int, queries: list[str], workdir: Pa
         found = []
         for q in queries:
             vector = np.asarray(func.compute_query_embeddings(q)[0])
-            approx = table.search(vector).nprobes(NPROBES).limit(10)
+            approx = table.search(vector).nprobes(NPROBES).refine_factor(REFINE_FACTOR).limit(10)
             exact = table.search(vector).bypass_vector_index().limit(10)
             if where:
                 approx, exact = approx.where(where, prefilter=True), exact.where(where, prefilter=True)

@@ -186,9 +186,9 @@ def _embed(embedder, texts: list[str], counts: list[int], progress: bool):
         return embedder.encode(texts, on_batch=on_batch)
 
 
-def _check_upsert(existing, frame, id_column: str, table: str) -> None:
+def _check_upsert(existing, frame, table: str) -> None:
     have = [name for name in existing.schema.names if name != VECTOR_COLUMN]
-    new = [c for c in frame.columns if c != VECTOR_COLUMN]
+    new = [*frame.columns, CHUNK_COLUMN]
     if set(have) != set(new):
         raise RagrpoError(f"table {table!r} has columns {', '.join(have)} but the input gives {', '.join(new)}; "
                           "upsert the same layout or pass --overwrite")
@@ -235,6 +235,8 @@ def index(
     if exists and not overwrite and not upsert:
         raise RagrpoError(f"table {table!r} already exists in {db}; pass --overwrite to replace it, "
                           "or --id-column to upsert into it")
+    if upsert:
+        _check_upsert(lancedb.connect(db).open_table(table), frame, table)
 
     embedder = Embedder.load(resolve_embedder(embedding_model), precision=precision)
     size = chunk_size or embedder.max_tokens - 2  # [CLS] and [SEP] take two of the model's positions
@@ -249,7 +251,6 @@ def index(
     connection = lancedb.connect(db)
     if upsert:
         target = connection.open_table(table)
-        _check_upsert(target, frame, id_column, table)
         # One commit: update chunks that exist, insert new ones, and delete the chunks of re-ingested
         # documents that the new version no longer has (a document that got shorter).
         ids = ", ".join(_sql_literal(v) for v in frame[id_column].unique())
@@ -310,7 +311,10 @@ def build_indexes(table, text_column: str, threshold: int = INDEX_THRESHOLD, *, 
         return built
     if f"{VECTOR_COLUMN}_idx" not in have:
         # Partitions of about sqrt(rows) vectors; HNSW inside each keeps recall high at few probes.
-        table.create_index(metric="l2", index_type="IVF_HNSW_SQ", num_partitions=max(1, int(rows ** 0.5) // 4))
+        from lancedb.index import IvfHnswSq
+
+        partitions = max(1, int(rows**0.5) // 4)
+        table.create_index(VECTOR_COLUMN, config=IvfHnswSq(distance_type="l2", num_partitions=partitions))
         built.append(f"{VECTOR_COLUMN}_idx")
     for column in table.schema.names:
         if column in (VECTOR_COLUMN, text_column) or f"{column}_idx" in have:

@@ -24,7 +24,11 @@ from ragrpo import RagrpoError
 from ragrpo.index import DEFAULT_DB, VECTOR_COLUMN, open_table
 
 MODES = ("vector", "fts", "hybrid")
-NPROBES = 20  # IVF partitions visited per query when the table has a vector index
+# With a vector index: IVF partitions visited per query, and how many times k candidates are re-scored
+# with the full vectors (the index stores 8-bit scalar-quantized ones). On 100k rows refine 5 lifted
+# recall@10 from 0.95 to 1.0 for about 10 ms per query (measured on the CPU of bench/retrieval.py).
+NPROBES = 20
+REFINE_FACTOR = 5
 RERANK_CANDIDATES = 4  # a reranked search scores k * this many first-stage hits
 SCORE_COLUMNS = ("_rerank_score", "_relevance_score", "_score", "_distance")
 
@@ -84,7 +88,7 @@ def search(table, query: str, *, where: str | None = None, k: int = 5, mode: str
     if mode == "hybrid":
         builder = builder.rerank(RRFReranker())
     if mode != "fts" and _has_index(table, "IVF"):
-        builder = builder.nprobes(NPROBES)
+        builder = builder.nprobes(NPROBES).refine_factor(REFINE_FACTOR)
     builder = builder.limit(fetch)
     if where:
         builder = builder.where(where, prefilter=True)
