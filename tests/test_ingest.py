@@ -97,6 +97,8 @@ def test_fast_embedding_stays_within_1e3_cosine_of_float32_sentence_transformers
 def test_id_column_upsert_is_idempotent_and_drops_stale_chunks(tmp_path):
     import lancedb
 
+    from ragrpo.index import index
+
     docs, db = tmp_path / "docs", tmp_path / "db"
     docs.mkdir()
     long_text = " ".join(f"Chapter {n}: the lighthouse keeper counts ships in the fog." for n in range(60))
@@ -104,27 +106,28 @@ def test_id_column_upsert_is_idempotent_and_drops_stale_chunks(tmp_path):
     (docs / "bread.txt").write_text("A recipe for sourdough bread with a long cold proof.")
     args = ["index", docs, "--table", "notes", "--db", db, "--id-column", "path", "--chunk-size", "64"]
 
-    first = ragrpo(*args)
-    assert first.returncode == 0, first.stderr
-    table = lancedb.connect(db).open_table("notes")
-    before = table.to_pandas().drop(columns="vector").sort_values(["path", "chunk"]).reset_index(drop=True)
+    def table():  # opened afresh: a handle does not see other processes' commits by default
+        return lancedb.connect(db).open_table("notes")
+
+    index(str(docs), "notes", db, id_column="path", chunk_size=64)  # the library call behind the command
+    before = table().to_pandas().drop(columns="vector").sort_values(["path", "chunk"]).reset_index(drop=True)
     assert (before["path"] == "long.md").sum() > 5 and (before["path"] == "bread.txt").sum() == 1
 
     again = ragrpo(*args)  # the same ingest twice: no duplicate rows, same content
     assert again.returncode == 0 and "upserted" in again.stdout, again.stderr
-    after = table.to_pandas().drop(columns="vector").sort_values(["path", "chunk"]).reset_index(drop=True)
+    after = table().to_pandas().drop(columns="vector").sort_values(["path", "chunk"]).reset_index(drop=True)
     assert after.equals(before)
 
     (docs / "long.md").write_text("# Lighthouse\nThe keeper retired.")  # now one chunk
     (docs / "bread.txt").unlink()  # absent from the input: kept in the table
     (docs / "tea.txt").write_text("Green tea steeps for two minutes.")
-    assert ragrpo(*args).returncode == 0
-    rows = table.to_pandas().sort_values("path")
+    assert index(str(docs), "notes", db, id_column="path", chunk_size=64).upserted
+    rows = table().to_pandas().sort_values("path")
     assert rows[["path", "chunk"]].values.tolist() == [["bread.txt", 0], ["long.md", 0], ["tea.txt", 0]]
     assert rows.set_index("path").loc["long.md", "text"].endswith("The keeper retired.")
     # The registry metadata survives the merge: plain LanceDB embeds the query itself.
-    assert table.search("steeping tea").limit(1).to_list()[0]["path"] == "tea.txt"
-    assert [r["path"] for r in table.search("keeper retired", query_type="fts").limit(1).to_list()] == ["long.md"]
+    assert table().search("steeping tea").limit(1).to_list()[0]["path"] == "tea.txt"
+    assert [r["path"] for r in table().search("keeper retired", query_type="fts").limit(1).to_list()] == ["long.md"]
 
 
 def test_index_input_errors(tmp_path):
