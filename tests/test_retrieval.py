@@ -24,7 +24,7 @@ def test_every_filtered_row_satisfies_the_filter(movie_db):
     assert len(rows) == 20
     assert all(row["release_year"] < 1990 for row in rows)
     assert set(rows[0]) == {"release_year", "title", "origin_ethnicity", "director", "cast", "genre",
-                            "wiki_page", "movie_plot", "_distance"}
+                            "wiki_page", "movie_plot", "chunk", "_distance"}
     assert [r["_distance"] for r in rows] == sorted(r["_distance"] for r in rows)
 
 
@@ -62,7 +62,7 @@ def test_index_jsonl_with_renames(tmp_path):
     result = ragrpo("index", docs, "--table", "notes", "--db", tmp_path / "db", "--text-column", "text",
                     "--rename", "Body=text", "--rename", "Year=year")
     assert result.returncode == 0, result.stderr
-    assert "indexed 2 rows" in result.stdout and "1 rows with empty text skipped" in result.stdout
+    assert "indexed 2 documents as 2 chunks" in result.stdout and "1 rows with empty text skipped" in result.stdout
     found = ragrpo("search", "baking bread", "--table", "notes", "--db", tmp_path / "db", "--json", "-k", "1")
     row = json.loads(found.stdout)
     assert row["doc_id"] == 2 and row["year"] == 1999 and row["text"].startswith("A recipe")

@@ -1,4 +1,5 @@
-"""Reading documents and prompts: local CSV/JSONL/Parquet files, Hugging Face datasets, and builtin:movies.
+"""Reading documents and prompts: local CSV/JSONL/Parquet files, folders of .txt/.md files, Hugging Face
+datasets, and builtin:movies.
 
 Everything arrives as a pandas DataFrame. `builtin:movies` is the corpus shipped in `ragrpo/data/`:
 original synopses written for this project, in the column layout of the wiki movie-plots CSV
@@ -37,7 +38,7 @@ def read_records(source: str):
     else:
         return _read_hub_dataset(source)
     if path.is_dir():
-        raise RagrpoError(f"{path} is a folder; give a .csv, .jsonl or .parquet file")
+        return read_text_folder(path)
     suffix = path.suffix.lower()
     try:
         if suffix == ".csv":
@@ -57,6 +58,32 @@ def read_records(source: str):
     if frame.empty:
         raise RagrpoError(f"{path} has no rows")
     return frame
+
+
+TEXT_SUFFIXES = (".txt", ".md")
+
+
+def read_text_folder(folder: Path):
+    """One row per .txt/.md file under `folder` (recursively): `path` (relative, the id), `title`, `text`.
+
+    The title is a Markdown file's first `# heading`, else the file name without its suffix.
+    """
+    import pandas as pd
+
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in TEXT_SUFFIXES)
+    if not files:
+        raise RagrpoError(f"{folder} is a folder without .txt or .md files; give a folder of those or a "
+                          ".csv, .jsonl or .parquet file")
+    rows = []
+    for file in files:
+        try:
+            text = file.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise RagrpoError(f"{file} cannot be read as UTF-8 text: {exc}") from None
+        heading = next((line[2:].strip() for line in text.splitlines() if line.startswith("# ")), None)
+        title = heading if file.suffix.lower() == ".md" and heading else file.stem
+        rows.append({"path": file.relative_to(folder).as_posix(), "title": title, "text": text})
+    return pd.DataFrame(rows)
 
 
 def _read_hub_dataset(name: str):

@@ -86,9 +86,10 @@ def generate(
     return [tokenizer.decode(row, skip_special_tokens=True) for row in new_tokens]
 
 
-def retrieve(table, query: str, *, where: str | None = None, k: int = 5) -> tuple[list[dict], str]:
-    """The hits for `query` and the name of the text column they carry."""
-    hits = search(table, query, where=where, k=k)
+def retrieve(table, query: str, *, where: str | None = None, k: int = 5, mode: str = "vector",
+             rerank: str | None = None) -> tuple[list[dict], str]:
+    """The hits for `query` (by `mode`: vector, fts or hybrid) and the name of the text column they carry."""
+    hits = search(table, query, where=where, k=k, mode=mode, rerank=rerank)
     if not hits:
         raise RagrpoError(f"no rows match --where {where!r}; nothing to answer from" if where else "the table is empty")
     return hits, text_column(table)
@@ -104,14 +105,15 @@ def answer_from_hits(model, tokenizer, query: str, hits: list[dict], column: str
 
 
 def ask(query: str, table: str, model: str | None, *, db: str | Path = DEFAULT_DB, where: str | None = None,
-        k: int = 5, max_new_tokens: int = 128, temperature: float = 0.0, repetition_penalty: float = 1.0) -> Answer:
+        k: int = 5, max_new_tokens: int = 128, temperature: float = 0.0, repetition_penalty: float = 1.0,
+        mode: str = "vector", rerank: str | None = None) -> Answer:
     """Retrieve `k` passages for `query` (prefiltered by `where`), then answer from them with `model`.
 
     Retrieval runs first, so a bad table or filter fails before the model is loaded.
     """
     from ragrpo.models import load_model
 
-    hits, column = retrieve(open_table(table, db), query, where=where, k=k)
+    hits, column = retrieve(open_table(table, db), query, where=where, k=k, mode=mode, rerank=rerank)
     lm, tokenizer = load_model(model)
     return answer_from_hits(lm, tokenizer, query, hits, column, max_new_tokens=max_new_tokens,
                             temperature=temperature, repetition_penalty=repetition_penalty)
