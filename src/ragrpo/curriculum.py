@@ -9,12 +9,14 @@ without labels:
 2. for every document, make questions it answers: from templates over its fields and text (what
    happens in it, which film of its year is about its keywords, which story involves other keywords,
    a summary request), or written by the model itself (`questions="model"`);
-3. retrieve the top k for each question with exactly what `ragrpo ask` uses (`rag.retrieve`, the same
-   filter, `rag.build_prompt`; `ask --cite` and `ask --reasoning` give the prompts of a run trained
-   with those settings, and `cite` is on by default here: the write-up's prompt never asks for a
-   source, so without it a small model names none and a citation reward has nothing to reinforce), and keep the retrieved passages (`context`), their document ids
-   (`context_ids`) and the source document's id (`source_id`) as dataset columns, so that rewards
-   such as `groundedness` and `source_citation` can see them.
+3. retrieve the top k for each question with exactly what `ragrpo ask` uses (the table's embedding
+   function, the same filter and k, `rag.build_prompt`), and keep the retrieved passages (`context`),
+   their document ids (`context_ids`) and the source document's id (`source_id`) as dataset columns,
+   so that rewards such as `groundedness` and `source_citation` can see them.
+
+Prompts ask for a citation by default (`cite`; `ask --cite` builds the same prompt, `ask --reasoning`
+the reasoning one): the write-up's prompt never asks for a source, so a small model names none and a
+citation reward would have nothing to reinforce.
 
 The run folder gets a `curriculum/` folder: `train.jsonl` (the training rows, which `--resume` reads
 back), `heldout.jsonl` (the held-out questions, which `ragrpo eval --from-index` retrieves for again)
@@ -38,7 +40,7 @@ from pathlib import Path
 from ragrpo import RagrpoError
 from ragrpo.config import RunConfig
 from ragrpo.index import DEFAULT_DB, VECTOR_COLUMN, open_table
-from ragrpo.rag import build_prompt, retrieve
+from ragrpo.rag import build_prompt
 from ragrpo.retrieve import text_column
 from ragrpo.rewards import STOP_WORDS, words
 
@@ -212,10 +214,8 @@ def make_questions(rows: list[dict], column: str, mode: str, model=None, tokeniz
     return [q for row in rows for q in template_questions(row, column, df, len(rows))]
 
 
-def rag_example(table, question: Question, column: str, *, where: str | None, k: int, reasoning: bool,
-                cite: bool = False) -> dict:
-    """One training row: the prompt `ask` would build for the question, and what rewards need to know."""
-    hits, _ = retrieve(table, question.query, where=where, k=k)
+def rag_example(question: Question, hits: list[dict], column: str, *, reasoning: bool, cite: bool = False) -> dict:
+    """One training row: the prompt `ask` would build from `hits`, and what rewards need to know."""
     ids = [document_id(hit, column) for hit in hits]
     texts = [str(hit[column]) for hit in hits]
     prompt = build_prompt(question.query, texts, reasoning=reasoning, cite=cite)
@@ -228,6 +228,44 @@ def rag_example(table, question: Question, column: str, *, where: str | None, k:
         "source_rank": ids.index(question.source_id) + 1 if question.source_id in ids else 0,
         "kind": question.kind,
     }
+
+
+def retrieve_all(table, queries: list[str], *, where: str | None, k: int) -> list[list[dict]]:
+    """`rag.retrieve` for many queries: the same embedding function (the table's own), filter and k, but
+    the queries are embedded in one batch (one at a time costs ~10x more on a CPU)."""
+    from lancedb.embeddings import EmbeddingFunctionRegistry
+
+    from ragrpo.retrieve import _filter_error
+
+    if not queries:
+        return []
+    configs = EmbeddingFunctionRegistry.get_instance().parse_functions(table.schema.metadata)
+    func = next(iter(configs.values())).function
+    vectors = func.generate_embeddings(queries)  # (Q, dim)
+    out = []
+    for query, vector in zip(queries, vectors, strict=True):
+        builder = table.search(vector).limit(k)
+        if where:
+            builder = builder.where(where, prefilter=True)
+        try:
+            hits = builder.to_list()
+        except Exception as exc:
+            if where:
+                raise _filter_error(where, exc) from None
+            raise
+        if not hits:
+            raise RagrpoError(f"no rows match --where {where!r}; nothing to answer from" if where else
+                              "the table is empty")
+        for hit in hits:
+            hit.pop(VECTOR_COLUMN, None)
+        out.append(hits)
+    return out
+
+
+def rag_examples(table, questions: list[Question], column: str, source: IndexSource) -> list[dict]:
+    hits = retrieve_all(table, [q.query for q in questions], where=source.where, k=source.k)
+    return [rag_example(q, h, column, reasoning=source.reasoning, cite=source.cite)
+            for q, h in zip(questions, hits, strict=True)]
 
 
 @dataclass
@@ -270,8 +308,7 @@ def build_curriculum(source: IndexSource, model=None, tokenizer=None) -> Curricu
     train_questions = [q for q in questions if q.source_id not in held]
     if not train_questions:
         raise RagrpoError(f"no question could be made from the documents of {source.table!r}")
-    examples = [rag_example(table, q, column, where=source.where, k=source.k, reasoning=source.reasoning,
-                            cite=source.cite) for q in train_questions]
+    examples = rag_examples(table, train_questions, column, source)
     return Curriculum(source, column, sorted(set(ids) - held), sorted(held), examples,
                       [q for q in questions if q.source_id in held])
 
