@@ -194,3 +194,31 @@ def test_eval_from_index_needs_a_from_index_run(tmp_path):
 
     with pytest.raises(RagrpoError, match="not a from-index run folder"):
         compare_from_index(tmp_path)
+
+
+def test_cli_from_index_errors_are_one_line(tmp_path):
+    from test_cli import assert_user_error, ragrpo
+
+    assert_user_error(ragrpo("eval", "--from-index", "movies", tmp_path), "not a from-index run folder")
+    assert_user_error(ragrpo("train", "--from-index", "nope", "--db", tmp_path, "--output", tmp_path / "run"),
+                      "no table 'nope'")
+    assert not (tmp_path / "run").exists()
+    assert_user_error(ragrpo("eval", "--from-index", "movies", tmp_path, "--seeds", "0,x"), "--seeds")
+
+
+def test_ask_with_reasoning_shows_only_the_answer(monkeypatch):
+    from ragrpo import rag
+
+    seen = {}
+
+    def fake_generate(model, tokenizer, conversations, **kwargs):
+        seen["prompt"] = conversations[0][0]["content"]
+        return ["<think>Passage 1 says Finch lied.</think>\n<answer>Finch made it up [1].</answer>"]
+
+    monkeypatch.setattr(rag, "generate", fake_generate)
+    hits = [{"title": "The Cartographer's Lie", "movie_plot": "Finch invented an island."}]
+    answer = rag.answer_from_hits(None, None, "Who lied?", hits, "movie_plot", reasoning=True, cite=True)
+    assert answer.text == "Finch made it up [1]."
+    assert answer.raw.startswith("<think>") and seen["prompt"].endswith(REASONING_INSTRUCTION)
+    assert CITE_INSTRUCTION in seen["prompt"]
+    assert answer.sources == [{"title": "The Cartographer's Lie"}]
