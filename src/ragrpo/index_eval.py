@@ -137,6 +137,28 @@ def answer_all(model, tokenizer, rows: list[dict], *, seed: int, max_new_tokens:
     return out
 
 
+def cached_answers(folder: Path, side: str, name: str | None, rows: list[dict], *, seed: int,
+                   max_new_tokens: int, loaded: dict) -> list[str]:
+    """A side's answers for one seed, kept in `folder/answers/SIDE-seedN.json` and reused when the model,
+    the questions and the token budget are the same (rewriting a report regenerates nothing)."""
+    from ragrpo.models import load_model
+
+    path = folder / "answers" / f"{side}-seed{seed}.json"
+    key = {"model": str(name), "max_new_tokens": max_new_tokens, "queries": [r["query"] for r in rows]}
+    if path.exists():
+        cached = json.loads(path.read_text())
+        if {k: cached.get(k) for k in key} == key:
+            return cached["completions"]
+    if side not in loaded:
+        loaded.clear()  # one model in memory at a time
+        loaded[side] = load_model(name)
+    model, tokenizer = loaded[side]
+    completions = answer_all(model, tokenizer, rows, seed=seed, max_new_tokens=max_new_tokens)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({**key, "seed": seed, "completions": completions}))
+    return completions
+
+
 def compare_from_index(run_dir: str | Path, table: str | None = None, *, base: str | None = None,
                        db: str | None = None, seeds: list[int] = (0, 1, 2), max_new_tokens: int | None = None,
                        max_questions: int | None = None, output: str | Path | None = None,
@@ -145,7 +167,6 @@ def compare_from_index(run_dir: str | Path, table: str | None = None, *, base: s
     from ragrpo.config import PRESETS
     from ragrpo.curriculum import IndexSource, rag_examples, read_curriculum
     from ragrpo.index import open_table
-    from ragrpo.models import load_model
     from ragrpo.train import load_run_config
 
     started = time.time()
@@ -166,23 +187,23 @@ def compare_from_index(run_dir: str | Path, table: str | None = None, *, base: s
     rows = rag_examples(handle, questions, split["text_column"], IndexSource(**source))
     hit = sum(r["source_rank"] > 0 for r in rows) / len(rows)
     echo(f"{len(rows)} held-out questions; hit@{source['k']} of the source document {hit:.3f}")
-    sides = {}
+    folder = Path(output) if output else run_dir / "eval-index"
+    sides, loaded = {}, {}
     for side, name in (("tuned", str(run_dir / "merged")), ("base", base)):
-        model, tokenizer = load_model(name)
         sides[side] = []
         for seed in seeds:
             clock = time.time()
-            completions = answer_all(model, tokenizer, rows, seed=seed, max_new_tokens=tokens)
+            completions = cached_answers(folder, side, name, rows, seed=seed, max_new_tokens=tokens, loaded=loaded)
             scores = score_answers(completions, rows, cfg.rewards)
             scores.seed = seed
             sides[side].append(scores)
             echo(f"{side} seed {seed}: groundedness {scores.figures['groundedness']:.3f}, source_citation "
                  f"{scores.figures['source_citation']:.3f} ({time.time() - clock:.0f} s)")
-        del model
+    loaded.clear()
     first = sum(r["source_rank"] == 1 for r in rows) / len(rows)
     result = IndexComparison(str(run_dir), table_name, len(rows), hit, source["k"], first, list(seeds),
                              sides["base"], sides["tuned"], time.time() - started)
-    write_report(result, Path(output) if output else run_dir / "eval-index", completions_of=rows)
+    write_report(result, folder)
     return result
 
 
@@ -210,7 +231,7 @@ def plot_histograms(result: IndexComparison, target: Path) -> Path:
     return target
 
 
-def write_report(result: IndexComparison, folder: Path, completions_of=None) -> Path:
+def write_report(result: IndexComparison, folder: Path) -> Path:
     """report.md, results.json, curves.png (the run's log) and histograms.png in `folder`."""
     from ragrpo.evaluate import plot_run
 
