@@ -347,8 +347,10 @@ def cited_passages(text: str) -> list[int]:
 
 
 def source_citation(completions, context_ids=None, source_id=None, **kwargs) -> list[float]:
-    """Citation of the source document: mean over the answer's references of 1 (the source's passage),
-    0 (another retrieved passage) or -1 (no such passage), in [-1, 1]; 0 without references.
+    """Citing the question's source document: per passage reference 1 / 0 / -1, averaged, in [-1, 1].
+
+    Each reference scores 1 when it names the source's passage, 0 for another retrieved passage and
+    -1 for a passage that does not exist; the score is their mean, 0 without references.
 
     A reference is `[n]` or a "Movie n" name (the label `ragrpo.rag` gives passage n). Needs the
     `context_ids` (ids of the retrieved passages, in order) and `source_id` columns that
