@@ -246,7 +246,8 @@ def write_report(result: IndexComparison, folder: Path) -> Path:
               f"source document: **{result.hit_at_k:.3f}** (the retriever's, the same for both models); the "
               f"source is passage 1 for {result.source_first:.3f} of the questions, so always citing [1] would "
               f"score about that much on `cites source`. "
-              f"Evaluation took {result.seconds / 60:.1f} min."), "",
+              f"This evaluation call took {result.seconds / 60:.1f} min (answers already in answers/ for the same "
+              f"model, questions and token budget are reused, not generated again)."), "",
              "| figure | base mean | base spread | tuned mean | tuned spread | base per seed | tuned per seed |",
              "|---|---|---|---|---|---|---|"]
     fmt = lambda values: ", ".join(f"{v:.3f}" for v in values)
