@@ -1,9 +1,12 @@
 # Generate the tuned model's held-out answers for one seed into the eval cache (run in parallel per seed).
-import sys, time
+import sys
+import time
 from pathlib import Path
+
 from ragrpo.curriculum import IndexSource, rag_examples, read_curriculum
 from ragrpo.index import open_table
 from ragrpo.index_eval import cached_answers
+
 run = "/tmp/wt5/runs/final"
 split, questions = read_curriculum(run)
 source = split["source"]
