@@ -85,16 +85,43 @@ def main():
 @click.option("--overwrite", is_flag=True, help="Replace a non-empty output folder.")
 @click.option("--resume", is_flag=True, help="Continue the run in --output from its last checkpoint, with the "
               "configuration it was started with (other options are ignored).")
+@click.option("--from-index", "from_index", default=None, metavar="TABLE",
+              help="Train on RAG prompts built from this LanceDB table's own documents (no labels needed).")
+@click.option("--db", default="lancedb", show_default=True, help="LanceDB folder (with --from-index).")
+@click.option("--where", default=None, help="SQL prefilter for documents and retrieval (with --from-index).")
+@click.option("-k", "k", type=int, default=3, show_default=True, help="Passages retrieved per question (with "
+              "--from-index; `ask -k` should match).")
+@click.option("--questions", type=click.Choice(["templates", "model"]), default="templates", show_default=True,
+              help="How questions are made (with --from-index): templates over fields, or written by the model.")
+@click.option("--reasoning", is_flag=True, help="Prompts ask for <think> reasoning before an <answer> (with "
+              "--from-index; adds the format reward).")
+@click.option("--cite/--no-cite", default=True, show_default=True, help="Prompts ask the model to cite the "
+              "passage it answers from as [n], as `ask --cite` does (with --from-index).")
+@click.option("--max-documents", type=int, default=None, help="Use only the first N documents (with --from-index).")
 @user_errors
-def train(config_file, rewards, overwrite, resume, **options):
+def train(config_file, rewards, overwrite, resume, from_index, db, where, k, questions, reasoning, cite,
+          max_documents, **options):
     """GRPO fine-tuning with a LoRA adapter; writes adapter/, merged/, config.json and metrics.jsonl.
 
     Example: ragrpo train --max-steps 20 --reward length --reward token_diversity=0.5 --output runs/demo
+
+    Example: ragrpo train --from-index movies --db lancedb --where "release_year < 1990" --output runs/rag
     """
     from ragrpo.config import build_run_config
     from ragrpo.train import train as run_training
 
     cfg = build_run_config(config_file, rewards=list(rewards) or None, **options)
+    if from_index and not resume:
+        from ragrpo.curriculum import IndexSource, from_index_config, train_from_index
+
+        source = IndexSource(from_index, db, where=where, k=k, questions=questions, reasoning=reasoning,
+                             cite=cite, held_out=cfg.held_out, max_documents=max_documents)
+        result, curriculum = train_from_index(from_index_config(cfg, source, bool(rewards)), source,
+                                              overwrite=overwrite)
+        click.echo(f"{len(curriculum.examples)} training questions from {len(curriculum.train_ids)} documents; "
+                   f"{len(curriculum.held_ids)} documents held out")
+        click.echo(f"trained {result.steps} steps; merged model: {result.merged}; metrics: {result.metrics}")
+        return
     result = run_training(cfg, overwrite=overwrite, resume=resume)
     click.echo(f"trained {result.steps} steps; merged model: {result.merged}; metrics: {result.metrics}")
 
@@ -197,8 +224,11 @@ def search(query, table, db, where, k, as_json, mode, rerank):
               help="Above 1 discourages repeating tokens (keeps small models out of loops).")
 @MODE_OPTION
 @RERANK_OPTION
+@click.option("--reasoning", is_flag=True, help="Ask for <think> reasoning first; print only the <answer>.")
+@click.option("--cite", is_flag=True, help="Ask the model to cite the passage it answers from as [n].")
 @user_errors
-def ask(query, table, model, db, where, k, max_new_tokens, temperature, repetition_penalty, mode, rerank):
+def ask(query, table, model, db, where, k, max_new_tokens, temperature, repetition_penalty, mode, rerank,
+        reasoning, cite):
     """Retrieve K passages for QUERY, answer from them with the model, and list the sources.
 
     Example: ragrpo ask "What's common in movies where the protagonist is the bad guy" --table movies
@@ -208,7 +238,8 @@ def ask(query, table, model, db, where, k, max_new_tokens, temperature, repetiti
     from ragrpo.rag import source_label
 
     result = run_ask(query, table, model, db=db, where=where, k=k, max_new_tokens=max_new_tokens,
-                     temperature=temperature, repetition_penalty=repetition_penalty, mode=mode, rerank=rerank)
+                     temperature=temperature, repetition_penalty=repetition_penalty, mode=mode, rerank=rerank,
+                     reasoning=reasoning, cite=cite)
     click.echo(result.text)
     click.echo("\nSources:")
     for n, source in enumerate(result.sources, 1):
@@ -269,16 +300,37 @@ def rewards_score(specs, completion, context_file, query):
 @click.option("--max-prompts", type=int, default=None, help="Use at most this many held-out prompts.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print the figures as one JSON object.")
+@click.option("--from-index", "from_index", default=None, metavar="TABLE", help="Evaluate a `train --from-index` "
+              "run on its held-out documents in TABLE: hit@k, groundedness, citation; writes report.md and PNGs.")
+@click.option("--db", default=None, help="LanceDB folder [default: the run's] (with --from-index).")
+@click.option("--seeds", default="0,1,2", show_default=True, help="Sampling seeds, comma-separated (with --from-index).")
+@click.option("--output", default=None, help="Report folder [default: MODEL/eval-index] (with --from-index).")
 @user_errors
-def evaluate(model, base, dataset, prompt_template, rewards, samples, max_new_tokens, max_prompts, seed, as_json):
+def evaluate(model, base, dataset, prompt_template, rewards, samples, max_new_tokens, max_prompts, seed, as_json,
+             from_index, db, seeds, output):
     """Score MODEL and its base on held-out prompts: each reward's mean, side by side.
 
     MODEL is a run folder (its dataset, template, rewards and held-out split are reused) or a model
     folder. Both models see the same prompts with the same sampling seed (temperature 1).
 
     Example: ragrpo eval runs/demo --samples 4
+
+    Example: ragrpo eval --from-index movies runs/rag --seeds 0,1,2
     """
     from ragrpo.evaluate import compare_run
+
+    if from_index:
+        from ragrpo.index_eval import compare_from_index
+
+        try:
+            seed_list = [int(s) for s in seeds.split(",") if s.strip()]
+        except ValueError:
+            raise UserError(f"--seeds {seeds!r}: give integers separated by commas, e.g. 0,1,2") from None
+        result = compare_from_index(model, from_index, base=base, db=db, seeds=seed_list,
+                                    max_new_tokens=max_new_tokens, max_questions=max_prompts, output=output,
+                                    echo=lambda line: click.echo(line, err=True))
+        click.echo(json.dumps(result.to_dict()) if as_json else result.table())
+        return
 
     result = compare_run(model, base, dataset=dataset, prompt_template=prompt_template, rewards=list(rewards),
                          max_new_tokens=max_new_tokens, samples=samples, seed=seed, max_prompts=max_prompts)

@@ -24,6 +24,11 @@ from ragrpo.retrieve import search, text_column
 
 PROMPT_TEMPLATE = "Given the Query: {query}\n\nAnd the context\n#Context\n{context}\n\nAnswer concisely but creatively"
 PASSAGE_TEMPLATE = "## Movie- {n}:\n{text}"
+# `--reasoning` (ask and train --from-index) appends this to the prompt; written for this project.
+REASONING_INSTRUCTION = ("First reason about the context inside <think> </think>, then give only the answer "
+                         "inside <answer> </answer>.")
+# `--cite` appends this: the write-up's prompt never asks for sources, so a model has no reason to name one.
+CITE_INSTRUCTION = "After the answer, cite the movie it comes from by its number, e.g. [2] for Movie- 2."
 DEFAULT_QUERY = "What's common in movies where the protagonist turns out to be the bad guy"
 
 
@@ -33,11 +38,15 @@ class Answer:
     text: str
     sources: list[dict] = field(default_factory=list)
     prompt: str = ""
+    raw: str = ""  # the whole completion; with reasoning, `text` is its <answer> section only
 
 
-def build_prompt(query: str, passages: list[str]) -> str:
+def build_prompt(query: str, passages: list[str], reasoning: bool = False, cite: bool = False) -> str:
+    """The write-up's prompt; `cite` and `reasoning` each append one sentence of instructions."""
     context = "\n\n".join(PASSAGE_TEMPLATE.format(n=i + 1, text=text) for i, text in enumerate(passages))
-    return PROMPT_TEMPLATE.format(query=query, context=context)
+    prompt = PROMPT_TEMPLATE.format(query=query, context=context)
+    prompt = f"{prompt}\n\n{CITE_INSTRUCTION}" if cite else prompt
+    return f"{prompt}\n\n{REASONING_INSTRUCTION}" if reasoning else prompt
 
 
 def source_label(row: dict) -> str:
@@ -96,17 +105,21 @@ def retrieve(table, query: str, *, where: str | None = None, k: int = 5, mode: s
 
 
 def answer_from_hits(model, tokenizer, query: str, hits: list[dict], column: str, *,
-                     max_new_tokens: int = 128, temperature: float = 0.0, repetition_penalty: float = 1.0) -> Answer:
-    prompt = build_prompt(query, [hit[column] for hit in hits])
+                     max_new_tokens: int = 128, temperature: float = 0.0, repetition_penalty: float = 1.0,
+                     reasoning: bool = False, cite: bool = False) -> Answer:
+    from ragrpo.rewards import answer_text
+
+    prompt = build_prompt(query, [hit[column] for hit in hits], reasoning=reasoning, cite=cite)
     [text] = generate(model, tokenizer, [[{"role": "user", "content": prompt}]], max_new_tokens=max_new_tokens,
                       temperature=temperature, repetition_penalty=repetition_penalty)
     sources = [{key: value for key, value in hit.items() if key != column} for hit in hits]
-    return Answer(query=query, text=text.strip(), sources=sources, prompt=prompt)
+    shown = answer_text(text) if reasoning else text.strip()
+    return Answer(query=query, text=shown, sources=sources, prompt=prompt, raw=text.strip())
 
 
 def ask(query: str, table: str, model: str | None, *, db: str | Path = DEFAULT_DB, where: str | None = None,
         k: int = 5, max_new_tokens: int = 128, temperature: float = 0.0, repetition_penalty: float = 1.0,
-        mode: str = "vector", rerank: str | None = None) -> Answer:
+        mode: str = "vector", rerank: str | None = None, reasoning: bool = False, cite: bool = False) -> Answer:
     """Retrieve `k` passages for `query` (prefiltered by `where`), then answer from them with `model`.
 
     Retrieval runs first, so a bad table or filter fails before the model is loaded.
@@ -116,4 +129,5 @@ def ask(query: str, table: str, model: str | None, *, db: str | Path = DEFAULT_D
     hits, column = retrieve(open_table(table, db), query, where=where, k=k, mode=mode, rerank=rerank)
     lm, tokenizer = load_model(model)
     return answer_from_hits(lm, tokenizer, query, hits, column, max_new_tokens=max_new_tokens,
-                            temperature=temperature, repetition_penalty=repetition_penalty)
+                            temperature=temperature, repetition_penalty=repetition_penalty, reasoning=reasoning,
+                            cite=cite)

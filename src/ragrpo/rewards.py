@@ -336,6 +336,43 @@ def citation(completions, context=None, **kwargs) -> list[float]:
     return scores
 
 
+# `ragrpo.rag` heads passage n with "## Movie- n:"; an answer naming "Movie 2" (or "movie-2") refers to it.
+_PASSAGE_NAME = re.compile(r"\bmovie\s*-?\s*(\d+)\b", re.IGNORECASE)
+
+
+def cited_passages(text: str) -> list[int]:
+    """Every passage an answer refers to, in order: `[n]` marks (`[1, 2]` too) and "Movie n" names."""
+    marks = [int(n) for group in _CITATION.findall(text) for n in group.split(",")]
+    return marks + [int(n) for n in _PASSAGE_NAME.findall(text)]
+
+
+def source_citation(completions, context_ids=None, source_id=None, **kwargs) -> list[float]:
+    """Citing the question's source document: per passage reference 1 / 0 / -1, averaged, in [-1, 1].
+
+    Each reference scores 1 when it names the source's passage, 0 for another retrieved passage and
+    -1 for a passage that does not exist; the score is their mean, 0 without references.
+
+    A reference is `[n]` or a "Movie n" name (the label `ragrpo.rag` gives passage n). Needs the
+    `context_ids` (ids of the retrieved passages, in order) and `source_id` columns that
+    `ragrpo train --from-index` builds; when the source was not retrieved, no reference can score 1.
+
+    >>> ids = [["a", "b", "c"]] * 4
+    >>> source_citation(["As Movie 2 shows, ...", "Per [1] and [2].", "See [9].", "No idea."],
+    ...                 context_ids=ids, source_id=["b"] * 4)
+    [1.0, 0.5, -1.0, 0.0]
+    """
+    if context_ids is None or source_id is None:
+        raise RagrpoError("needs 'context_ids' and 'source_id' columns (the ids of the retrieved passages and "
+                          "of the document the question is about); `ragrpo train --from-index` builds them")
+    scores = []
+    for completion, ids, source in zip(completions, context_ids, source_id, strict=True):
+        ids = list(ids)
+        refs = cited_passages(answer_text(completion))
+        credits = [(1.0 if ids[n - 1] == source else 0.0) if 1 <= n <= len(ids) else -1.0 for n in refs]
+        scores.append(sum(credits) / len(credits) if credits else 0.0)
+    return scores
+
+
 # ---- rewards that run a model -------------------------------------------------------------------
 
 
@@ -479,6 +516,7 @@ REWARDS: dict[str, Callable] = {
     "format": get_format_reward(),
     "groundedness": get_groundedness_reward(),
     "citation": citation,
+    "source_citation": source_citation,
     "context_reliance": get_context_reliance_reward(),
     "relevance": get_relevance_reward(),
     "repetition": get_repetition_reward(),

@@ -268,12 +268,17 @@ def _truncate_metrics(path: Path, step: int) -> None:
         path.write_text("".join(line + "\n" for line in kept))
 
 
-def train(cfg: RunConfig, *, overwrite: bool = False, resume: bool = False) -> TrainResult:
+def train(cfg: RunConfig, *, overwrite: bool = False, resume: bool = False, dataset=None,
+          files: dict[str, str] | None = None) -> TrainResult:
     """Run GRPO as `cfg` says and write the run folder.
 
     `resume=True` continues the run in `cfg.output` from its last checkpoint, with the configuration it
     was started with. A run that fails before its first checkpoint leaves no folder behind; one that
     fails later keeps its checkpoints, so that it can be resumed.
+
+    `dataset` (a `datasets.Dataset`) replaces the one built from `cfg.dataset` on a fresh start, and
+    `files` (relative path -> text) are written into the run folder next to config.json; the
+    from-index curriculum uses both.
     """
     from ragrpo.models import load_model
 
@@ -291,7 +296,7 @@ def train(cfg: RunConfig, *, overwrite: bool = False, resume: bool = False) -> T
     grpo_config(cfg, output / "checkpoints")
     lora_config(cfg)
     model, tokenizer = load_model(cfg.model)
-    dataset = build_dataset(cfg, tokenizer)
+    dataset = build_dataset(cfg, tokenizer) if dataset is None or resume else dataset
 
     created = not output.exists()
     if overwrite and output.exists():
@@ -302,6 +307,9 @@ def train(cfg: RunConfig, *, overwrite: bool = False, resume: bool = False) -> T
         trainer = make_trainer(cfg, model, tokenizer, dataset, output)
         if checkpoint is None:
             _write_config(cfg, trainer, output)
+            for name, text in (files or {}).items():
+                (output / name).parent.mkdir(parents=True, exist_ok=True)
+                (output / name).write_text(text)
         else:
             _truncate_metrics(output / "metrics.jsonl", int(checkpoint.name.rsplit("-", 1)[1]))
         trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)

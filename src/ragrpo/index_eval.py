@@ -1,0 +1,270 @@
+"""`ragrpo eval --from-index`: base and tuned models on the held-out documents of a from-index run.
+
+The held-out questions (recorded in the run's `curriculum/heldout.jsonl`) are retrieved for again in
+the table, with the run's k, filter and prompt, so hit@k says how often the retriever puts the
+source document in front of the model at all; it does not depend on the model. Each model then
+answers every question once per sampling seed (temperature 1, as in training; the same seeds for
+both models), and every seed gives one value of each figure:
+
+    groundedness       share of the answer's content words found in the retrieved passages
+    source_citation    the reward: mean over the answer's references of 1 / 0 / -1 (see rewards.py)
+    cites source       share of answers that refer to the source document's passage at all
+    answer length      characters of the answer (the <answer> section with --reasoning)
+    token diversity    the write-up's within-answer diversity (unique / total words, in %)
+    distinct-2         unique word bigrams / all word bigrams over the seed's answers (across answers)
+    each run reward    its mean, and its latency in milliseconds per completion
+
+The report gives, per model, the mean over seeds, the spread (max - min) and every seed's value, and
+says for groundedness and citation whether the tuned model's gain exceeds the larger spread.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ragrpo import RagrpoError
+
+HEADLINE = ("groundedness", "source_citation", "cites source")
+
+
+@dataclass
+class SeedScores:
+    seed: int
+    figures: dict[str, float]
+    latency_ms: dict[str, float]
+    per_answer: dict[str, list[float]] = field(default_factory=dict)
+
+
+@dataclass
+class IndexComparison:
+    run_dir: str
+    table_name: str
+    questions: int
+    hit_at_k: float
+    k: int
+    source_first: float
+    seeds: list[int]
+    base: list[SeedScores]
+    tuned: list[SeedScores]
+    seconds: float = 0.0
+
+    def summary(self, side: str) -> dict[str, dict]:
+        runs = getattr(self, side)
+        out = {}
+        for name in runs[0].figures:
+            values = [r.figures[name] for r in runs]
+            out[name] = {"mean": sum(values) / len(values), "spread": max(values) - min(values), "seeds": values}
+        return out
+
+    def verdicts(self) -> dict[str, dict]:
+        base, tuned = self.summary("base"), self.summary("tuned")
+        return {name: {"gain": tuned[name]["mean"] - base[name]["mean"],
+                       "spread": max(base[name]["spread"], tuned[name]["spread"]),
+                       "exceeds_spread": tuned[name]["mean"] - base[name]["mean"]
+                       > max(base[name]["spread"], tuned[name]["spread"])}
+                for name in HEADLINE}
+
+    def table(self) -> str:
+        base, tuned = self.summary("base"), self.summary("tuned")
+        rows = [("figure (mean over seeds, spread)", "base", "tuned")]
+        for name in base:
+            rows.append((name, f"{base[name]['mean']:.3f} ±{base[name]['spread']:.3f}",
+                         f"{tuned[name]['mean']:.3f} ±{tuned[name]['spread']:.3f}"))
+        return "\n".join(f"{a:<34}{b:>18}{c:>18}" for a, b, c in rows)
+
+    def to_dict(self) -> dict:
+        return {"run": self.run_dir, "table": self.table_name, "questions": self.questions, "k": self.k,
+                "hit_at_k": self.hit_at_k, "source_first": self.source_first, "seeds": self.seeds, "seconds": self.seconds,
+                "base": self.summary("base"), "tuned": self.summary("tuned"), "verdicts": self.verdicts(),
+                "latency_ms": {"base": [r.latency_ms for r in self.base], "tuned": [r.latency_ms for r in self.tuned]}}
+
+
+def distinct_2(texts: list[str]) -> float:
+    """Unique word bigrams over all bigrams of `texts` (0 when there are none)."""
+    from ragrpo.rewards import ngrams, words
+
+    grams = [g for text in texts for g in ngrams(words(text), 2)]
+    return len(set(grams)) / len(grams) if grams else 0.0
+
+
+def score_answers(completions: list[str], rows: list[dict], reward_specs: list[str]) -> SeedScores:
+    """Every figure of one seed's answers; `rows` are the matching dataset rows (context, ids, source)."""
+    from ragrpo.rewards import (
+        answer_text,
+        cited_passages,
+        get_groundedness_reward,
+        resolve_rewards,
+        source_citation,
+        token_diversity,
+    )
+
+    columns = {name: [r[name] for r in rows] for name in ("context", "context_ids", "source_id", "query")}
+    prompts = [r["prompt"] for r in rows]
+    answers = [answer_text(c) for c in completions]
+    grounded = get_groundedness_reward()(completions, **columns)
+    cites = source_citation(completions, **columns)
+    hits = [float(r["source_rank"] > 0 and r["source_rank"] in cited_passages(a)) for r, a in zip(rows, answers)]
+    lengths = [float(len(a)) for a in answers]
+    diversity = token_diversity(answers)
+    figures = {"groundedness": grounded, "source_citation": cites, "cites source": hits,
+               "answer length, chars": lengths, "token diversity": diversity}
+    means = {name: sum(v) / len(v) for name, v in figures.items()}
+    means["distinct-2"] = distinct_2(answers)
+    latency = {}
+    funcs, weights = resolve_rewards(reward_specs)
+    total = [0.0] * len(completions)
+    for func, weight in zip(funcs, weights):
+        start = time.perf_counter()
+        values = func(prompts=prompts, completions=completions, **columns)
+        latency[func.__name__] = 1000 * (time.perf_counter() - start) / len(completions)
+        means[f"reward {func.__name__}"] = sum(values) / len(values)
+        total = [t + weight * v for t, v in zip(total, values)]
+    means["total reward"] = sum(total) / len(total)
+    return SeedScores(0, means, latency, per_answer=figures)
+
+
+def answer_all(model, tokenizer, rows: list[dict], *, seed: int, max_new_tokens: int, batch_size: int = 12,
+               temperature: float = 1.0) -> list[str]:
+    from ragrpo.rag import generate
+
+    out = []
+    for start in range(0, len(rows), batch_size):
+        out += generate(model, tokenizer, [r["prompt"] for r in rows[start:start + batch_size]],
+                        max_new_tokens=max_new_tokens, temperature=temperature, seed=seed * 100_003 + start)
+    return out
+
+
+def cached_answers(folder: Path, side: str, name: str | None, rows: list[dict], *, seed: int,
+                   max_new_tokens: int, loaded: dict) -> list[str]:
+    """A side's answers for one seed, kept in `folder/answers/SIDE-seedN.json` and reused when the model,
+    the questions and the token budget are the same (rewriting a report regenerates nothing)."""
+    from ragrpo.models import load_model
+
+    path = folder / "answers" / f"{side}-seed{seed}.json"
+    key = {"model": str(name), "max_new_tokens": max_new_tokens, "queries": [r["query"] for r in rows]}
+    if path.exists():
+        cached = json.loads(path.read_text())
+        if {k: cached.get(k) for k in key} == key:
+            return cached["completions"]
+    if side not in loaded:
+        loaded.clear()  # one model in memory at a time
+        loaded[side] = load_model(name)
+    model, tokenizer = loaded[side]
+    completions = answer_all(model, tokenizer, rows, seed=seed, max_new_tokens=max_new_tokens)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({**key, "seed": seed, "completions": completions}))
+    return completions
+
+
+def compare_from_index(run_dir: str | Path, table: str | None = None, *, base: str | None = None,
+                       db: str | None = None, seeds: list[int] = (0, 1, 2), max_new_tokens: int | None = None,
+                       max_questions: int | None = None, output: str | Path | None = None,
+                       echo=lambda line: None) -> IndexComparison:
+    """Score the run's merged model and `base` on the run's held-out questions; write report and plots."""
+    from ragrpo.config import PRESETS
+    from ragrpo.curriculum import IndexSource, rag_examples, read_curriculum
+    from ragrpo.index import open_table
+    from ragrpo.train import load_run_config
+
+    started = time.time()
+    run_dir = Path(run_dir)
+    split, questions = read_curriculum(run_dir)
+    if not (run_dir / "merged").exists():
+        raise RagrpoError(f"{run_dir} has no merged/ model; did its training finish?")
+    if not seeds:
+        raise RagrpoError("give at least one seed")
+    source = split["source"]
+    table_name = table or source["table"]
+    handle = open_table(table_name, db or source["db"])
+    cfg = load_run_config(run_dir)
+    tokens = max_new_tokens or {**PRESETS[cfg.preset], **cfg.grpo}.get("max_completion_length", 128)
+    questions = questions[:max_questions] if max_questions else questions
+    if not questions:
+        raise RagrpoError(f"{run_dir}: the run has no held-out questions")
+    rows = rag_examples(handle, questions, split["text_column"], IndexSource(**source))
+    hit = sum(r["source_rank"] > 0 for r in rows) / len(rows)
+    echo(f"{len(rows)} held-out questions; hit@{source['k']} of the source document {hit:.3f}")
+    folder = Path(output) if output else run_dir / "eval-index"
+    sides, loaded = {}, {}
+    for side, name in (("tuned", str(run_dir / "merged")), ("base", base)):
+        sides[side] = []
+        for seed in seeds:
+            clock = time.time()
+            completions = cached_answers(folder, side, name, rows, seed=seed, max_new_tokens=tokens, loaded=loaded)
+            scores = score_answers(completions, rows, cfg.rewards)
+            scores.seed = seed
+            sides[side].append(scores)
+            echo(f"{side} seed {seed}: groundedness {scores.figures['groundedness']:.3f}, source_citation "
+                 f"{scores.figures['source_citation']:.3f} ({time.time() - clock:.0f} s)")
+    loaded.clear()
+    first = sum(r["source_rank"] == 1 for r in rows) / len(rows)
+    result = IndexComparison(str(run_dir), table_name, len(rows), hit, source["k"], first, list(seeds),
+                             sides["base"], sides["tuned"], time.time() - started)
+    write_report(result, folder)
+    return result
+
+
+# ---- report ---------------------------------------------------------------------------------------
+
+
+def plot_histograms(result: IndexComparison, target: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = ["groundedness", "source_citation", "answer length, chars"]
+    figure, axes = plt.subplots(1, len(names), figsize=(4.4 * len(names), 3.2))
+    for axis, name in zip(axes, names):
+        for side, color in (("base", "tab:gray"), ("tuned", "tab:blue")):
+            values = [v for r in getattr(result, side) for v in r.per_answer[name]]
+            axis.hist(values, bins=20, alpha=0.55, color=color, label=f"{side} (mean {sum(values) / len(values):.2f})")
+        axis.set_title(name)
+        axis.legend(fontsize=8)
+    figure.suptitle(f"held-out answers, {result.questions} questions x {len(result.seeds)} seeds per model")
+    figure.tight_layout()
+    figure.savefig(target, dpi=100)
+    plt.close(figure)
+    return target
+
+
+def write_report(result: IndexComparison, folder: Path) -> Path:
+    """report.md, results.json, curves.png (the run's log) and histograms.png in `folder`."""
+    from ragrpo.evaluate import plot_run
+
+    folder.mkdir(parents=True, exist_ok=True)
+    plot_run(result.run_dir, folder / "curves.png")
+    plot_histograms(result, folder / "histograms.png")
+    (folder / "results.json").write_text(json.dumps(result.to_dict(), indent=2))
+    base, tuned = result.summary("base"), result.summary("tuned")
+    lines = [f"# Held-out evaluation of {Path(result.run_dir).name} on table `{result.table_name}`", "",
+             (f"{result.questions} held-out questions (documents never trained on), {len(result.seeds)} sampling "
+              f"seeds per model ({', '.join(map(str, result.seeds))}), temperature 1. hit@{result.k} of the "
+              f"source document: **{result.hit_at_k:.3f}** (the retriever's, the same for both models); the "
+              f"source is passage 1 for {result.source_first:.3f} of the questions, so always citing [1] would "
+              f"score about that much on `cites source`. "
+              f"This evaluation call took {result.seconds / 60:.1f} min (answers already in answers/ for the same "
+              f"model, questions and token budget are reused, not generated again)."), "",
+             "| figure | base mean | base spread | tuned mean | tuned spread | base per seed | tuned per seed |",
+             "|---|---|---|---|---|---|---|"]
+    fmt = lambda values: ", ".join(f"{v:.3f}" for v in values)
+    for name in base:
+        b, t = base[name], tuned[name]
+        lines.append(f"| {name} | {b['mean']:.3f} | {b['spread']:.3f} | {t['mean']:.3f} | {t['spread']:.3f} | "
+                     f"{fmt(b['seeds'])} | {fmt(t['seeds'])} |")
+    lines += ["", "Spread is max - min over the seeds.", "", "## Gain against seed spread", ""]
+    for name, verdict in result.verdicts().items():
+        word = "exceeds" if verdict["exceeds_spread"] else "does NOT exceed"
+        lines.append(f"- {name}: tuned - base = {verdict['gain']:+.3f}, which {word} the larger spread "
+                     f"({verdict['spread']:.3f})")
+    lines += ["", "## Reward latency (ms per completion, mean over seeds)", "", "| reward | base | tuned |",
+              "|---|---|---|"]
+    for name in result.base[0].latency_ms:
+        base_ms, tuned_ms = (sum(r.latency_ms[name] for r in runs) / len(runs) for runs in (result.base, result.tuned))
+        lines.append(f"| {name} | {base_ms:.3f} | {tuned_ms:.3f} |")
+    lines += ["", "![training curves](curves.png)", "", "![held-out histograms](histograms.png)", ""]
+    (folder / "report.md").write_text("\n".join(lines))
+    return folder / "report.md"

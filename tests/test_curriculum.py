@@ -1,0 +1,224 @@
+"""Training on your own index: questions, the document split, the RAG rows, the source-citation reward,
+and a real (tiny-model) from-index run evaluated on its held-out documents."""
+
+import json
+from collections import Counter
+
+import pytest
+
+from ragrpo import RagrpoError
+from ragrpo.curriculum import (
+    IndexSource,
+    build_curriculum,
+    document_frequencies,
+    document_id,
+    is_held_out,
+    keywords,
+    template_questions,
+)
+from ragrpo.rag import CITE_INSTRUCTION, REASONING_INSTRUCTION, build_prompt, retrieve
+from ragrpo.rewards import cited_passages, guarded, source_citation
+
+ROW = {"title": "The Ferryman's Ledger", "release_year": 1923,
+       "movie_plot": "Thames ferryman Walter Crouch keeps a ledger. The ledger lists every passenger; "
+                     "a rival boatman is blamed, but the ferryman hid a second ledger with watches."}
+OTHER = {"title": "Salt", "release_year": 1921, "movie_plot": "A widow restores a clock tower. The ferryman waits."}
+
+
+def test_keywords_prefer_words_distinctive_to_the_document():
+    texts = [ROW["movie_plot"], OTHER["movie_plot"]]
+    found = keywords(ROW["movie_plot"], document_frequencies(texts), len(texts))
+    assert found[0] == "ledger"  # three times here, in no other document
+    assert "ferryman" not in found[:3]  # in both documents: less distinctive than words only here
+    assert all(len(w) >= 4 and w.isalpha() for w in found)
+
+
+def test_template_questions_use_title_year_and_keywords():
+    texts = [ROW["movie_plot"], OTHER["movie_plot"]]
+    questions = template_questions(ROW, "movie_plot", document_frequencies(texts), 2)
+    by_kind = {q.kind: q.query for q in questions}
+    assert by_kind["what"] == "What happens in The Ferryman's Ledger?"
+    assert by_kind["year"].startswith("Which 1923 film is about ledger, ")
+    assert by_kind["summary"] == "Summarize the story of The Ferryman's Ledger in two sentences."
+    assert {q.source_id for q in questions} == {document_id(ROW, "movie_plot")}
+
+
+def test_template_questions_without_title_or_year_still_ask_about_the_text():
+    row = {"text": "Copper kettles whistle louder when the harbour freezes over in winter nights."}
+    questions = template_questions(row, "text", Counter(), 1)
+    assert [q.kind for q in questions] == ["keyword", "summary"]
+    assert "document" in questions[0].query
+
+
+def test_document_ids_and_split_are_stable():
+    assert document_id({"id": 7, "text": "x"}, "text") == "7"
+    assert document_id({"text": "x"}, "text") == document_id({"text": "x", "title": "other"}, "text")
+    ids = [f"doc-{i}" for i in range(400)]
+    held = [i for i in ids if is_held_out(i, 0.1)]
+    assert held == [i for i in reversed(ids) if is_held_out(i, 0.1)][::-1]
+    assert 20 < len(held) < 60
+
+
+def test_reasoning_and_cite_prompts_extend_the_ask_prompt():
+    plain = build_prompt("Who lied?", ["Finch lied."])
+    assert plain.endswith("Answer concisely but creatively")
+    assert build_prompt("Who lied?", ["Finch lied."], reasoning=True) == f"{plain}\n\n{REASONING_INSTRUCTION}"
+    assert build_prompt("Who lied?", ["Finch lied."], reasoning=True, cite=True) == \
+        f"{plain}\n\n{CITE_INSTRUCTION}\n\n{REASONING_INSTRUCTION}"
+
+
+@pytest.mark.parametrize("completion, expected", [
+    ("The source is Movie 2.", 1.0),
+    ("Movie- 2 and movie 1 agree.", 0.5),
+    ("Per [2].", 1.0),
+    ("Per [1, 3].", 0.0),
+    ("See [4] and [2].", 0.0),
+    ("No reference at all.", 0.0),
+    ("<think>Movie 1 is wrong</think><answer>It is Movie 2</answer>", 1.0),
+    ("", 0.0),
+])
+def test_source_citation(completion, expected):
+    assert source_citation([completion], context_ids=[["a", "b", "c"]], source_id=["b"]) == [expected]
+
+
+def test_source_citation_needs_its_columns():
+    with pytest.raises(RagrpoError, match="context_ids"):
+        guarded(source_citation)(prompts=["q"], completions=["x [1]"])
+
+
+def test_cited_passages_reads_marks_and_names():
+    assert cited_passages("As [1][3] and Movie-2 say") == [1, 3, 2]
+
+
+# ---- on the real table ----------------------------------------------------------------------------
+
+
+@pytest.mark.integration
+def test_curriculum_rows_are_what_ask_would_see(movie_db):
+    from ragrpo.index import open_table
+
+    source = IndexSource("movies", str(movie_db), where="release_year < 1990", k=3, max_documents=40)
+    curriculum = build_curriculum(source)
+    assert set(curriculum.train_ids).isdisjoint(curriculum.held_ids)
+    assert {e["source_id"] for e in curriculum.examples} <= set(curriculum.train_ids)
+    assert {q.source_id for q in curriculum.held_questions} <= set(curriculum.held_ids)
+    table = open_table("movies", movie_db)
+    years = {document_id(r, "movie_plot"): r["release_year"] for r in table.to_pandas().to_dict("records")}
+    for example in curriculum.examples[:12]:
+        hits, column = retrieve(table, example["query"], where="release_year < 1990", k=3)
+        assert example["context"] == [h[column] for h in hits]
+        assert example["prompt"][0]["content"] == build_prompt(example["query"], example["context"], cite=True)
+        assert all(years[i] < 1990 for i in example["context_ids"])
+        rank = example["source_rank"]
+        assert rank == 0 or example["context_ids"][rank - 1] == example["source_id"]
+    # "What happens in TITLE?" finds its own film nearly always
+    what = [e for e in curriculum.examples if e["kind"] == "what"]
+    assert sum(e["source_rank"] > 0 for e in what) / len(what) > 0.8
+
+
+@pytest.mark.integration
+def test_bad_filter_fails_with_one_line(movie_db):
+    with pytest.raises(RagrpoError, match="invalid --where"):
+        build_curriculum(IndexSource("movies", str(movie_db), where="release_yr < 1990"))
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory, base_model_dir):
+    """A 2-layer Llama with the real tokenizer, saved as a model folder (what `--model` takes)."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    tokenizer = AutoTokenizer.from_pretrained(base_model_dir)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                         bos_token_id=tokenizer.bos_token_id, tie_word_embeddings=True)
+    folder = tmp_path_factory.mktemp("tiny-lm")
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def index_run(tmp_path_factory, movie_db, tiny_model_dir):
+    from ragrpo.config import build_run_config
+    from ragrpo.curriculum import from_index_config, train_from_index
+
+    source = IndexSource("movies", str(movie_db), k=2, reasoning=True, held_out=0.2, max_documents=30)
+    cfg = build_run_config(output=str(tmp_path_factory.mktemp("runs") / "rag"), model=str(tiny_model_dir),
+                           max_steps=2, num_generations=2, max_completion_length=12, learning_rate=1e-3,
+                           grpo={"per_device_train_batch_size": 4, "logging_steps": 1, "save_strategy": "no"})
+    return train_from_index(from_index_config(cfg, source, rewards_given=False), source)
+
+
+@pytest.mark.integration
+def test_from_index_run_records_its_split_and_trains_on_its_rewards(index_run):
+    result, curriculum = index_run
+    run = result.output
+    split = json.loads((run / "curriculum" / "split.json").read_text())
+    assert split["held_out_documents"] == curriculum.held_ids and split["source"]["reasoning"] is True
+    rows = [json.loads(line) for line in (run / "curriculum" / "train.jsonl").read_text().splitlines()]
+    assert len(rows) == len(curriculum.examples)
+    assert {r["source_id"] for r in rows}.isdisjoint(curriculum.held_ids)
+    assert all(REASONING_INSTRUCTION in r["prompt"][0]["content"] for r in rows)
+    config = json.loads((run / "config.json").read_text())["run"]
+    assert config["dataset"] == str(run / "curriculum" / "train.jsonl") and config["held_out"] == 0.0
+    assert config["rewards"] == ["groundedness", "source_citation", "length=0.01", "format=0.5"]
+    logged = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert any("rewards/source_citation/mean" in r for r in logged)
+    assert result.steps == 2
+
+
+@pytest.mark.integration
+def test_eval_from_index_scores_both_models_per_seed(index_run, tiny_model_dir, tmp_path):
+    from ragrpo.index_eval import compare_from_index
+
+    result, _ = index_run
+    comparison = compare_from_index(result.output, base=str(tiny_model_dir), seeds=[0, 1], max_new_tokens=6,
+                                    max_questions=4, output=tmp_path / "report")
+    assert comparison.questions == 4 and [s.seed for s in comparison.base] == [0, 1]
+    assert 0 <= comparison.hit_at_k <= 1
+    summary = comparison.summary("tuned")
+    for name in ("groundedness", "source_citation", "cites source", "distinct-2", "reward format"):
+        values = summary[name]["seeds"]
+        assert len(values) == 2 and summary[name]["spread"] == max(values) - min(values)
+    report = (tmp_path / "report" / "report.md").read_text()
+    assert "hit@2" in report and "| groundedness |" in report and "Gain against seed spread" in report
+    for name in ("curves.png", "histograms.png", "results.json"):
+        assert (tmp_path / "report" / name).stat().st_size > 0
+
+
+def test_eval_from_index_needs_a_from_index_run(tmp_path):
+    from ragrpo.index_eval import compare_from_index
+
+    with pytest.raises(RagrpoError, match="not a from-index run folder"):
+        compare_from_index(tmp_path)
+
+
+def test_cli_from_index_errors_are_one_line(tmp_path):
+    from test_cli import assert_user_error, ragrpo
+
+    assert_user_error(ragrpo("eval", "--from-index", "movies", tmp_path), "not a from-index run folder")
+    assert_user_error(ragrpo("train", "--from-index", "nope", "--db", tmp_path, "--output", tmp_path / "run"),
+                      "no table 'nope'")
+    assert not (tmp_path / "run").exists()
+    assert_user_error(ragrpo("eval", "--from-index", "movies", tmp_path, "--seeds", "0,x"), "--seeds")
+
+
+def test_ask_with_reasoning_shows_only_the_answer(monkeypatch):
+    from ragrpo import rag
+
+    seen = {}
+
+    def fake_generate(model, tokenizer, conversations, **kwargs):
+        seen["prompt"] = conversations[0][0]["content"]
+        return ["<think>Passage 1 says Finch lied.</think>\n<answer>Finch made it up [1].</answer>"]
+
+    monkeypatch.setattr(rag, "generate", fake_generate)
+    hits = [{"title": "The Cartographer's Lie", "movie_plot": "Finch invented an island."}]
+    answer = rag.answer_from_hits(None, None, "Who lied?", hits, "movie_plot", reasoning=True, cite=True)
+    assert answer.text == "Finch made it up [1]."
+    assert answer.raw.startswith("<think>") and seen["prompt"].endswith(REASONING_INSTRUCTION)
+    assert CITE_INSTRUCTION in seen["prompt"]
+    assert answer.sources == [{"title": "The Cartographer's Lie"}]
