@@ -169,22 +169,61 @@ def search(query, table, db, where, k, as_json):
 @click.option("--temperature", type=float, default=0.0, show_default=True, help="0 means greedy decoding.")
 @click.option("--repetition-penalty", type=float, default=1.0, show_default=True,
               help="Above 1 discourages repeating tokens (keeps small models out of loops).")
+@click.option("--mode", default="vector", show_default=True, help="Retrieval: vector, fts or hybrid.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object (answer, sources, token counts) "
+              "at the end instead of streaming text.")
 @user_errors
-def ask(query, table, model, db, where, k, max_new_tokens, temperature, repetition_penalty):
-    """Retrieve K passages for QUERY, answer from them with the model, and list the sources.
+def ask(query, table, model, db, where, k, max_new_tokens, temperature, repetition_penalty, mode, as_json):
+    """Retrieve K passages for QUERY, answer from them with the model (streamed as it is written), and list
+    the sources.
 
     Example: ragrpo ask "What's common in movies where the protagonist is the bad guy" --table movies
     --where "release_year < 1990" --model runs/demo/merged
     """
-    from ragrpo.rag import ask as run_ask
-    from ragrpo.rag import source_label
+    from ragrpo.rag import ask_stream, source_label
 
-    result = run_ask(query, table, model, db=db, where=where, k=k, max_new_tokens=max_new_tokens,
-                     temperature=temperature, repetition_penalty=repetition_penalty)
-    click.echo(result.text)
-    click.echo("\nSources:")
-    for n, source in enumerate(result.sources, 1):
+    stream = ask_stream(query, table, model, db=db, where=where, k=k, mode=mode, max_new_tokens=max_new_tokens,
+                        temperature=temperature, repetition_penalty=repetition_penalty)
+    if as_json:
+        answer = stream.read()
+        click.echo(json.dumps({"query": query, "answer": answer, "finish_reason": stream.finish_reason,
+                               "prompt_tokens": stream.prompt_tokens, "completion_tokens": stream.completion_tokens,
+                               "sources": [{"label": source_label(s), **s} for s in stream.sources]}, default=str))
+        return
+    for piece in stream:
+        click.echo(piece, nl=False)
+    click.echo("\n\nSources:")
+    for n, source in enumerate(stream.sources, 1):
         click.echo(f"  [{n}] {source_label(source)}")
+
+
+@main.command()
+@click.option("--table", required=True, help="LanceDB table to answer from.")
+@click.option("--model", default=None, help="Model folder, e.g. runs/demo/merged [default: packaged base model].")
+@DB_OPTION
+@click.option("--host", default="127.0.0.1", show_default=True, help="Interface to bind; 0.0.0.0 exposes it.")
+@click.option("--port", type=int, default=8000, show_default=True)
+@click.option("--api-key", envvar="RAGRPO_API_KEY", default=None,
+              help="Require 'Authorization: Bearer KEY' on /v1/ (also from $RAGRPO_API_KEY).")
+@click.option("--max-tokens", type=int, default=512, show_default=True, help="Largest max_tokens a request may ask.")
+@click.option("--max-waiting", type=int, default=64, show_default=True,
+              help="Requests that may wait for the model; more get 503.")
+@click.option("--repetition-penalty", type=float, default=1.2, show_default=True,
+              help="Default for requests that do not send one (small models loop without it).")
+@user_errors
+def serve(table, model, db, host, port, api_key, max_tokens, max_waiting, repetition_penalty):
+    """Serve RAG answers over HTTP: an OpenAI-compatible API (/v1/chat/completions, /v1/models,
+    /v1/search, /healthz) and a web page at /.
+
+    Example: ragrpo serve --table movies --model runs/demo/merged --port 8000
+    """
+    from ragrpo.serve import serve as run_server
+
+    if max_tokens < 1 or max_waiting < 0:
+        raise RagrpoError("--max-tokens must be at least 1 and --max-waiting at least 0")
+    click.echo(f"loading {model or 'the packaged model'} and table {table!r}; then http://{host}:{port}/", err=True)
+    run_server(table, model, db=db, host=host, port=port, api_key=api_key, max_tokens=max_tokens,
+               max_waiting=max_waiting, repetition_penalty=repetition_penalty)
 
 
 @main.group("rewards")

@@ -19,8 +19,10 @@ def _filter_error(where: str, exc: Exception) -> RagrpoError:
     return RagrpoError(f"invalid --where {where!r}: {message[:200]}")
 
 
-def search(table, query: str, *, where: str | None = None, k: int = 5) -> list[dict]:
+def search(table, query: str, *, where: str | None = None, k: int = 5, mode: str = "vector") -> list[dict]:
     """The `k` rows nearest to `query` among those satisfying `where` (an SQL filter)."""
+    if mode != "vector":
+        raise RagrpoError(f"search mode {mode!r} is not available here; use 'vector'")
     if not query or not query.strip():
         raise RagrpoError("the query is empty")
     if k < 1:
@@ -39,8 +41,9 @@ def search(table, query: str, *, where: str | None = None, k: int = 5) -> list[d
     return rows
 
 
-def search_table(name: str, query: str, *, db: str | Path = DEFAULT_DB, where: str | None = None, k: int = 5):
-    return search(open_table(name, db), query, where=where, k=k)
+def search_table(name: str, query: str, *, db: str | Path = DEFAULT_DB, where: str | None = None, k: int = 5,
+                 mode: str = "vector"):
+    return search(open_table(name, db), query, where=where, k=k, mode=mode)
 
 
 def text_column(table) -> str:
