@@ -276,7 +276,7 @@ def create_app(server: Server):
             raise ApiError(404, f"model {body.model!r} is not served here; this server serves {server.model_id!r}",
                            param="model", code="model_not_found")
         admit(server)
-        max_tokens = body.max_completion_tokens or body.max_tokens or server.default_tokens
+        max_tokens = body.max_completion_tokens or body.max_tokens or min(server.default_tokens, server.max_tokens)
         if max_tokens > server.max_tokens:
             raise ApiError(400, f"max_tokens: at most {server.max_tokens}, got {max_tokens}", param="max_tokens")
         question = body.messages[-1].text()
