@@ -1,6 +1,6 @@
 """Serving latency and throughput: `ragrpo serve` over HTTP against the library's own token loop, in one run.
 
-Every request asks a question about builtin:movies (k=5 passages, the write-up's prompt) and gets a
+Every request asks a question about builtin:movies (k=5 passages by default, the write-up's prompt) and gets a
 64-token answer (`min_tokens` keeps the end-of-turn token out, so every answer has the same length).
 
     library   rag.retrieve + rag.stream_answer in this process, one request after another: the floor
@@ -66,12 +66,16 @@ def summarize(name: str, clients: int, results: list[dict], wall: float) -> dict
             "wall_s": wall, "requests_per_s": len(ok) / wall, "tokens_per_s": tokens / wall}
 
 
-def run_library(db: Path, table_name: str, requests: int) -> dict:
+def run_library(db: Path, table_name: str, requests: int, threads: int | None) -> dict:
     """The baseline: retrieval and the token loop in this process, no HTTP."""
+    import torch
+
     from ragrpo.index import open_table
     from ragrpo.models import load_model
     from ragrpo.rag import retrieve, stream_answer
 
+    if threads:
+        torch.set_num_threads(threads)
     model, tokenizer = load_model(None)
     table = open_table(table_name, db)
     results = []
@@ -89,6 +93,7 @@ def run_library(db: Path, table_name: str, requests: int) -> dict:
         error = None if stream.completion_tokens == TOKENS else f"{stream.completion_tokens} tokens"
         results.append({"ttft": first - sent, "latency": done - sent, "tokens": stream.completion_tokens,
                         "error": error})
+        print(f"library: {i + 1}/{requests} requests, {done - sent:.1f} s", file=sys.stderr, flush=True)
     return summarize("library", 1, results, time.perf_counter() - started)
 
 
@@ -117,18 +122,24 @@ def run_server_load(url: str, model_id: str, clients: int, requests: int) -> dic
 
     client = OpenAI(base_url=f"{url}/v1", api_key="bench", max_retries=0, timeout=3600)
     started = time.perf_counter()
+    results = []
     with ThreadPoolExecutor(clients) as pool:
-        results = list(pool.map(lambda i: one_request(client, model_id, i), range(requests)))
+        for result in pool.map(lambda i: one_request(client, model_id, i), range(requests)):
+            results.append(result)
+            errors = sum(r["error"] is not None for r in results)
+            print(f"{clients} clients: {len(results)}/{requests} requests, {errors} errors, "
+                  f"{time.perf_counter() - started:.0f} s", file=sys.stderr, flush=True)
     return summarize("server", clients, results, time.perf_counter() - started)
 
 
-def start_server(db: Path, table: str) -> tuple[subprocess.Popen, str]:
+def start_server(db: Path, table: str, threads: int | None) -> tuple[subprocess.Popen, str]:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     env = {**os.environ, "RAGRPO_API_KEY": "bench", "HF_HUB_OFFLINE": "1"}
     process = subprocess.Popen([sys.executable, "-m", "ragrpo.cli", "serve", "--table", table, "--db", str(db),
-                                "--port", str(port), "--max-tokens", str(TOKENS), "--max-waiting", "256"],
+                                "--port", str(port), "--max-tokens", str(TOKENS), "--max-waiting", "256",
+                                *(["--threads", str(threads)] if threads else [])],
                                env=env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     for _ in range(600):
@@ -152,19 +163,38 @@ def fmt(row: dict) -> str:
             f"{row['requests_per_s']:8.3f} {row['tokens_per_s']:8.1f} {row['errors']:>6}")
 
 
+def ratios(rows: list[dict]) -> dict:
+    by = {(r["name"], r["clients"]): r for r in rows}
+    library, single = by.get(("library", 1)), by.get(("server", 1))
+    out = {}
+    if library and single:
+        out["server_1_client_vs_library_ttft_p50"] = single["ttft_s"]["p50"] / library["ttft_s"]["p50"]
+        out["server_1_client_vs_library_latency_p50"] = single["latency_s"]["p50"] / library["latency_s"]["p50"]
+    for clients in (4, 16):
+        if single and ("server", clients) in by:
+            out[f"throughput_{clients}_vs_1_client"] = by[("server", clients)]["tokens_per_s"] / single["tokens_per_s"]
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=200, help="Requests for the 16-client run.")
-    parser.add_argument("--latency-requests", type=int, default=16, help="Requests for the library and 1 client.")
-    parser.add_argument("--requests-4", type=int, default=32, help="Requests for the 4-client run.")
+    parser.add_argument("--latency-requests", type=int, default=8, help="Requests for the library and 1 client.")
+    parser.add_argument("--requests-4", type=int, default=16, help="Requests for the 4-client run.")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads on both sides (`ragrpo serve --threads`) [default: torch's].")
     parser.add_argument("--db", default=None, help="LanceDB folder with builtin:movies [default: index a fresh one].")
     parser.add_argument("--table", default="movies")
+    parser.add_argument("-k", type=int, default=K, help="Passages per question.")
     parser.add_argument("--note", default="", help="Free text kept in the JSON, e.g. the machine's load.")
     parser.add_argument("--out", default="bench/results/serve.json")
     args = parser.parse_args()
+    globals()["K"] = args.k
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("LANCEDB_LOG", "error")
+    import torch
+
     from ragrpo.models import quiet_transformers
 
     quiet_transformers()
@@ -173,41 +203,41 @@ def main() -> None:
         from ragrpo.index import index
 
         index("builtin:movies", args.table, db)
-    load_before = os.getloadavg()
-    rows = [run_library(db, args.table, args.latency_requests)]
-    process, url = start_server(db, args.table)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    result = {"benchmark": "serve", "tokens_per_answer": TOKENS, "k": K, "complete": False, "rows": [],
+              "ratios": {}, "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
+                                        "torch_threads": args.threads or torch.get_num_threads(),
+                                        "loadavg_before": os.getloadavg()},
+              "note": args.note, "command": " ".join(sys.argv)}
+
+    def record(row: dict) -> None:
+        # Written after every row, so a run cut short still leaves what it measured.
+        result["rows"].append(row)
+        result["ratios"] = ratios(result["rows"])
+        result["machine"]["loadavg_after"] = os.getloadavg()
+        out.write_text(json.dumps(result, indent=2) + "\n")
+        print(fmt(row), flush=True)
+
+    record(run_library(db, args.table, args.latency_requests, args.threads))
+    process, url = start_server(db, args.table, args.threads)
     try:
         model_id = json.load(urllib.request.urlopen(urllib.request.Request(
             f"{url}/v1/models", headers={"Authorization": "Bearer bench"})))["data"][0]["id"]
-        for clients, requests in ((1, args.latency_requests), (4, args.requests_4), (16, args.requests)):
-            rows.append(run_server_load(url, model_id, clients, requests))
-            print(fmt(rows[-1]), flush=True)
+        # The 16-client run (the no-errors check) before the 4-client one, which matters least.
+        for clients, requests in ((1, args.latency_requests), (16, args.requests), (4, args.requests_4)):
+            record(run_server_load(url, model_id, clients, requests))
     finally:
         process.terminate()
         process.wait(timeout=60)
 
+    result["complete"] = True
+    out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"\n{'side':<8} {'clients':>7} {'requests':>8} {'ttft p50':>8} {'ttft p95':>8} {'lat p50':>8} "
           f"{'lat p95':>8} {'req/s':>8} {'tok/s':>8} {'errors':>6}")
-    for row in rows:
+    for row in result["rows"]:
         print(fmt(row))
-    library, single = rows[0], rows[1]
-    ratios = {
-        "server_1_client_vs_library_ttft_p50": single["ttft_s"]["p50"] / library["ttft_s"]["p50"],
-        "server_1_client_vs_library_latency_p50": single["latency_s"]["p50"] / library["latency_s"]["p50"],
-        "throughput_4_vs_1_client": rows[2]["tokens_per_s"] / single["tokens_per_s"],
-        "throughput_16_vs_1_client": rows[3]["tokens_per_s"] / single["tokens_per_s"],
-    }
-    print("\nratios: " + ", ".join(f"{name} {value:.3f}" for name, value in ratios.items()))
-    import torch
-
-    result = {"benchmark": "serve", "tokens_per_answer": TOKENS, "k": K, "rows": rows, "ratios": ratios,
-              "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
-                          "torch_threads": torch.get_num_threads(), "loadavg_before": load_before,
-                          "loadavg_after": os.getloadavg()},
-              "note": args.note, "command": " ".join(sys.argv)}
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    print("\nratios: " + ", ".join(f"{name} {value:.3f}" for name, value in result["ratios"].items()))
     print(f"wrote {out}")
 
 

@@ -210,8 +210,9 @@ def ask(query, table, model, db, where, k, max_new_tokens, temperature, repetiti
               help="Requests that may wait for the model; more get 503.")
 @click.option("--repetition-penalty", type=float, default=1.2, show_default=True,
               help="Default for requests that do not send one (small models loop without it).")
+@click.option("--threads", type=int, default=None, help="torch CPU threads [default: torch's, one per core].")
 @user_errors
-def serve(table, model, db, host, port, api_key, max_tokens, max_waiting, repetition_penalty):
+def serve(table, model, db, host, port, api_key, max_tokens, max_waiting, repetition_penalty, threads):
     """Serve RAG answers over HTTP: an OpenAI-compatible API (/v1/chat/completions, /v1/models,
     /v1/search, /healthz) and a web page at /.
 
@@ -223,7 +224,7 @@ def serve(table, model, db, host, port, api_key, max_tokens, max_waiting, repeti
         raise RagrpoError("--max-tokens must be at least 1 and --max-waiting at least 0")
     click.echo(f"loading {model or 'the packaged model'} and table {table!r}; then http://{host}:{port}/", err=True)
     run_server(table, model, db=db, host=host, port=port, api_key=api_key, max_tokens=max_tokens,
-               max_waiting=max_waiting, repetition_penalty=repetition_penalty)
+               max_waiting=max_waiting, repetition_penalty=repetition_penalty, threads=threads)
 
 
 @main.group("rewards")
