@@ -35,7 +35,6 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 TOKENS = 64
-K = 5
 QUESTIONS = [
     "What's common in movies where the protagonist turns out to be the bad guy",
     "Which film is about a beekeeper who poisoned the honey?",
@@ -66,7 +65,7 @@ def summarize(name: str, clients: int, results: list[dict], wall: float) -> dict
             "wall_s": wall, "requests_per_s": len(ok) / wall, "tokens_per_s": tokens / wall}
 
 
-def run_library(db: Path, table_name: str, requests: int, threads: int | None) -> dict:
+def run_library(db: Path, table_name: str, requests: int, k: int, threads: int | None) -> dict:
     """The baseline: retrieval and the token loop in this process, no HTTP."""
     import torch
 
@@ -83,7 +82,7 @@ def run_library(db: Path, table_name: str, requests: int, threads: int | None) -
     for i in range(requests):
         sent = time.perf_counter()
         question = QUESTIONS[i % len(QUESTIONS)]
-        hits, column = retrieve(table, question, k=K)
+        hits, column = retrieve(table, question, k=k)
         stream = stream_answer(model, tokenizer, question, hits, column, max_new_tokens=TOKENS,
                                min_new_tokens=TOKENS, repetition_penalty=1.2)
         first = None
@@ -97,14 +96,14 @@ def run_library(db: Path, table_name: str, requests: int, threads: int | None) -
     return summarize("library", 1, results, time.perf_counter() - started)
 
 
-def one_request(client, model_id: str, i: int) -> dict:
+def one_request(client, model_id: str, i: int, k: int) -> dict:
     sent = time.perf_counter()
     first, tokens = None, 0
     try:
         chunks = client.chat.completions.create(
             model=model_id, messages=[{"role": "user", "content": QUESTIONS[i % len(QUESTIONS)]}],
             max_tokens=TOKENS, stream=True, stream_options={"include_usage": True},
-            extra_body={"k": K, "min_tokens": TOKENS})
+            extra_body={"k": k, "min_tokens": TOKENS})
         for chunk in chunks:
             if chunk.choices and chunk.choices[0].delta.content and first is None:
                 first = time.perf_counter()
@@ -117,14 +116,14 @@ def one_request(client, model_id: str, i: int) -> dict:
     return {"ttft": (first or done) - sent, "latency": done - sent, "tokens": tokens, "error": error}
 
 
-def run_server_load(url: str, model_id: str, clients: int, requests: int) -> dict:
+def run_server_load(url: str, model_id: str, clients: int, requests: int, k: int) -> dict:
     from openai import OpenAI
 
     client = OpenAI(base_url=f"{url}/v1", api_key="bench", max_retries=0, timeout=3600)
     started = time.perf_counter()
     results = []
     with ThreadPoolExecutor(clients) as pool:
-        for result in pool.map(lambda i: one_request(client, model_id, i), range(requests)):
+        for result in pool.map(lambda i: one_request(client, model_id, i, k), range(requests)):
             results.append(result)
             errors = sum(r["error"] is not None for r in results)
             print(f"{clients} clients: {len(results)}/{requests} requests, {errors} errors, "
@@ -185,11 +184,10 @@ def main() -> None:
                         help="torch threads on both sides (`ragrpo serve --threads`) [default: torch's].")
     parser.add_argument("--db", default=None, help="LanceDB folder with builtin:movies [default: index a fresh one].")
     parser.add_argument("--table", default="movies")
-    parser.add_argument("-k", type=int, default=K, help="Passages per question.")
+    parser.add_argument("-k", type=int, default=5, help="Passages per question.")
     parser.add_argument("--note", default="", help="Free text kept in the JSON, e.g. the machine's load.")
     parser.add_argument("--out", default="bench/results/serve.json")
     args = parser.parse_args()
-    globals()["K"] = args.k
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("LANCEDB_LOG", "error")
@@ -205,7 +203,7 @@ def main() -> None:
         index("builtin:movies", args.table, db)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    result = {"benchmark": "serve", "tokens_per_answer": TOKENS, "k": K, "complete": False, "rows": [],
+    result = {"benchmark": "serve", "tokens_per_answer": TOKENS, "k": args.k, "complete": False, "rows": [],
               "ratios": {}, "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
                                         "torch_threads": args.threads or torch.get_num_threads(),
                                         "loadavg_before": os.getloadavg()},
@@ -219,14 +217,14 @@ def main() -> None:
         out.write_text(json.dumps(result, indent=2) + "\n")
         print(fmt(row), flush=True)
 
-    record(run_library(db, args.table, args.latency_requests, args.threads))
+    record(run_library(db, args.table, args.latency_requests, args.k, args.threads))
     process, url = start_server(db, args.table, args.threads)
     try:
         model_id = json.load(urllib.request.urlopen(urllib.request.Request(
             f"{url}/v1/models", headers={"Authorization": "Bearer bench"})))["data"][0]["id"]
         # The 16-client run (the no-errors check) before the 4-client one, which matters least.
         for clients, requests in ((1, args.latency_requests), (16, args.requests), (4, args.requests_4)):
-            record(run_server_load(url, model_id, clients, requests))
+            record(run_server_load(url, model_id, clients, requests, args.k))
     finally:
         process.terminate()
         process.wait(timeout=60)

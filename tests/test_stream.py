@@ -72,3 +72,35 @@ def test_prompt_over_the_context_is_refused(tiny_causal_lm):
     model, tokenizer = tiny_causal_lm
     with pytest.raises(RagrpoError, match="exceeds the model's context of 1024"):
         TextStream(model, tokenizer, [{"role": "user", "content": "word " * 1100}], max_new_tokens=4)
+
+
+@pytest.mark.integration
+def test_ask_streams_to_the_terminal_and_json_gives_one_object(movie_db, base_model_dir):
+    import json
+    import os
+    import subprocess
+    import sys
+    import time
+
+    args = [sys.executable, "-m", "ragrpo.cli", "ask", "Which film is about a beekeeper who poisoned the honey?",
+            "--table", "movies", "--db", str(movie_db), "-k", "2", "--max-new-tokens", "24"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    process = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    arrivals = []  # (seconds, bytes) of every read: a streamed answer arrives in many reads over time
+    while chunk := os.read(process.stdout.fileno(), 65536):
+        arrivals.append((time.monotonic(), chunk))
+    assert process.wait(timeout=600) == 0, process.stderr.read()
+    output = b"".join(chunk for _, chunk in arrivals).decode()
+    answer, _, sources = output.partition("\n\nSources:\n")
+    assert answer.strip() and sources.splitlines()[0] == "  [1] The Beekeeper's Confession (1997)"
+    before_sources = [t for t, chunk in arrivals if b"Sources:" not in chunk]
+    assert len(before_sources) >= 3 and before_sources[-1] - before_sources[0] > 0.05
+
+    result = subprocess.run([*args, "--json"], capture_output=True, text=True, env=env, timeout=600)
+    assert result.returncode == 0, result.stderr
+    [line] = result.stdout.splitlines()
+    reply = json.loads(line)
+    assert reply["answer"] == answer.strip() and reply["finish_reason"] in ("stop", "length")
+    assert 0 < reply["completion_tokens"] <= 24 and reply["prompt_tokens"] > 100
+    assert len(reply["sources"]) == 2 and reply["sources"][0]["label"] == "The Beekeeper's Confession (1997)"
+    assert "movie_plot" not in reply["sources"][0]

@@ -36,6 +36,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Literal
 
+import anyio
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
@@ -165,8 +166,6 @@ def admit(server: Server) -> None:
 
 async def generate_pieces(server: Server, stream, client_gone):
     """The stream's text pieces, generated in turn with other requests; stops early when `client_gone()`."""
-    import anyio
-
     server.waiting += 1
     queued = True
     try:
@@ -178,10 +177,9 @@ async def generate_pieces(server: Server, stream, client_gone):
                 while True:
                     if await client_gone():
                         return
-                    # One token per worker-thread call: the loop stays responsive, and a cancelled
-                    # request only waits for the token in progress, never for the whole answer.
-                    # (anyio, unlike asyncio.to_thread, lets a cancellation wait for the token in progress,
-                    # so the model never runs two requests at once and close() never meets a running loop.)
+                    # One token per worker-thread call: the event loop stays responsive. A cancellation
+                    # waits for the token in progress (anyio's default, unlike asyncio.to_thread), so the
+                    # model never runs two requests at once and close() never meets a running loop.
                     piece = await anyio.to_thread.run_sync(_next_piece, stream)
                     if piece is None:
                         return
