@@ -222,9 +222,9 @@ def serve(table, model, db, host, port, api_key, max_tokens, max_waiting, repeti
 
     if max_tokens < 1 or max_waiting < 0:
         raise RagrpoError("--max-tokens must be at least 1 and --max-waiting at least 0")
-    click.echo(f"loading {model or 'the packaged model'} and table {table!r}; then http://{host}:{port}/", err=True)
     run_server(table, model, db=db, host=host, port=port, api_key=api_key, max_tokens=max_tokens,
-               max_waiting=max_waiting, repetition_penalty=repetition_penalty, threads=threads)
+               max_waiting=max_waiting, repetition_penalty=repetition_penalty, threads=threads,
+               echo=lambda line: click.echo(line, err=True))
 
 
 @main.group("rewards")

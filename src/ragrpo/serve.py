@@ -354,16 +354,34 @@ def load_server(table: str, model: str | None, *, db: str | Path = "lancedb", th
     return Server(lm, tokenizer, lance_table, column, model_id_for(model), **settings)
 
 
-def serve(table: str, model: str | None, *, db: str | Path = "lancedb", host: str = "127.0.0.1", port: int = 8000,
-          api_key: str | None = None, log_level: str = "info", **settings) -> None:
-    """Load the model and the table, then serve until interrupted."""
-    import uvicorn
+def _check_port(host: str, port: int) -> None:
+    """Fail before loading anything when the address cannot be bound."""
+    import socket
 
     if not 0 <= port <= 65535:
         raise RagrpoError(f"--port must be between 0 and 65535, got {port}")
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        with socket.socket(infos[0][0], socket.SOCK_STREAM) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind(infos[0][4])
+    except OSError as exc:
+        raise RagrpoError(f"cannot listen on {host}:{port} ({exc.strerror or exc}); pick another --port or --host") \
+            from None
+
+
+def serve(table: str, model: str | None, *, db: str | Path = "lancedb", host: str = "127.0.0.1", port: int = 8000,
+          api_key: str | None = None, log_level: str = "info", echo=None, **settings) -> None:
+    """Load the model and the table, then serve until interrupted; `echo` gets one line once loaded."""
+    import uvicorn
+
+    _check_port(host, port)
     if settings.get("threads") is not None and settings["threads"] < 1:
         raise RagrpoError(f"--threads must be at least 1, got {settings['threads']}")
     if api_key is not None and not api_key.strip():
         raise RagrpoError("the API key is empty; pass a non-empty --api-key or unset the variable")
     server = load_server(table, model, db=db, api_key=api_key, **settings)
+    if echo:
+        echo(f"serving {server.model_id} over table {table!r} ({server.table.count_rows()} rows) at "
+             f"http://{host}:{port}/" + (" (API key required)" if api_key else ""))
     uvicorn.run(create_app(server), host=host, port=port, log_level=log_level)
