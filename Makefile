@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup quickstart test
+.PHONY: setup browser quickstart test
 
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -20,5 +20,12 @@ setup: $(VENV)/.installed
 quickstart: setup
 	$(BIN)/ragrpo quickstart
 
-test: setup
+# The web page's test drives Debian's chromium through its chromedriver; installed only when missing
+# (the CI machine runs as root; elsewhere sudo is used).
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+browser:
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
+		{ $(SUDO) apt-get update -q && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium chromium-driver; }
+
+test: setup browser
 	$(BIN)/python -m pytest -q

@@ -2,6 +2,7 @@
 traceback, and leaves nothing half-made behind."""
 
 import os
+import socket
 import subprocess
 import sys
 
@@ -114,3 +115,14 @@ def test_search_malformed_filters(movie_db):
                       "invalid --where", "release_yr")
     assert_user_error(ragrpo("search", "q", "--table", "movies", "--db", movie_db, "--where", "release_year <<< 1"),
                       "invalid --where")
+
+
+def test_serve_bad_options_fail_before_loading(tmp_path):
+    assert_user_error(ragrpo("serve", "--table", "nope", "--db", tmp_path), "no table 'nope'")
+    assert_user_error(ragrpo("serve", "--table", "t", "--db", tmp_path, "--port", "70000"), "--port")
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        assert_user_error(ragrpo("serve", "--table", "t", "--db", tmp_path, "--port", port), "cannot listen on",
+                          str(port))

@@ -226,24 +226,76 @@ def search(query, table, db, where, k, as_json, mode, rerank):
 @RERANK_OPTION
 @click.option("--reasoning", is_flag=True, help="Ask for <think> reasoning first; print only the <answer>.")
 @click.option("--cite", is_flag=True, help="Ask the model to cite the passage it answers from as [n].")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object (answer, sources, token counts) "
+              "at the end instead of streaming text.")
 @user_errors
 def ask(query, table, model, db, where, k, max_new_tokens, temperature, repetition_penalty, mode, rerank,
-        reasoning, cite):
-    """Retrieve K passages for QUERY, answer from them with the model, and list the sources.
+        reasoning, cite, as_json):
+    """Retrieve K passages for QUERY, answer from them with the model (streamed as it is written), and list
+    the sources. With --reasoning the answer is shown once complete, without its <think> part.
 
     Example: ragrpo ask "What's common in movies where the protagonist is the bad guy" --table movies
     --where "release_year < 1990" --model runs/demo/merged
     """
-    from ragrpo.rag import ask as run_ask
-    from ragrpo.rag import source_label
+    from ragrpo.rag import ask_stream, source_label
 
-    result = run_ask(query, table, model, db=db, where=where, k=k, max_new_tokens=max_new_tokens,
-                     temperature=temperature, repetition_penalty=repetition_penalty, mode=mode, rerank=rerank,
-                     reasoning=reasoning, cite=cite)
-    click.echo(result.text)
-    click.echo("\nSources:")
-    for n, source in enumerate(result.sources, 1):
+    if reasoning:  # the <think> part is not shown, so there is nothing to stream before the answer
+        from ragrpo.rag import ask as run_ask
+
+        result = run_ask(query, table, model, db=db, where=where, k=k, max_new_tokens=max_new_tokens,
+                         temperature=temperature, repetition_penalty=repetition_penalty, mode=mode, rerank=rerank,
+                         reasoning=True, cite=cite)
+        answer, sources = result.text, result.sources
+        record = {"query": query, "answer": answer, "reasoning": result.raw}
+    else:
+        stream = ask_stream(query, table, model, db=db, where=where, k=k, mode=mode, rerank=rerank, cite=cite,
+                            max_new_tokens=max_new_tokens, temperature=temperature,
+                            repetition_penalty=repetition_penalty)
+        if not as_json:
+            for piece in stream:
+                click.echo(piece, nl=False)
+        answer, sources = stream.read(), stream.sources
+        record = {"query": query, "answer": answer, "finish_reason": stream.finish_reason,
+                  "prompt_tokens": stream.prompt_tokens, "completion_tokens": stream.completion_tokens}
+    if as_json:
+        record["sources"] = [{"label": source_label(s), **s} for s in sources]
+        click.echo(json.dumps(record, default=str))
+        return
+    if reasoning:
+        click.echo(answer)
+    click.echo("\n\nSources:" if not reasoning else "\nSources:")
+    for n, source in enumerate(sources, 1):
         click.echo(f"  [{n}] {source_label(source)}")
+
+
+@main.command()
+@click.option("--table", required=True, help="LanceDB table to answer from.")
+@click.option("--model", default=None, help="Model folder, e.g. runs/demo/merged [default: packaged base model].")
+@DB_OPTION
+@click.option("--host", default="127.0.0.1", show_default=True, help="Interface to bind; 0.0.0.0 exposes it.")
+@click.option("--port", type=int, default=8000, show_default=True)
+@click.option("--api-key", envvar="RAGRPO_API_KEY", default=None,
+              help="Require 'Authorization: Bearer KEY' on /v1/ (also from $RAGRPO_API_KEY).")
+@click.option("--max-tokens", type=int, default=512, show_default=True, help="Largest max_tokens a request may ask.")
+@click.option("--max-waiting", type=int, default=64, show_default=True,
+              help="Requests that may wait for the model; more get 503.")
+@click.option("--repetition-penalty", type=float, default=1.2, show_default=True,
+              help="Default for requests that do not send one (small models loop without it).")
+@click.option("--threads", type=int, default=None, help="torch CPU threads [default: torch's, one per core].")
+@user_errors
+def serve(table, model, db, host, port, api_key, max_tokens, max_waiting, repetition_penalty, threads):
+    """Serve RAG answers over HTTP: an OpenAI-compatible API (/v1/chat/completions, /v1/models,
+    /v1/search, /healthz) and a web page at /.
+
+    Example: ragrpo serve --table movies --model runs/demo/merged --port 8000
+    """
+    from ragrpo.serve import serve as run_server
+
+    if max_tokens < 1 or max_waiting < 0:
+        raise RagrpoError("--max-tokens must be at least 1 and --max-waiting at least 0")
+    run_server(table, model, db=db, host=host, port=port, api_key=api_key, max_tokens=max_tokens,
+               max_waiting=max_waiting, repetition_penalty=repetition_penalty, threads=threads,
+               echo=lambda line: click.echo(line, err=True))
 
 
 @main.group("rewards")

@@ -131,3 +131,159 @@ def ask(query: str, table: str, model: str | None, *, db: str | Path = DEFAULT_D
     return answer_from_hits(lm, tokenizer, query, hits, column, max_new_tokens=max_new_tokens,
                             temperature=temperature, repetition_penalty=repetition_penalty, reasoning=reasoning,
                             cite=cite)
+
+
+# --- Streaming -------------------------------------------------------------------------------------
+# `generate` above hands back whole answers; `TextStream` yields an answer's text as it is written, for
+# `ragrpo ask` and the server. It runs its own token loop (one forward pass per token over a KV cache)
+# rather than `model.generate` in a thread with a streamer: the loop lives in the consumer's thread, so
+# a consumer that stops iterating (a client that hung up) stops the generation at the next token, and
+# nothing is left running. Greedy decoding gives the same tokens as `generate` (tested).
+
+
+class TextStream:
+    """One completion, generated lazily: iterate it for text pieces; afterwards read `text`,
+    `finish_reason` ("stop": end of turn or a stop string; "length": `max_new_tokens` reached) and the
+    token counts. `close()` (or dropping it) stops the generation. Batch size 1.
+
+    `stop` strings end the answer without being part of it; text that could be the start of a stop
+    string is held back until it is known not to be. `min_new_tokens` keeps the end-of-turn token out
+    until that many tokens exist (benchmarks use it for answers of a fixed length).
+    """
+
+    def __init__(self, model, tokenizer, conversation: list[dict], *, max_new_tokens: int = 128,
+                 temperature: float = 0.0, top_p: float = 1.0, repetition_penalty: float = 1.0,
+                 stop: list[str] | tuple[str, ...] = (), min_new_tokens: int = 0, seed: int | None = None,
+                 sources: list[dict] | None = None):
+        if max_new_tokens < 1:
+            raise RagrpoError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+        self.model, self.tokenizer = model, tokenizer
+        text = tokenizer.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
+        self.prompt_ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        self.prompt_tokens = len(self.prompt_ids)
+        context = getattr(model.config, "max_position_embeddings", None)
+        if context and self.prompt_tokens + max_new_tokens > context:
+            raise RagrpoError(f"the prompt has {self.prompt_tokens} tokens; with {max_new_tokens} new tokens it "
+                              f"exceeds the model's context of {context}: ask for fewer tokens or passages")
+        self.max_new_tokens, self.min_new_tokens = max_new_tokens, min_new_tokens
+        self.temperature, self.top_p, self.repetition_penalty, self.seed = temperature, top_p, repetition_penalty, seed
+        self.stop = [s for s in stop if s]
+        self.sources = sources or []
+        self.text, self.finish_reason, self.completion_tokens = "", None, 0
+        self._pieces = self._run()
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> str:
+        return next(self._pieces)
+
+    def close(self) -> None:
+        self._pieces.close()
+
+    def read(self) -> str:
+        """Run to the end; the whole answer."""
+        for _ in self:
+            pass
+        return self.text
+
+    def _eos_ids(self) -> set[int]:
+        ids = self.model.generation_config.eos_token_id
+        ids = set(ids if isinstance(ids, list) else [ids] if ids is not None else [])
+        return ids | ({self.tokenizer.eos_token_id} if self.tokenizer.eos_token_id is not None else set())
+
+    def _tokens(self):
+        """Token ids, one per forward pass; sets finish_reason when it ends by itself."""
+        import torch
+        from transformers import (
+            LogitsProcessorList,
+            RepetitionPenaltyLogitsProcessor,
+            TemperatureLogitsWarper,
+            TopPLogitsWarper,
+        )
+
+        processors = LogitsProcessorList()
+        if self.repetition_penalty != 1.0:
+            processors.append(RepetitionPenaltyLogitsProcessor(self.repetition_penalty))
+        sample = self.temperature > 0
+        if sample:
+            processors.append(TemperatureLogitsWarper(self.temperature))
+            if self.top_p < 1.0:
+                processors.append(TopPLogitsWarper(self.top_p))
+        generator = None
+        if sample and self.seed is not None:
+            generator = torch.Generator(self.model.device).manual_seed(self.seed)
+        eos = sorted(self._eos_ids())
+        ids = torch.tensor([self.prompt_ids], device=self.model.device)  # (1, prompt + generated so far)
+        step_input, cache = ids, None
+        with torch.no_grad():
+            for step in range(self.max_new_tokens):
+                out = self.model(input_ids=step_input, past_key_values=cache, use_cache=True)
+                cache = out.past_key_values
+                scores = processors(ids, out.logits[:, -1, :].float())  # (1, vocab)
+                if step < self.min_new_tokens and eos:
+                    scores[:, eos] = float("-inf")
+                if sample:
+                    token = torch.multinomial(torch.softmax(scores, dim=-1), 1, generator=generator)  # (1, 1)
+                else:
+                    token = scores.argmax(dim=-1, keepdim=True)  # (1, 1)
+                if token.item() in eos:
+                    self.finish_reason = "stop"
+                    return
+                ids = torch.cat([ids, token], dim=1)
+                step_input = token
+                self.completion_tokens += 1
+                yield ids[0, len(self.prompt_ids):]
+        self.finish_reason = "length"
+
+    def _run(self):
+        emitted = ""
+        for new_ids in self._tokens():
+            full = self.tokenizer.decode(new_ids, skip_special_tokens=True).lstrip()
+            if full.endswith("\ufffd"):  # a character split across tokens: wait for the rest
+                continue
+            cut = min((i for i in (full.find(s) for s in self.stop) if i >= 0), default=-1)
+            if cut >= 0:
+                self.text, self.finish_reason = full[:cut], "stop"
+                if len(self.text) > len(emitted):
+                    yield self.text[len(emitted):]
+                return
+            self.text = full
+            ready = len(full) - _held_back(full, self.stop)
+            if ready > len(emitted):
+                piece, emitted = full[len(emitted):ready], full[:ready]
+                yield piece
+        if len(self.text) > len(emitted):
+            yield self.text[len(emitted):]
+
+
+def _held_back(text: str, stops: list[str]) -> int:
+    """Length of the longest end of `text` that is the start of a stop string (it may yet become one)."""
+    return max((n for s in stops for n in range(min(len(s) - 1, len(text)), 0, -1) if text.endswith(s[:n])),
+               default=0)
+
+
+def answer_sources(hits: list[dict], column: str) -> list[dict]:
+    """The retrieved rows without their text: what an answer cites."""
+    return [{key: value for key, value in hit.items() if key != column} for hit in hits]
+
+
+def stream_answer(model, tokenizer, query: str, hits: list[dict], column: str, *, history: list[dict] = (),
+                  cite: bool = False, **options) -> TextStream:
+    """A `TextStream` answering `query` from `hits` with the write-up's prompt, after the chat `history`
+    (earlier turns, if any); `options` are `TextStream`'s. The stream carries the sources."""
+    prompt = build_prompt(query, [hit[column] for hit in hits], cite=cite)
+    conversation = [*history, {"role": "user", "content": prompt}]
+    return TextStream(model, tokenizer, conversation, sources=answer_sources(hits, column), **options)
+
+
+def ask_stream(query: str, table: str, model: str | None, *, db: str | Path = DEFAULT_DB, where: str | None = None,
+               k: int = 5, mode: str = "vector", rerank: str | None = None, cite: bool = False,
+               **options) -> TextStream:
+    """`ask`, streamed: retrieval first (a bad table or filter fails before the model loads), then a
+    `TextStream` of the answer with its sources."""
+    from ragrpo.models import load_model
+
+    hits, column = retrieve(open_table(table, db), query, where=where, k=k, mode=mode, rerank=rerank)
+    lm, tokenizer = load_model(model)
+    return stream_answer(lm, tokenizer, query, hits, column, cite=cite, **options)

@@ -1,0 +1,387 @@
+"""An OpenAI-compatible RAG server over one LanceDB table and one model, and the web page at `/`.
+
+    POST /v1/chat/completions   RAG on the last user message; `stream: true` sends server-sent events
+                                ending with `data: [DONE]`. Extra body fields: `where` (SQL prefilter),
+                                `k`, `mode`, `repetition_penalty`, `min_tokens`. The answer's sources come
+                                back as `sources` (in the first chunk when streaming).
+    GET  /v1/models             the one model served
+    POST /v1/search             the rows retrieval would use, without generating
+    GET  /healthz               liveness, plus the queue: generations running, waiting, served, cancelled
+
+This module imports FastAPI at the top: only `ragrpo serve` imports it, so `ragrpo --help` stays instant.
+The server is thin: retrieval is `rag.retrieve`, generation is `rag.stream_answer`'s token loop. The
+model and the table are loaded once. One generation runs at a time (a small model on a few CPU cores
+gains little from running two at once); the others wait their turn in arrival order, up to
+`max_waiting`, after which a request gets 503 rather than an ever longer wait. Each token is computed
+in a worker thread, so the event loop keeps serving `/healthz`, `/v1/search` and the page meanwhile.
+Between tokens the server checks that the client is still there: one who hangs up (mid-stream or while
+waiting) stops its generation at the next token and frees its place.
+
+Errors follow OpenAI's shape, `{"error": {"message", "type", "param", "code"}}`: 400 for a bad body
+(message list, sizes, `max_tokens` bounds, a malformed `where`, an unknown `mode`), 401 without the API
+key when one is set, 404 for another model's name, 413 for a body over `MAX_BODY_BYTES`, 503 when the
+queue is full.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import secrets
+import time
+import uuid
+from dataclasses import dataclass, field
+from functools import partial
+from importlib import resources
+from pathlib import Path
+from typing import Literal
+
+import anyio
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+from starlette.background import BackgroundTask
+
+from ragrpo import RagrpoError
+
+API_KEY_ENV = "RAGRPO_API_KEY"
+MAX_BODY_BYTES = 256 * 1024
+MAX_MESSAGES = 64
+MAX_MESSAGE_CHARS = 16_000
+MAX_K = 20
+
+
+# --- Request bodies ---------------------------------------------------------------------------------
+# pydantic checks types and bounds; its errors become one 400 line naming the field.
+
+
+class Message(BaseModel):
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[dict] | None = None
+
+    def text(self) -> str:
+        """The content as plain text; a list of parts (OpenAI's newer shape) keeps its text parts."""
+        if isinstance(self.content, list):
+            return "".join(part.get("text", "") for part in self.content if part.get("type") == "text")
+        return self.content or ""
+
+
+class RetrievalFields(BaseModel):
+    where: str | None = Field(default=None, max_length=2000)
+    k: int = Field(default=5, ge=1, le=MAX_K)
+    mode: Literal["vector", "fts", "hybrid"] = "vector"
+
+
+class ChatRequest(RetrievalFields):
+    model_config = ConfigDict(extra="ignore")  # OpenAI fields we do not use (user, logprobs, ...) are accepted
+
+    model: str | None = None
+    messages: list[Message] = Field(min_length=1, max_length=MAX_MESSAGES)
+    temperature: float = Field(default=0.0, ge=0.0, le=2.0)
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    max_tokens: int | None = Field(default=None, ge=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+    stop: str | list[str] | None = None
+    stream: bool = False
+    stream_options: dict | None = None
+    n: int = Field(default=1, ge=1, le=1)
+    seed: int | None = None
+    repetition_penalty: float | None = Field(default=None, gt=0.0, le=5.0)
+    min_tokens: int = Field(default=0, ge=0)
+
+    @field_validator("messages")
+    @classmethod
+    def _last_is_a_question(cls, messages: list[Message]) -> list[Message]:
+        for n, message in enumerate(messages):
+            if len(message.text()) > MAX_MESSAGE_CHARS:
+                raise ValueError(f"message {n} is longer than {MAX_MESSAGE_CHARS} characters")
+        if messages[-1].role != "user" or not messages[-1].text().strip():
+            raise ValueError("the last message must be a non-empty user message (the question)")
+        return messages
+
+    @field_validator("stop")
+    @classmethod
+    def _stop_list(cls, stop):
+        stops = [stop] if isinstance(stop, str) else stop or []
+        if len(stops) > 4 or any(not s or len(s) > 100 for s in stops):
+            raise ValueError("at most 4 stop strings of 1 to 100 characters")
+        return stops
+
+
+class SearchRequest(RetrievalFields):
+    query: str = Field(min_length=1, max_length=MAX_MESSAGE_CHARS)
+
+
+# --- The server's state -------------------------------------------------------------------------------
+
+
+@dataclass
+class Server:
+    """What the endpoints share: the model, the table, and the queue in front of the model."""
+
+    model: object
+    tokenizer: object
+    table: object
+    text_column: str
+    model_id: str
+    api_key: str | None = None
+    max_tokens: int = 512  # the largest `max_tokens` a request may ask for
+    default_tokens: int = 128
+    max_waiting: int = 64
+    repetition_penalty: float = 1.2
+    turn: asyncio.Lock = field(default_factory=asyncio.Lock)  # FIFO: waiters are served in arrival order
+    running: int = 0
+    waiting: int = 0
+    served: int = 0
+    cancelled: int = 0
+    started: int = field(default_factory=lambda: int(time.time()))
+
+    def health(self) -> dict:
+        return {"status": "ok", "model": self.model_id, "table": self.table.name, "rows": self.table.count_rows(),
+                "running": self.running, "waiting": self.waiting, "served": self.served,
+                "cancelled": self.cancelled}
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, *, kind: str = "invalid_request_error", param: str | None = None,
+                 code: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.kind, self.param, self.code = status, message, kind, param, code
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
+
+
+def _next_piece(stream):
+    return next(stream, None)
+
+
+def admit(server: Server) -> None:
+    """503 when the queue is full (checked before any work, so a streamed reply never starts and fails)."""
+    if server.waiting >= server.max_waiting:
+        raise ApiError(503, f"the server is busy ({server.waiting} requests waiting); retry later",
+                       kind="server_error", code="queue_full")
+
+
+async def generate_pieces(server: Server, stream, client_gone):
+    """The stream's text pieces, generated in turn with other requests; stops early when `client_gone()`."""
+    server.waiting += 1
+    queued = True
+    try:
+        async with server.turn:
+            server.waiting -= 1
+            queued = False
+            server.running += 1
+            try:
+                while True:
+                    if await client_gone():
+                        return
+                    # One token per worker-thread call: the event loop stays responsive. A cancellation
+                    # waits for the token in progress (anyio's default, unlike asyncio.to_thread), so the
+                    # model never runs two requests at once and close() never meets a running loop.
+                    piece = await anyio.to_thread.run_sync(_next_piece, stream)
+                    if piece is None:
+                        return
+                    yield piece
+            finally:
+                # Unfinished means the client left: seen here between tokens, or a cancellation from the
+                # response (starlette cancels a streamed reply when the client disconnects).
+                server.running -= 1
+                if stream.finish_reason is None:
+                    server.cancelled += 1
+                else:
+                    server.served += 1
+                stream.close()
+    finally:
+        if queued:
+            server.waiting -= 1
+
+
+def _sse(payload) -> str:
+    return f"data: {payload if isinstance(payload, str) else json.dumps(payload, default=str)}\n\n"
+
+
+def _sources(stream) -> list[dict]:
+    from ragrpo.rag import source_label
+
+    return [{"label": source_label(row), **row} for row in stream.sources]
+
+
+def create_app(server: Server):
+    """The FastAPI app over a loaded `Server`."""
+    from ragrpo.rag import retrieve, stream_answer
+
+    app = FastAPI(title="ragrpo", docs_url=None, redoc_url=None)
+    page = resources.files("ragrpo").joinpath("web/index.html").read_text(encoding="utf-8")
+
+    @app.exception_handler(ApiError)
+    async def _api_error(request, exc: ApiError):
+        return JSONResponse(exc.body(), status_code=exc.status)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request, exc: RequestValidationError):
+        first = exc.errors()[0]
+        if first.get("type") == "json_invalid":
+            return JSONResponse(ApiError(400, "the request body is not valid JSON").body(), status_code=400)
+        where = ".".join(str(part) for part in first.get("loc", ()) if part != "body")
+        message = first.get("msg", "invalid request").removeprefix("Value error, ")
+        message = f"{where}: {message}" if where else f"the request body must be a JSON object ({message})"
+        return JSONResponse(ApiError(400, message, param=where or None).body(), status_code=400)
+
+    @app.middleware("http")
+    async def _guard(request: Request, call_next):
+        size = request.headers.get("content-length")
+        if size and size.isdigit() and int(size) > MAX_BODY_BYTES:
+            return JSONResponse(ApiError(413, f"the request body is over {MAX_BODY_BYTES} bytes").body(),
+                                status_code=413)
+        if server.api_key and request.url.path.startswith("/v1/"):
+            scheme, _, token = request.headers.get("authorization", "").partition(" ")
+            if scheme.lower() != "bearer" or not secrets.compare_digest(token.strip(), server.api_key):
+                return JSONResponse(ApiError(401, "missing or wrong API key: send 'Authorization: Bearer KEY'",
+                                             code="invalid_api_key").body(), status_code=401)
+        return await call_next(request)
+
+    async def find(query: str, fields: RetrievalFields):
+        try:
+            return await asyncio.to_thread(partial(retrieve, server.table, query, where=fields.where, k=fields.k,
+                                                   mode=fields.mode))
+        except RagrpoError as exc:
+            param = "where" if "where" in str(exc) else "mode" if "mode" in str(exc) else None
+            raise ApiError(400, str(exc), param=param) from None
+
+    @app.get("/", response_class=HTMLResponse)
+    async def index_page():
+        return page
+
+    @app.get("/healthz")
+    async def healthz():
+        return server.health()
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [{"id": server.model_id, "object": "model", "created": server.started,
+                                            "owned_by": "ragrpo"}]}
+
+    @app.post("/v1/search")
+    async def search(body: SearchRequest):
+        hits, column = await find(body.query, body)
+        return {"object": "list", "text_column": column, "data": hits}
+
+    @app.post("/v1/chat/completions")
+    async def chat(body: ChatRequest, request: Request):
+        if body.model and body.model != server.model_id:
+            raise ApiError(404, f"model {body.model!r} is not served here; this server serves {server.model_id!r}",
+                           param="model", code="model_not_found")
+        admit(server)
+        max_tokens = body.max_completion_tokens or body.max_tokens or min(server.default_tokens, server.max_tokens)
+        if max_tokens > server.max_tokens:
+            raise ApiError(400, f"max_tokens: at most {server.max_tokens}, got {max_tokens}", param="max_tokens")
+        question = body.messages[-1].text()
+        hits, column = await find(question, body)
+        history = [{"role": m.role if m.role != "developer" else "system", "content": m.text()}
+                   for m in body.messages[:-1]]
+        penalty = body.repetition_penalty or server.repetition_penalty
+        try:
+            stream = stream_answer(server.model, server.tokenizer, question, hits, column, history=history,
+                                   max_new_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p,
+                                   repetition_penalty=penalty, stop=body.stop or [], seed=body.seed,
+                                   min_new_tokens=min(body.min_tokens, max_tokens))
+        except RagrpoError as exc:
+            raise ApiError(400, str(exc), param="messages") from None
+        meta = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": server.model_id}
+
+        def usage():
+            return {"prompt_tokens": stream.prompt_tokens, "completion_tokens": stream.completion_tokens,
+                    "total_tokens": stream.prompt_tokens + stream.completion_tokens}
+
+        if not body.stream:
+            async for _ in generate_pieces(server, stream, request.is_disconnected):
+                pass
+            choice = {"index": 0, "message": {"role": "assistant", "content": stream.text},
+                      "finish_reason": stream.finish_reason}
+            return {**meta, "object": "chat.completion", "choices": [choice], "usage": usage(),
+                    "sources": _sources(stream)}
+
+        pieces = generate_pieces(server, stream, request.is_disconnected)
+        chunk = {**meta, "object": "chat.completion.chunk"}
+
+        def delta(content: dict, finish=None) -> dict:
+            return {**chunk, "choices": [{"index": 0, "delta": content, "finish_reason": finish}]}
+
+        async def events():
+            yield _sse({**delta({"role": "assistant", "content": ""}), "sources": _sources(stream)})
+            async for piece in pieces:
+                yield _sse(delta({"content": piece}))
+            if stream.finish_reason is None:  # the client left; nobody reads what would follow
+                return
+            yield _sse(delta({}, stream.finish_reason))
+            if (body.stream_options or {}).get("include_usage"):
+                yield _sse({**chunk, "choices": [], "usage": usage()})
+            yield _sse("[DONE]")
+
+        # A client that hangs up cancels the response task, possibly while `events` waits at a yield;
+        # the background task (which starlette runs after a disconnect too) closes the pieces either way.
+        return StreamingResponse(events(), media_type="text/event-stream", background=BackgroundTask(pieces.aclose),
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    return app
+
+
+def model_id_for(model: str | None) -> str:
+    """The name clients send as `model`: the model folder's name ('merged' gets its run's name in front)."""
+    from ragrpo.models import resolve_model
+
+    path = Path(resolve_model(model))
+    return f"{path.parent.name}/{path.name}" if path.name == "merged" and path.parent.name else path.name
+
+
+def load_server(table: str, model: str | None, *, db: str | Path = "lancedb", threads: int | None = None,
+                **settings) -> Server:
+    """Open the table and load the model once; `settings` are `Server`'s fields. `threads` sets torch's
+    intra-op threads (on a shared CPU, 1 thread can be several times faster than spinning on 2)."""
+    import torch
+
+    from ragrpo.index import open_table
+    from ragrpo.models import load_model
+    from ragrpo.retrieve import text_column
+
+    lance_table = open_table(table, db)
+    column = text_column(lance_table)
+    if threads:
+        torch.set_num_threads(threads)
+    lm, tokenizer = load_model(model)
+    return Server(lm, tokenizer, lance_table, column, model_id_for(model), **settings)
+
+
+def _check_port(host: str, port: int) -> None:
+    """Fail before loading anything when the address cannot be bound."""
+    import socket
+
+    if not 0 <= port <= 65535:
+        raise RagrpoError(f"--port must be between 0 and 65535, got {port}")
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        with socket.socket(infos[0][0], socket.SOCK_STREAM) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind(infos[0][4])
+    except OSError as exc:
+        raise RagrpoError(f"cannot listen on {host}:{port} ({exc.strerror or exc}); pick another --port or --host") \
+            from None
+
+
+def serve(table: str, model: str | None, *, db: str | Path = "lancedb", host: str = "127.0.0.1", port: int = 8000,
+          api_key: str | None = None, log_level: str = "info", echo=None, **settings) -> None:
+    """Load the model and the table, then serve until interrupted; `echo` gets one line once loaded."""
+    import uvicorn
+
+    _check_port(host, port)
+    if settings.get("threads") is not None and settings["threads"] < 1:
+        raise RagrpoError(f"--threads must be at least 1, got {settings['threads']}")
+    if api_key is not None and not api_key.strip():
+        raise RagrpoError("the API key is empty; pass a non-empty --api-key or unset the variable")
+    server = load_server(table, model, db=db, api_key=api_key, **settings)
+    if echo:
+        echo(f"serving {server.model_id} over table {table!r} ({server.table.count_rows()} rows) at "
+             f"http://{host}:{port}/" + (" (API key required)" if api_key else ""))
+    uvicorn.run(create_app(server), host=host, port=port, log_level=log_level)

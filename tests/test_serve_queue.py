@@ -1,0 +1,104 @@
+"""The server's queue in front of the model, without a model: one generation at a time in arrival
+order, a client that leaves frees its place, and a full queue answers 503 before any work."""
+
+import asyncio
+
+import pytest
+
+from ragrpo.serve import ApiError, Server, admit, generate_pieces
+
+
+class FakeStream:
+    """Stands in for rag.TextStream: yields its pieces, logging them, then sets finish_reason."""
+
+    def __init__(self, name, pieces, log):
+        self.name, self.log, self.finish_reason, self.closed = name, log, None, False
+        self._pieces = iter(pieces)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        try:
+            piece = next(self._pieces)
+        except StopIteration:
+            self.finish_reason = "stop"
+            raise
+        self.log.append(self.name)
+        return piece
+
+    def close(self):
+        self.closed = True
+
+
+def server(**settings) -> Server:
+    return Server(model=None, tokenizer=None, table=None, text_column="text", model_id="m", **settings)
+
+
+async def still_there():
+    return False
+
+
+async def collect(srv, stream, client_gone=still_there):
+    return [piece async for piece in generate_pieces(srv, stream, client_gone)]
+
+
+def test_one_generation_at_a_time_in_arrival_order():
+    async def main():
+        srv, log = server(), []
+        streams = [FakeStream(name, ["a", "b", "c"], log) for name in "XYZ"]
+        results = await asyncio.gather(*(collect(srv, s) for s in streams))
+        return srv, log, results, streams
+
+    srv, log, results, streams = asyncio.run(main())
+    assert results == [["a", "b", "c"]] * 3
+    assert log == ["X"] * 3 + ["Y"] * 3 + ["Z"] * 3  # no interleaving: each answer runs to its end
+    assert (srv.running, srv.waiting, srv.served, srv.cancelled) == (0, 0, 3, 0)
+    assert all(s.closed for s in streams)
+
+
+def test_a_client_that_leaves_frees_its_place():
+    async def main():
+        srv, log = server(), []
+        calls = 0
+
+        async def gone_after_two_pieces():
+            nonlocal calls
+            calls += 1
+            return calls > 2
+
+        leaving = FakeStream("L", ["a"] * 100, log)
+        pieces = await collect(srv, leaving, gone_after_two_pieces)
+        after = await collect(srv, FakeStream("N", ["z"], log))
+        return srv, pieces, after, leaving
+
+    srv, pieces, after, leaving = asyncio.run(main())
+    assert pieces == ["a", "a"] and leaving.closed and after == ["z"]
+    assert (srv.running, srv.waiting, srv.served, srv.cancelled) == (0, 0, 1, 1)
+
+
+def test_cancelled_while_waiting_leaves_the_queue():
+    async def main():
+        srv, log = server(), []
+        first = asyncio.create_task(collect(srv, FakeStream("A", ["a"] * 50, log)))
+        await asyncio.sleep(0)
+        waiting = asyncio.create_task(collect(srv, FakeStream("B", ["b"], log)))
+        while srv.waiting == 0:
+            await asyncio.sleep(0.001)
+        waiting.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await waiting
+        await first
+        return srv, log
+
+    srv, log = asyncio.run(main())
+    assert "B" not in log and (srv.running, srv.waiting, srv.served) == (0, 0, 1)
+
+
+def test_full_queue_is_refused_with_503():
+    srv = server(max_waiting=2)
+    admit(srv)
+    srv.waiting = 2
+    with pytest.raises(ApiError) as error:
+        admit(srv)
+    assert error.value.status == 503 and error.value.body()["error"]["code"] == "queue_full"

@@ -1,0 +1,106 @@
+"""Streaming generation (`rag.TextStream`): the pieces add up to what `generate` writes, stop strings
+end the text without leaking into it, and closing stops the work. The text checks use the packaged model
+(a tiny random one writes mostly blanks); the others a tiny in-memory model."""
+
+import pytest
+
+from ragrpo.rag import TextStream, _held_back, generate
+
+CONVERSATION = [{"role": "user", "content": "Name a film about a lighthouse."}]
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("penalty", [1.0, 1.3])
+def test_greedy_stream_equals_generate(base_model, penalty):
+    model, tokenizer = base_model
+    [expected] = generate(model, tokenizer, [CONVERSATION], max_new_tokens=12, repetition_penalty=penalty)
+    stream = TextStream(model, tokenizer, CONVERSATION, max_new_tokens=12, repetition_penalty=penalty)
+    pieces = list(stream)
+    assert len(pieces) > 3 and "".join(pieces) == stream.text == expected.strip()
+    assert stream.completion_tokens == 12 and stream.finish_reason == "length"
+    assert stream.prompt_tokens == len(tokenizer.apply_chat_template(CONVERSATION, add_generation_prompt=True,
+                                                                     return_dict=True)["input_ids"])
+
+
+@pytest.mark.integration
+def test_stop_string_ends_the_text(base_model):
+    model, tokenizer = base_model
+    full = TextStream(model, tokenizer, CONVERSATION, max_new_tokens=12).read()
+    stop = full[len(full) // 2:len(full) // 2 + 3]
+    stream = TextStream(model, tokenizer, CONVERSATION, max_new_tokens=12, stop=[stop])
+    pieces = list(stream)
+    assert stream.finish_reason == "stop" and stream.completion_tokens < 12
+    assert "".join(pieces) == stream.text == full[:full.index(stop)]
+
+
+def test_min_tokens_keeps_the_end_of_turn_out(tiny_causal_lm):
+    model, tokenizer = tiny_causal_lm
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    # Make the end-of-turn token the model's first choice by raising its output bias.
+    import torch
+
+    with torch.no_grad():
+        head = model.get_output_embeddings()
+        bias = torch.zeros(head.weight.shape[0])
+        bias[tokenizer.eos_token_id] = 1e4
+        head.bias = torch.nn.Parameter(bias)
+    assert TextStream(model, tokenizer, CONVERSATION, max_new_tokens=8).read() == ""
+    stream = TextStream(model, tokenizer, CONVERSATION, max_new_tokens=8, min_new_tokens=5)
+    stream.read()
+    assert stream.completion_tokens == 5 and stream.finish_reason == "stop"
+
+
+@pytest.mark.integration
+def test_close_stops_generation(base_model):
+    model, tokenizer = base_model
+    stream = TextStream(model, tokenizer, CONVERSATION, max_new_tokens=50)
+    next(stream)
+    stream.close()
+    assert list(stream) == [] and stream.completion_tokens < 50 and stream.finish_reason is None
+
+
+@pytest.mark.parametrize("text,stops,held", [
+    ("Hello wor", ["world"], 3), ("Hello", ["lo!"], 2), ("Hello", ["xyz"], 0), ("Hello", [], 0), ("ab", ["abc"], 2),
+])
+def test_held_back_is_the_possible_start_of_a_stop_string(text, stops, held):
+    assert _held_back(text, stops) == held
+
+
+def test_prompt_over_the_context_is_refused(tiny_causal_lm):
+    from ragrpo import RagrpoError
+
+    model, tokenizer = tiny_causal_lm
+    with pytest.raises(RagrpoError, match="exceeds the model's context of 1024"):
+        TextStream(model, tokenizer, [{"role": "user", "content": "word " * 1100}], max_new_tokens=4)
+
+
+@pytest.mark.integration
+def test_ask_streams_to_the_terminal_and_json_gives_one_object(movie_db, base_model_dir):
+    import json
+    import os
+    import subprocess
+    import sys
+    import time
+
+    args = [sys.executable, "-m", "ragrpo.cli", "ask", "Which film is about a beekeeper who poisoned the honey?",
+            "--table", "movies", "--db", str(movie_db), "-k", "2", "--max-new-tokens", "24"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    process = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    arrivals = []  # (seconds, bytes) of every read: a streamed answer arrives in many reads over time
+    while chunk := os.read(process.stdout.fileno(), 65536):
+        arrivals.append((time.monotonic(), chunk))
+    assert process.wait(timeout=600) == 0, process.stderr.read()
+    output = b"".join(chunk for _, chunk in arrivals).decode()
+    answer, _, sources = output.partition("\n\nSources:\n")
+    assert answer.strip() and sources.splitlines()[0] == "  [1] The Beekeeper's Confession (1997)"
+    before_sources = [t for t, chunk in arrivals if b"Sources:" not in chunk]
+    assert len(before_sources) >= 3 and before_sources[-1] - before_sources[0] > 0.05
+
+    result = subprocess.run([*args, "--json"], capture_output=True, text=True, env=env, timeout=600)
+    assert result.returncode == 0, result.stderr
+    [line] = result.stdout.splitlines()
+    reply = json.loads(line)
+    assert reply["answer"] == answer.strip() and reply["finish_reason"] in ("stop", "length")
+    assert 0 < reply["completion_tokens"] <= 24 and reply["prompt_tokens"] > 100
+    assert len(reply["sources"]) == 2 and reply["sources"][0]["label"] == "The Beekeeper's Confession (1997)"
+    assert "movie_plot" not in reply["sources"][0]
