@@ -91,6 +91,8 @@ def test_fast_trainer_trains_the_adapter_and_samples_from_the_copy(tiny_causal_l
     trainer.train()
     assert trainer.state.global_step == 2
     assert trainer._sampler is not None and trainer._sampler.synced_step == 1  # re-synced after step 1
+    assert trainer.model.config.use_cache is False  # the Trainer turns the cache off for training ...
+    assert trainer._sampler.model.config.use_cache is True  # ... the sampler keeps it: decoding is O(n), not O(n^2)
     params = dict(trainer.model.named_parameters())
     assert any(not torch.equal(params[n], p) for n, p in lora.items()), "the adapter learned"
     assert all(torch.equal(params[n], p) for n, p in base.items()), "the base stayed frozen"

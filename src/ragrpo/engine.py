@@ -20,6 +20,7 @@ policy up to rounding, as with TRL's vLLM sampler.
 
 from __future__ import annotations
 
+import copy
 import functools
 
 
@@ -33,8 +34,11 @@ class SamplingCopy:
 
         base = peft_model.get_base_model()
         self.dtype = dtype or base.get_input_embeddings().weight.dtype
+        # transformers' Trainer sets `use_cache = False` on the training model's config; sampling needs the cache
+        config = copy.deepcopy(base.config)
+        config.use_cache = True
         with torch.device(base.device):
-            self.model = AutoModelForCausalLM.from_config(base.config, dtype=self.dtype)
+            self.model = AutoModelForCausalLM.from_config(config, dtype=self.dtype)
         # every weight except the adapters', under the plain model's names
         self.model.load_state_dict(_base_state_dict(peft_model), strict=False)
         self.model.eval().requires_grad_(False)
@@ -68,7 +72,7 @@ class SamplingCopy:
         with torch.no_grad():
             output = self.model.generate(
                 input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
-                generation_config=generation_config, cache_implementation="static",
+                generation_config=generation_config, cache_implementation="static", use_cache=True,
             )  # (B, width + new)
         completions = []
         for row in output[:, width:].tolist():
