@@ -217,12 +217,13 @@ def fast_bf16() -> bool:
 
 
 def engine_settings(steps_per_generation: int = 1) -> dict:
-    """GRPOConfig settings that change how fast a step runs, not what it optimises.
+    """GRPOConfig settings that change how fast a step runs, not what it optimises (the fast engine's;
+    `ragrpo.engine` does the rest).
 
-    bf16 autocast where the hardware has fast bf16 (1.56x per step on an AVX512-BF16 CPU); no gradient
-    checkpointing (a 135M-parameter model's activations fit in memory); and, optionally, generation for
-    several optimizer steps in one generate call (measured: no gain on 2 CPU cores, because TRL then
-    needs an extra forward pass for the old policy's log-probabilities).
+    bf16 autocast where the hardware has fast bf16 (1.22x per step on an AVX512-BF16 CPU, 3 steps of the
+    benchmark); no gradient checkpointing (a 135M-parameter model's activations fit in memory); and,
+    optionally, generation for several optimizer steps in one generate call (measured: no gain on 2 CPU
+    cores, because TRL then needs an extra forward pass for the old policy's log-probabilities).
     """
     import torch
 
