@@ -229,11 +229,25 @@ def save_run(trainer, tokenizer, output: Path) -> tuple[Path, Path]:
     adapter, merged = output / "adapter", output / "merged"
     trainer.model.save_pretrained(adapter)
     tokenizer.save_pretrained(adapter)
-    # merged in float32 (a bf16 base from the fast engine is widened first, which is exact)
-    model = trainer.model.float().merge_and_unload()
+    model = _float32_policy(trainer.model, adapter).merge_and_unload()
     model.save_pretrained(merged)
     tokenizer.save_pretrained(merged)
     return adapter, merged
+
+
+def _float32_policy(peft_model, adapter: Path):
+    """The trained policy over the float32 base weights. The fast engine trains over a bf16 copy of the base
+    (what autocast computes with); the saved merged model is the original base plus the adapter's delta."""
+    import torch
+    from peft import PeftModel
+
+    from ragrpo.models import load_model
+
+    base = peft_model.get_base_model()
+    if base.get_input_embeddings().weight.dtype == torch.float32:
+        return peft_model
+    float_base, _ = load_model(base.config._name_or_path)
+    return PeftModel.from_pretrained(float_base, adapter)
 
 
 def _write_config(cfg: RunConfig, trainer, output: Path) -> None:
