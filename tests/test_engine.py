@@ -111,3 +111,60 @@ def test_trl_engine_is_plain_grpo_trainer(tiny_causal_lm, tmp_path):
     assert type(trainer) is GRPOTrainer
     assert build_run_config(preset="seed").fast_engine is False
     assert build_run_config().fast_engine is True
+
+
+def _trl_batch():
+    """Two prompts (different lengths, left-padded) x 3 completions (right-padded), as TRL lays them out."""
+    torch.manual_seed(1)
+    prompts = [torch.randint(5, 1000, (7,)).tolist(), torch.randint(5, 1000, (4,)).tolist()]
+    rows, masks = [], []
+    for prompt in prompts:
+        for length in (5, 3, 6):
+            completion = torch.randint(5, 1000, (length,)).tolist()
+            pad_left, pad_right = 7 - len(prompt), 6 - length
+            rows.append([0] * pad_left + prompt + completion + [0] * pad_right)
+            masks.append([0] * pad_left + [1] * len(prompt) + [1] * length + [0] * pad_right)
+    return torch.tensor(rows), torch.tensor(masks), 6  # (6, 13), (6, 13), completion width
+
+
+def test_shared_prompt_logps_equal_the_full_forward_and_its_gradients(tiny_causal_lm):
+    import contextlib
+
+    from peft import LoraConfig, get_peft_model
+    from trl.trainer.utils import add_fused_lm_head
+
+    from ragrpo.engine import shared_prompt_logps
+
+    model, _ = tiny_causal_lm
+    add_fused_lm_head(model, outputs=("log_probs", "entropy"))
+    model = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", r=4, lora_alpha=16, target_modules="all-linear",
+                                             init_lora_weights=False))
+    input_ids, mask, width = _trl_batch()
+    adapter = [p for n, p in model.named_parameters() if "lora_" in n]
+
+    labels = input_ids.masked_fill(mask == 0, -100)
+    labels[:, :-width] = -100
+    full = model(input_ids=input_ids, attention_mask=mask, labels=labels, fused_lm_head=True)
+    expected_logps, expected_entropy = full.log_probs[:, -width:], full.entropy[:, -width:]
+    (expected_logps * mask[:, -width:]).sum().backward()
+    expected_grads = [p.grad.clone() for p in adapter]
+    model.zero_grad()
+
+    logps, entropy, _ = shared_prompt_logps(model, input_ids, mask, width, True, contextlib.nullcontext)
+    (logps * mask[:, -width:]).sum().backward()
+    keep = mask[:, -width:].bool()
+    torch.testing.assert_close(logps[keep], expected_logps[keep], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(entropy[keep], expected_entropy[keep], atol=1e-5, rtol=1e-5)
+    for grad, expected in zip((p.grad for p in adapter), expected_grads):
+        torch.testing.assert_close(grad, expected, atol=1e-5, rtol=1e-4)
+    assert any(g.abs().sum() > 0 for g in expected_grads)
+
+
+def test_shared_prompt_logps_steps_aside_when_no_prompt_repeats(tiny_causal_lm):
+    import contextlib
+
+    from ragrpo.engine import shared_prompt_logps
+
+    model, _ = tiny_causal_lm
+    input_ids, mask, width = _trl_batch()
+    assert shared_prompt_logps(model, input_ids[[0, 3]], mask[[0, 3]], width, False, contextlib.nullcontext) is None

@@ -12,6 +12,12 @@ changes remove those costs:
    `W + scaling * B @ A`, refreshed from the adapter once per optimizer step, decoding with a static
    key/value cache. The training weights are never merged in place, so they cannot drift by rounding.
 
+3. The log-probabilities of a group are computed with its prompt run once. All G completions of a prompt
+   share it, so the trainer's forward (policy, reference and backward) runs the prompt once, repeats its
+   key/value cache G times, and runs only the completions over it: about half the tokens for a 165-token
+   prompt and 128-token completions. Gradients flow back through the repeated cache into the one prompt
+   pass, so they equal those of the full batch.
+
 The objective is unchanged: the old-policy and reference log-probabilities, the advantages and the loss
 are all computed by the trainer on the LoRA-wrapped model, exactly as in plain TRL. What changes is only
 the numerics of the sampler (merged bf16 weights instead of base + adapter in bf16 autocast): the same
@@ -99,6 +105,41 @@ def _base_state_dict(peft_model) -> dict:
     return state
 
 
+def shared_prompt_logps(model, input_ids, attention_mask, logits_to_keep: int, compute_entropy: bool, autocast):
+    """Per-token log-probabilities (and entropies) of the completions, as TRL's forward computes them, with each
+    distinct prompt run once. Returns None when no prompt repeats (nothing to share).
+
+    `input_ids` is TRL's batch: left-padded prompts then right-padded completions, (B, P + C), with C =
+    `logits_to_keep`. The prompt pass covers the first P - 1 positions of each distinct prompt; the second
+    pass runs the last prompt token and the completions, (B, C + 1), over the repeated cache. Positions are
+    the same as in one full pass (`cache_position` counts on from the cache), so each row is computed from
+    exactly the inputs it would have seen.
+    """
+    import torch
+
+    width = input_ids.size(1) - logits_to_keep  # P
+    if width < 2:
+        return None
+    prompts = torch.cat([input_ids[:, : width - 1], attention_mask[:, : width - 1]], dim=1)
+    unique, inverse = torch.unique(prompts, dim=0, return_inverse=True)
+    if unique.size(0) == input_ids.size(0):
+        return None
+    with autocast():
+        prefix = model(input_ids=unique[:, : width - 1], attention_mask=unique[:, width - 1:], use_cache=True,
+                       logits_to_keep=1)
+    cache = prefix.past_key_values
+    cache.reorder_cache(inverse)  # (U, heads, P - 1, d) -> (B, heads, P - 1, d), differentiable
+    tail = input_ids[:, width - 1:]  # (B, C + 1)
+    labels = tail.masked_fill(attention_mask[:, width - 1:] == 0, -100)
+    labels[:, 0] = -100  # the last prompt token is not scored
+    with autocast():
+        outputs = model(input_ids=tail, attention_mask=attention_mask, past_key_values=cache, labels=labels,
+                        fused_lm_head=True)
+    # log_probs: (B, C), the log-probability of each completion token given everything before it
+    entropy = outputs.entropy[:, -logits_to_keep:] if compute_entropy else None
+    return outputs.log_probs[:, -logits_to_keep:], entropy, None
+
+
 @functools.cache
 def fast_trainer_class():
     """GRPOTrainer whose sampling runs on a `SamplingCopy` (text-only prompts, no vLLM)."""
@@ -120,5 +161,26 @@ def fast_trainer_class():
             completions = self._sampler.generate(prompt_ids, self.generation_config,
                                                  self._tokenizer.pad_token_id, self.eos_token_ids)
             return completions, None
+
+        def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep,
+                                               batch_size=None, compute_entropy=False, compute_aux_loss=False,
+                                               **multimodal):
+            if compute_aux_loss or any(value is not None for value in multimodal.values()):
+                return super()._get_per_token_logps_and_entropies(
+                    model, input_ids, attention_mask, logits_to_keep, batch_size, compute_entropy,
+                    compute_aux_loss, **multimodal)
+            import torch
+
+            batch_size = batch_size or input_ids.size(0)
+            parts = []
+            for start in range(0, input_ids.size(0), batch_size):
+                ids, mask = input_ids[start:start + batch_size], attention_mask[start:start + batch_size]
+                parts.append(shared_prompt_logps(model, ids, mask, logits_to_keep, compute_entropy,
+                                                 self.accelerator.autocast)
+                             or super()._get_per_token_logps_and_entropies(model, ids, mask, logits_to_keep,
+                                                                           compute_entropy=compute_entropy))
+            logps = torch.cat([part[0] for part in parts])
+            entropies = torch.cat([part[1] for part in parts]) if compute_entropy else None
+            return logps, entropies, None
 
     return FastGRPOTrainer
