@@ -136,7 +136,7 @@ def test_shared_prompt_logps_equal_the_full_forward_and_its_gradients(tiny_causa
     from ragrpo.engine import shared_prompt_logps
 
     model, _ = tiny_causal_lm
-    add_fused_lm_head(model, outputs=("log_probs", "entropy"))
+    add_fused_lm_head(model, temperature=0.7, outputs=("log_probs", "entropy"))
     model = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", r=4, lora_alpha=16, target_modules="all-linear",
                                              init_lora_weights=False))
     input_ids, mask, width = _trl_batch()
@@ -150,7 +150,8 @@ def test_shared_prompt_logps_equal_the_full_forward_and_its_gradients(tiny_causa
     expected_grads = [p.grad.clone() for p in adapter]
     model.zero_grad()
 
-    logps, entropy, _ = shared_prompt_logps(model, input_ids, mask, width, True, contextlib.nullcontext)
+    logps, entropy, _ = shared_prompt_logps(model, input_ids, mask, width, True, contextlib.nullcontext,
+                                           temperature=0.7)
     (logps * mask[:, -width:]).sum().backward()
     keep = mask[:, -width:].bool()
     torch.testing.assert_close(logps[keep], expected_logps[keep], atol=1e-5, rtol=1e-5)
