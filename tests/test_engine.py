@@ -169,3 +169,116 @@ def test_shared_prompt_logps_steps_aside_when_no_prompt_repeats(tiny_causal_lm):
     model, _ = tiny_causal_lm
     input_ids, mask, width = _trl_batch()
     assert shared_prompt_logps(model, input_ids[[0, 3]], mask[[0, 3]], width, False, contextlib.nullcontext) is None
+
+
+def _greedy(max_new_tokens=10, **settings):
+    from transformers import GenerationConfig
+
+    return GenerationConfig(**{"max_new_tokens": max_new_tokens, "do_sample": False, "pad_token_id": 0, "eos_token_id": 2,
+                               **settings})
+
+
+def _generate_one_by_one(model, prompts, config, eos=2):
+    """transformers' generate, one prompt at a time (no padding), cut after the first end of sequence."""
+    out = []
+    for ids in prompts:
+        with torch.no_grad():
+            new = model.generate(input_ids=torch.tensor([ids]), generation_config=config)[0, len(ids):].tolist()
+        out.append(new[: new.index(eos) + 1] if eos in new else new)
+    return out
+
+
+def test_decode_loop_is_greedy_generate_with_repeats_padding_and_repetition_penalty(policy):
+    model, _ = policy
+    copy = SamplingCopy(model, dtype=torch.float32)
+    copy.sync()
+    torch.manual_seed(3)
+    short, long = torch.randint(5, 1000, (4,)).tolist(), torch.randint(5, 1000, (9,)).tolist()
+    prompts = [long, short, long, short, short]  # repeated and of two lengths: deduplicated, left-padded
+    for config in (_greedy(), _greedy(repetition_penalty=1.5)):
+        assert copy._decode(prompts, config, 0, [2]) == _generate_one_by_one(copy.model, prompts, config)
+
+
+def test_decode_loop_honours_min_new_tokens_and_top_k(policy):
+    from transformers import GenerationConfig
+
+    model, _ = policy
+    copy = SamplingCopy(model, dtype=torch.float32)
+    copy.sync()
+    vocab = copy.model.config.vocab_size
+    torch.manual_seed(0)
+    prompt = torch.randint(5, 1000, (6,)).tolist()
+    # every token but the last ends a sequence: until min_new_tokens only the last one may be drawn
+    ends = list(range(vocab - 1))
+    config = GenerationConfig(max_new_tokens=9, min_new_tokens=4, do_sample=True, top_k=0, pad_token_id=0)
+    for row in copy._decode([prompt] * 3, config, 0, ends):
+        assert row[:4] == [vocab - 1] * 4 and len(row) == 5 and row[4] in ends
+    # top_k=1 sampling is greedy decoding
+    sampled = GenerationConfig(max_new_tokens=8, do_sample=True, top_k=1, temperature=0.7, pad_token_id=0)
+    assert copy._decode([prompt] * 2, sampled, 0, [2]) == copy._decode([prompt] * 2, _greedy(8), 0, [2])
+
+
+def test_settings_beyond_the_loop_fall_back_to_generate(policy):
+    from transformers import GenerationConfig
+
+    from ragrpo.engine import _loop_settings
+
+    model, _ = policy
+    defaults = GenerationConfig()
+    settings = _loop_settings(GenerationConfig(max_new_tokens=5, do_sample=True), defaults)
+    assert settings["top_k"] == 50 and settings["temperature"] == 1.0  # transformers' defaults
+    assert _loop_settings(GenerationConfig(max_new_tokens=5, top_k=7), GenerationConfig(top_k=3))["top_k"] == 7
+    assert _loop_settings(GenerationConfig(max_new_tokens=5), GenerationConfig(top_k=3))["top_k"] == 3
+    for beyond in ({"num_beams": 2}, {"no_repeat_ngram_size": 2}, {"typical_p": 0.5}):
+        assert _loop_settings(GenerationConfig(max_new_tokens=5, **beyond), defaults) is None
+
+
+def test_inverse_cdf_sampling_draws_from_the_distribution():
+    from ragrpo.engine import _sample
+
+    torch.manual_seed(0)
+    probs = torch.tensor([0.0, 0.5, 0.0, 0.2, 0.3, 0.0])
+    draws = _sample(probs.expand(20000, -1))
+    counts = torch.bincount(draws, minlength=6).float() / 20000
+    assert counts[[0, 2, 5]].sum() == 0, "a zero-probability token is never drawn"
+    torch.testing.assert_close(counts, probs, atol=0.015, rtol=0)
+
+
+def test_packed_bf16_loop_follows_the_packaged_model_token_by_token(base_model_dir):
+    """On the real model in bf16 the loop's logits track transformers' forward along a greedy continuation.
+    (Tokens are not compared: bf16 logits tie exactly, e.g. 22.375 for two tokens, and either may win.)"""
+    from peft import LoraConfig, get_peft_model
+
+    from ragrpo.models import load_model
+
+    model, tokenizer = load_model(None)
+    policy = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", r=8, lora_alpha=32, target_modules="all-linear"))
+    copy = SamplingCopy(policy, dtype=torch.bfloat16)
+    copy.sync()
+    if not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        assert copy.packed is None  # plain weights: generate samples
+        return
+    assert copy.packed, "oneDNN bf16 here: the loop's weights are packed"
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "Name a red fruit and say why it is red."}],
+                                           add_generation_prompt=True)["input_ids"]
+    config = _greedy(12, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    continuation = _generate_one_by_one(copy.model, [prompt], config, tokenizer.eos_token_id)[0]
+    sequence = torch.tensor([prompt + continuation])
+    with torch.no_grad():
+        expected = copy.model(input_ids=sequence).logits[0, len(prompt):].float()  # (new, vocab)
+        prefill = copy.model(input_ids=sequence[:, : len(prompt)], use_cache=True)
+        total = sequence.size(1)
+        caches = []
+        for layer in prefill.past_key_values.layers:
+            keys = layer.keys.new_zeros((1, layer.keys.size(1), total, layer.keys.size(3)))
+            values = torch.zeros_like(keys)
+            keys[:, :, : len(prompt)], values[:, :, : len(prompt)] = layer.keys, layer.values
+            caches.append((keys, values))
+        bias = torch.zeros((1, total), dtype=torch.bfloat16)
+        for n, token in enumerate(continuation[:-1]):
+            column = len(prompt) + n
+            logits = copy._step(torch.tensor([token]), torch.tensor([column]), column, caches, bias)[0]
+            # transformers' own cached decode differs from its full forward by up to 0.47 (mean 0.20) here
+            difference = (logits - expected[n]).abs()
+            assert difference.max() < 1.0 and difference.mean() < 0.4
+            assert expected[n, logits.argmax()] >= expected[n].max() - 0.25  # the loop's pick is (near) the top
