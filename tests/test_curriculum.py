@@ -17,7 +17,8 @@ from ragrpo.curriculum import (
     template_questions,
 )
 from ragrpo.rag import CITE_INSTRUCTION, REASONING_INSTRUCTION, build_prompt, retrieve
-from ragrpo.rewards import cited_passages, guarded, source_citation
+from ragrpo.reward_specs import guarded
+from ragrpo.rewards import cited_passages, source_citation
 
 ROW = {"title": "The Ferryman's Ledger", "release_year": 1923,
        "movie_plot": "Thames ferryman Walter Crouch keeps a ledger. The ledger lists every passenger; "
@@ -117,9 +118,16 @@ def test_curriculum_rows_are_what_ask_would_see(movie_db):
 
 
 @pytest.mark.integration
-def test_bad_filter_fails_with_one_line(movie_db):
+@pytest.mark.parametrize("where", ["release_yr < 1990", "release_year <<< 1990"])
+def test_bad_filter_fails_with_one_line(movie_db, where):
+    from ragrpo.curriculum import retrieve_all
+    from ragrpo.index import open_table
+
+    with pytest.raises(RagrpoError, match="invalid --where") as error:
+        build_curriculum(IndexSource("movies", str(movie_db), where=where))
+    assert "\n" not in str(error.value)
     with pytest.raises(RagrpoError, match="invalid --where"):
-        build_curriculum(IndexSource("movies", str(movie_db), where="release_yr < 1990"))
+        retrieve_all(open_table("movies", str(movie_db)), ["a question"], where=where, k=2)
 
 
 @pytest.fixture(scope="module")

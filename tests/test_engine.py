@@ -218,12 +218,11 @@ def test_decode_loop_honours_min_new_tokens_and_top_k(policy):
     assert copy._decode([prompt] * 2, sampled, 0, [2]) == copy._decode([prompt] * 2, _greedy(8), 0, [2])
 
 
-def test_settings_beyond_the_loop_fall_back_to_generate(policy):
+def test_settings_beyond_the_loop_fall_back_to_generate():
     from transformers import GenerationConfig
 
     from ragrpo.engine import _loop_settings
 
-    model, _ = policy
     defaults = GenerationConfig()
     settings = _loop_settings(GenerationConfig(max_new_tokens=5, do_sample=True), defaults)
     assert settings["top_k"] == 50 and settings["temperature"] == 1.0  # transformers' defaults

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from ragrpo.config import build_run_config
-from ragrpo.rewards import resolve_rewards
+from ragrpo.reward_specs import resolve_rewards
 from ragrpo.train import make_trainer
 
 G, EPSILON, BETA = 4, 0.05, 0.2

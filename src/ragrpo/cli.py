@@ -334,7 +334,8 @@ def rewards_score(specs, completion, context_file, query):
     Example: ragrpo rewards score --reward citation --reward groundedness --completion "Finch lied [1]."
     --context docs.txt --query "Who invented the island?"
     """
-    from ragrpo.rewards import read_passages, score_text
+    from ragrpo.reward_specs import score_text
+    from ragrpo.rewards import read_passages
 
     context = read_passages(context_file) if context_file is not None else None
     for name, value in score_text(list(specs), completion, context=context, query=query):

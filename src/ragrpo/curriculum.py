@@ -103,17 +103,13 @@ def document_id(row: dict, column: str) -> str:
 
 def read_documents(table, where: str | None = None) -> list[dict]:
     """Every row of `table` (matching `where`) as a dict without its vector, in the table's order."""
-    from ragrpo.retrieve import _filter_error
+    from ragrpo.retrieve import check_where
 
     builder = table.search().limit(table.count_rows() or 1)
     if where:
+        check_where(table, where)  # one clear line for an unknown column or bad SQL
         builder = builder.where(where)
-    try:
-        rows = builder.to_list()
-    except Exception as exc:
-        if where:
-            raise _filter_error(where, exc) from None
-        raise
+    rows = builder.to_list()
     for row in rows:
         row.pop(VECTOR_COLUMN, None)
     if not rows:
@@ -235,10 +231,12 @@ def retrieve_all(table, queries: list[str], *, where: str | None, k: int) -> lis
     the queries are embedded in one batch (one at a time costs ~10x more on a CPU)."""
     from lancedb.embeddings import EmbeddingFunctionRegistry
 
-    from ragrpo.retrieve import _filter_error
+    from ragrpo.retrieve import check_where
 
     if not queries:
         return []
+    if where:
+        check_where(table, where)
     configs = EmbeddingFunctionRegistry.get_instance().parse_functions(table.schema.metadata)
     func = next(iter(configs.values())).function
     vectors = func.generate_embeddings(queries)  # (Q, dim)
@@ -247,12 +245,7 @@ def retrieve_all(table, queries: list[str], *, where: str | None, k: int) -> lis
         builder = table.search(vector).limit(k)
         if where:
             builder = builder.where(where, prefilter=True)
-        try:
-            hits = builder.to_list()
-        except Exception as exc:
-            if where:
-                raise _filter_error(where, exc) from None
-            raise
+        hits = builder.to_list()
         if not hits:
             raise RagrpoError(f"no rows match --where {where!r}; nothing to answer from" if where else
                               "the table is empty")
@@ -343,7 +336,7 @@ def train_from_index(cfg: RunConfig, source: IndexSource, *, overwrite: bool = F
     the longest prompt, so no passage loses its end.
     """
     from ragrpo.models import load_model
-    from ragrpo.rewards import resolve_rewards
+    from ragrpo.reward_specs import resolve_rewards
     from ragrpo.train import build_dataset, train
 
     output = Path(cfg.output)

@@ -11,7 +11,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ragrpo.rag import generate
-from ragrpo.rewards import completion_text, resolve_rewards
+from ragrpo.reward_specs import resolve_rewards
+from ragrpo.rewards import completion_text
 
 
 @dataclass

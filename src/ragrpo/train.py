@@ -29,7 +29,7 @@ from pathlib import Path
 from ragrpo import RagrpoError
 from ragrpo.config import DEFAULT_PROMPT_TEMPLATE, RunConfig, grpo_config, lora_config
 from ragrpo.data import read_records, require_columns
-from ragrpo.rewards import resolve_rewards
+from ragrpo.reward_specs import resolve_rewards
 
 
 @dataclass
