@@ -54,9 +54,13 @@ class QuickstartReport:
     run_dir: Path
 
 
+def _wrap(text: str, width: int) -> list[str]:
+    return textwrap.wrap(" ".join(text.split()), width) or ["(empty)"]
+
+
 def side_by_side(left_title: str, left: str, right_title: str, right: str, width: int = 48) -> str:
-    wrap = lambda text: textwrap.wrap(" ".join(text.split()), width) or ["(empty)"]
-    a, b = wrap(left), wrap(right)
+    """Two texts in columns, wrapped to `width` characters each."""
+    a, b = _wrap(left, width), _wrap(right, width)
     lines = [f"{left_title:<{width}} | {right_title}", f"{'-' * width}-+-{'-' * width}"]
     lines += [f"{a[i] if i < len(a) else '':<{width}} | {b[i] if i < len(b) else ''}" for i in range(max(len(a), len(b)))]
     return "\n".join(lines)
