@@ -172,7 +172,7 @@ def test_from_index_run_records_its_split_and_trains_on_its_rewards(index_run):
     assert all(REASONING_INSTRUCTION in r["prompt"][0]["content"] for r in rows)
     config = json.loads((run / "config.json").read_text())["run"]
     assert config["dataset"] == str(run / "curriculum" / "train.jsonl") and config["held_out"] == 0.0
-    assert config["rewards"] == ["groundedness", "source_citation", "length=0.01", "format=0.5"]
+    assert config["rewards"] == ["groundedness_beyond_question", "source_citation", "length=0.01", "format=0.5"]
     logged = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert any("rewards/source_citation/mean" in r for r in logged)
     assert result.steps == 2
@@ -188,7 +188,8 @@ def test_eval_from_index_scores_both_models_per_seed(index_run, tiny_model_dir, 
     assert comparison.questions == 4 and [s.seed for s in comparison.base] == [0, 1]
     assert 0 <= comparison.hit_at_k <= 1
     summary = comparison.summary("tuned")
-    for name in ("groundedness", "source_citation", "cites source", "distinct-2", "reward format"):
+    for name in ("groundedness", "groundedness beyond question", "source_citation", "cites source", "distinct-2",
+                 "reward format"):
         values = summary[name]["seeds"]
         assert len(values) == 2 and summary[name]["spread"] == max(values) - min(values)
     report = (tmp_path / "report" / "report.md").read_text()

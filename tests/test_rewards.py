@@ -219,6 +219,22 @@ def test_groundedness(completion, context, expected):
     assert REWARDS["groundedness"](completions=[completion], context=[context]) == [pytest.approx(expected)]
 
 
+@pytest.mark.parametrize("completion,query,expected", [
+    ("Which film is about Walter, a ferryman?", "Which film is about Walter, a ferryman?", 0.0),  # an echo
+    ("Walter the ferryman rows to Haale [1].", "Which film is about Walter, a ferryman?", 1.0),  # rows, haale
+    ("Walter the ferryman flies to Paris.", "Which film is about Walter, a ferryman?", 0.0),  # flies, paris
+    ("Walter rows to Paris.", "Which film is about Walter?", 0.5),
+    ("", "Which film is about Walter?", 0.0),
+])
+def test_groundedness_beyond_question(completion, query, expected):
+    context = ["Walter, a ferryman, rows travellers across the river to Haale."]
+    reward = REWARDS["groundedness_beyond_question"]
+    assert reward(completions=[completion], context=[context], query=[query]) == [pytest.approx(expected)]
+    assert get_groundedness_reward(ngram=2, beyond_question=True).__name__ == "groundedness_2gram_beyond_question"
+    with pytest.raises(RagrpoError, match="'query' column"):
+        reward(completions=[completion], context=[context])
+
+
 @pytest.mark.parametrize("completion,expected", [
     ("Finch invents an arctic island.", 1.0),
     ("Aldous Finch invents a tropical island.", 0.4),  # 2 of 5 bigrams: "aldous finch", "finch invents"
@@ -274,8 +290,8 @@ def test_factory_names_say_their_parameters():
 
 
 def test_registry_names_are_metric_keys_with_one_line_descriptions():
-    assert list(REWARDS) == ["length", "token_diversity", "format", "groundedness", "citation",
-                             "source_citation", "context_reliance", "relevance", "repetition"]
+    assert list(REWARDS) == ["length", "token_diversity", "format", "groundedness", "groundedness_beyond_question",
+                             "citation", "source_citation", "context_reliance", "relevance", "repetition"]
     funcs, _ = resolve_rewards(list(REWARDS))
     assert [f.__name__ for f in funcs] == list(REWARDS)
     for func in REWARDS.values():

@@ -50,8 +50,10 @@ YEAR_COLUMNS = ("release_year", "year")
 QUESTION_MODES = ("templates", "model")
 # The rewards of a from-index run. Groundedness and source citation are in [0, 1] and [-1, 1]; the
 # write-up's length reward is in characters (-abs(50 - len)), so a weight of 0.01 puts 100 characters
-# off target on the same scale as a whole point of groundedness.
-DEFAULT_REWARDS = ["groundedness", "source_citation", "length=0.01"]
+# off target on the same scale as a whole point of groundedness. Groundedness leaves out the question's
+# own words: template questions are made of the source's words, and the first measured run learned to
+# repeat the question (bench/results/from-index/NOTES.md).
+DEFAULT_REWARDS = ["groundedness_beyond_question", "source_citation", "length=0.01"]
 REASONING_REWARDS = ["format=0.5"]
 # Written for this project: the model writes one question about a passage, in its own words.
 QUESTION_PROMPT = ("Read the passage below and write one question that it answers. Reply with the question "

@@ -7,6 +7,7 @@ answers every question once per sampling seed (temperature 1, as in training; th
 both models), and every seed gives one value of each figure:
 
     groundedness       share of the answer's content words found in the retrieved passages
+    groundedness beyond question   the same over the answer's words that are not in the question
     source_citation    the reward: mean over the answer's references of 1 / 0 / -1 (see rewards.py)
     cites source       share of answers that refer to the source document's passage at all
     answer length      characters of the answer (the <answer> section with --reasoning)
@@ -27,7 +28,7 @@ from pathlib import Path
 
 from ragrpo import RagrpoError
 
-HEADLINE = ("groundedness", "source_citation", "cites source")
+HEADLINE = ("groundedness", "groundedness beyond question", "source_citation", "cites source")
 
 
 @dataclass
@@ -92,11 +93,11 @@ def distinct_2(texts: list[str]) -> float:
 
 def score_answers(completions: list[str], rows: list[dict], reward_specs: list[str]) -> SeedScores:
     """Every figure of one seed's answers; `rows` are the matching dataset rows (context, ids, source)."""
+    from ragrpo.reward_specs import resolve_rewards
     from ragrpo.rewards import (
         answer_text,
         cited_passages,
         get_groundedness_reward,
-        resolve_rewards,
         source_citation,
         token_diversity,
     )
@@ -105,11 +106,12 @@ def score_answers(completions: list[str], rows: list[dict], reward_specs: list[s
     prompts = [r["prompt"] for r in rows]
     answers = [answer_text(c) for c in completions]
     grounded = get_groundedness_reward()(completions, **columns)
+    grounded_new = get_groundedness_reward(beyond_question=True)(completions, **columns)
     cites = source_citation(completions, **columns)
     hits = [float(r["source_rank"] > 0 and r["source_rank"] in cited_passages(a)) for r, a in zip(rows, answers)]
     lengths = [float(len(a)) for a in answers]
     diversity = token_diversity(answers)
-    figures = {"groundedness": grounded, "source_citation": cites, "cites source": hits,
+    figures = {"groundedness": grounded, "groundedness beyond question": grounded_new, "source_citation": cites, "cites source": hits,
                "answer length, chars": lengths, "token diversity": diversity}
     means = {name: sum(v) / len(v) for name, v in figures.items()}
     means["distinct-2"] = distinct_2(answers)

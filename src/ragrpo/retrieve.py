@@ -25,10 +25,10 @@ from ragrpo.index import DEFAULT_DB, VECTOR_COLUMN, open_table
 
 MODES = ("vector", "fts", "hybrid")
 # With a vector index: IVF partitions visited per query, and how many times k candidates are re-scored
-# with the full vectors (the index stores 8-bit scalar-quantized ones). Refine 5 cost about 10 ms per
-# query on 100k rows and lifted recall@10 from 0.95 to 1.0 on one probe set, from 0.87 to 0.91 on
-# bench/retrieval.py's (mostly synthetic near-duplicates).
-NPROBES = 20
+# with the full vectors (the index stores 8-bit scalar-quantized ones). On bench/retrieval.py's 100k
+# rows (79 partitions, mostly synthetic near-duplicates) 20 probes with refine 5 gave recall@10 0.91;
+# 40 probes reached 1.0 on a probe set. Refine 5 costs about 10 ms per query there.
+NPROBES = 40
 REFINE_FACTOR = 5
 RERANK_CANDIDATES = 4  # a reranked search scores k * this many first-stage hits
 SCORE_COLUMNS = ("_rerank_score", "_relevance_score", "_score", "_distance")

@@ -268,12 +268,16 @@ def _units(text: str, ngram: int) -> list:
     return [g for g in ngrams(words(text), ngram) if any(w not in STOP_WORDS for w in g)]
 
 
-def get_groundedness_reward(ngram: int = 1) -> Callable:
+def get_groundedness_reward(ngram: int = 1, beyond_question: bool = False) -> Callable:
     """Share of the answer's content words (or word n-grams) that occur in the `context` column, in [0, 1].
 
     Exact matching after lowercasing, no stemming: "invented" does not support "invents". Counts are
     over occurrences, so a supported word said twice counts twice; citation marks `[n]` are not
     counted. An answer with no content words (empty, or only stop words) scores 0.
+
+    With `beyond_question`, words (n-grams) that are also in the `query` column are left out: when the
+    questions are made from the passages' own words, an answer that repeats the question would otherwise
+    score as grounded without saying anything new.
 
     >>> context = ["Aldous Finch invented an arctic island to keep his sponsors paying."]
     >>> get_groundedness_reward()(["Finch invented the island.", "Finch was a pirate.", ""],
@@ -281,21 +285,31 @@ def get_groundedness_reward(ngram: int = 1) -> Callable:
     [1.0, 0.5, 0.0]
     >>> get_groundedness_reward(ngram=2)(["Finch invented a tropical island."], context=[context])
     [0.25]
+    >>> get_groundedness_reward(beyond_question=True)(["Who invented an island? Finch invented it.",
+    ...     "Who invented an island?"], context=[context] * 2, query=["Who invented an island?"] * 2)
+    [1.0, 0.0]
     """
     if ngram < 1:
         raise RagrpoError(f"groundedness n-gram size must be at least 1, not {ngram}")
 
-    def groundedness(completions, context=None, **kwargs) -> list[float]:
+    def groundedness(completions, context=None, query=None, **kwargs) -> list[float]:
         """Share of the answer's content words (or n-grams) found in the 'context' passages, in [0, 1]."""
+        contexts = _column(context, "context")
+        queries = _column(query, "query") if beyond_question else [""] * len(completions)
         scores = []
-        for completion, sample_context in zip(completions, _column(context, "context"), strict=True):
-            units = _units(_CITATION.sub(" ", answer_text(completion)), ngram)  # "[1]" is no claim
+        for completion, sample_context, question in zip(completions, contexts, queries, strict=True):
+            asked = set(_units(question, ngram))
+            units = [u for u in _units(_CITATION.sub(" ", answer_text(completion)), ngram)  # "[1]" is no claim
+                     if u not in asked]
             # n-grams are collected per passage, so none spans the seam between two passages
             support = {u for passage in passages(sample_context) for u in _units(passage, ngram)}
             scores.append(_share(units, support))
         return scores
 
-    return _named(groundedness, "groundedness" if ngram == 1 else f"groundedness_{ngram}gram")
+    if beyond_question:
+        groundedness.__doc__ = "Share of the answer's content words not in the 'query' found in the 'context', in [0, 1]."
+    name = "groundedness" if ngram == 1 else f"groundedness_{ngram}gram"
+    return _named(groundedness, f"{name}_beyond_question" if beyond_question else name)
 
 
 # A sentence ends at . ! ? followed by space, at a CJK full stop, or at a line break; a citation right
@@ -508,6 +522,7 @@ REWARDS: dict[str, Callable] = {
     "token_diversity": token_diversity,
     "format": get_format_reward(),
     "groundedness": get_groundedness_reward(),
+    "groundedness_beyond_question": get_groundedness_reward(beyond_question=True),
     "citation": citation,
     "source_citation": source_citation,
     "context_reliance": get_context_reliance_reward(),
