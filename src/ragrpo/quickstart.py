@@ -28,9 +28,9 @@ REPETITION_PENALTY = 1.2
 SAMPLES = 2  # completions per held-out movie and model
 # A short run of the default preset, sized for the 15-minute budget on 2 CPU cores: one prompt x G=6
 # completions per step, as in the write-up, capped at 64 tokens (the length reward's target, 50
-# characters, is about 12 tokens). A step costs about 25 s there, nearly all of it in the forward and
-# backward passes over ~220 tokens x 6 sequences; so this run drops the two costs that a 20-step
-# demonstration does not need: the KL term's extra reference forward pass (beta 0) and gradient
+# characters, is about 12 tokens). On the first engine a step cost about 25 s there, nearly all of it in
+# the forward and backward passes over ~220 tokens x 6 sequences; so this run drops the two costs that a
+# 20-step demonstration does not need: the KL term's extra reference forward pass (beta 0) and gradient
 # checkpointing's recomputation (135M parameters fit in memory without it). The learning rate is
 # raised so that 20 steps visibly move a rank-8 adapter.
 QUICKSTART_GRPO = {
