@@ -150,14 +150,16 @@ def test_shared_prompt_logps_equal_the_full_forward_and_its_gradients(tiny_causa
     expected_grads = [p.grad.clone() for p in adapter]
     model.zero_grad()
 
-    logps, entropy, _ = shared_prompt_logps(model, input_ids, mask, width, True, contextlib.nullcontext,
-                                           temperature=0.7)
-    (logps * mask[:, -width:]).sum().backward()
     keep = mask[:, -width:].bool()
-    torch.testing.assert_close(logps[keep], expected_logps[keep], atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(entropy[keep], expected_entropy[keep], atol=1e-5, rtol=1e-5)
-    for grad, expected in zip((p.grad for p in adapter), expected_grads):
-        torch.testing.assert_close(grad, expected, atol=1e-5, rtol=1e-4)
+    for max_logits in (2**28, 0):  # the float32 log-softmax, then TRL's tiled head for batches too big to hold
+        model.zero_grad()
+        logps, entropy, _ = shared_prompt_logps(model, input_ids, mask, width, True, contextlib.nullcontext,
+                                                temperature=0.7, max_logits=max_logits)
+        (logps * mask[:, -width:]).sum().backward()
+        torch.testing.assert_close(logps[keep], expected_logps[keep], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(entropy[keep], expected_entropy[keep], atol=1e-5, rtol=1e-5)
+        for grad, expected in zip((p.grad for p in adapter), expected_grads):
+            torch.testing.assert_close(grad, expected, atol=1e-5, rtol=1e-4)
     assert any(g.abs().sum() > 0 for g in expected_grads)
 
 

@@ -336,7 +336,7 @@ def _base_state_dict(peft_model) -> dict:
 
 
 def shared_prompt_logps(model, input_ids, attention_mask, logits_to_keep: int, compute_entropy: bool, autocast,
-                        temperature: float = 1.0, entropy_grad: bool = False):
+                        temperature: float = 1.0, entropy_grad: bool = False, max_logits: int = 2**28):
     """Per-token log-probabilities (and entropies) of the completions, as TRL's forward computes them, with each
     distinct prompt run once. Returns None when no prompt repeats (nothing to share).
 
@@ -349,7 +349,8 @@ def shared_prompt_logps(model, input_ids, attention_mask, logits_to_keep: int, c
     The log-probabilities come from the logits and a float32 log-softmax rather than TRL's fused, tiled LM
     head: on a CPU, with a few hundred completion tokens, that is 0.7 s against 1.8 s for forward and backward
     (768 tokens, 49k vocabulary), and the two agree to 2e-6. Entropies carry a gradient only with
-    `entropy_grad` (TRL's entropy bonus); otherwise they feed masks and logs.
+    `entropy_grad` (TRL's entropy bonus); otherwise they feed masks and logs. Batches whose logits would
+    exceed `max_logits` entries (2**28: 1 GiB in float32) go through TRL's tiled head instead.
     """
     import torch
 
@@ -366,6 +367,14 @@ def shared_prompt_logps(model, input_ids, attention_mask, logits_to_keep: int, c
     cache = prefix.past_key_values
     cache.reorder_cache(inverse)  # (U, heads, P - 1, d) -> (B, heads, P - 1, d), differentiable
     tail = input_ids[:, width - 1:]  # (B, C + 1): the last prompt token, then the completions
+    if tail.numel() * model.config.vocab_size > max_logits:  # too big to hold: TRL's tiled LM head
+        labels = tail.masked_fill(attention_mask[:, width - 1:] == 0, -100)
+        labels[:, 0] = -100  # the last prompt token is not scored
+        with autocast():
+            outputs = model(input_ids=tail, attention_mask=attention_mask, past_key_values=cache, labels=labels,
+                            fused_lm_head=True)
+        entropy = outputs.entropy[:, -logits_to_keep:] if compute_entropy else None
+        return outputs.log_probs[:, -logits_to_keep:], entropy, None
     with autocast():
         logits = model(input_ids=tail, attention_mask=attention_mask, past_key_values=cache, use_cache=True).logits
     logps = (logits[:, :-1].float() / temperature).log_softmax(dim=-1)  # (B, C, vocab)
