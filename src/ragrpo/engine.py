@@ -85,12 +85,8 @@ class SamplingCopy:
             # tokens); elsewhere transformers' generate with a static cache is as fast or faster
             if self.packed and _loop_settings(generation_config, self.model.generation_config):
                 return self._decode(prompt_ids, generation_config, pad_token_id, eos_token_ids)
-            width = max(len(ids) for ids in prompt_ids)
-            input_ids = torch.full((len(prompt_ids), width), pad_token_id, dtype=torch.long)
-            attention_mask = torch.zeros_like(input_ids)
-            for row, ids in enumerate(prompt_ids):  # left padding: every row continues from the right edge
-                input_ids[row, width - len(ids):] = torch.tensor(ids)
-                attention_mask[row, width - len(ids):] = 1
+            input_ids, attention_mask = _left_pad(prompt_ids, pad_token_id)
+            width = input_ids.size(1)
             output = self.model.generate(
                 input_ids=input_ids.to(self.model.device), attention_mask=attention_mask.to(self.model.device),
                 generation_config=generation_config, cache_implementation="static", use_cache=True,
@@ -107,12 +103,8 @@ class SamplingCopy:
         settings = _loop_settings(generation_config, model.generation_config)
         device, rows = model.device, len(prompt_ids)
         distinct = {ids: n for n, ids in enumerate(dict.fromkeys(map(tuple, prompt_ids)))}
-        width = max(map(len, distinct))
-        ids = torch.full((len(distinct), width), pad_token_id, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for prompt, n in distinct.items():  # left padding
-            ids[n, width - len(prompt):] = torch.tensor(prompt)
-            mask[n, width - len(prompt):] = 1
+        ids, mask = _left_pad(list(distinct), pad_token_id)
+        width = ids.size(1)
         positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)  # as `generate` numbers left-padded rows
         prefill = model(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=positions.to(device),
                         use_cache=True, logits_to_keep=1)
@@ -309,6 +301,20 @@ def _sample(probs):
     draw = torch.rand(probs.size(0), 1, device=probs.device) * cumulative[:, -1:]
     # right=True: the first entry whose cumulative mass exceeds the draw, so a zero-probability token is never drawn
     return torch.searchsorted(cumulative, draw, right=True).squeeze(1).clamp(max=probs.size(-1) - 1)
+
+
+def _left_pad(prompt_ids, pad_token_id: int):
+    """Prompts as one left-padded batch, so that every row continues from the right edge: ids and
+    attention mask, (B, longest)."""
+    import torch
+
+    width = max(len(ids) for ids in prompt_ids)
+    input_ids = torch.full((len(prompt_ids), width), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros_like(input_ids)
+    for row, ids in enumerate(prompt_ids):
+        input_ids[row, width - len(ids):] = torch.tensor(ids)
+        attention_mask[row, width - len(ids):] = 1
+    return input_ids, attention_mask
 
 
 def _cut(row: list[int], eos_token_ids: list[int]) -> list[int]:
