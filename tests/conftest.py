@@ -45,19 +45,25 @@ def movie_db(tmp_path_factory):
     return db
 
 
-@pytest.fixture()
-def tiny_causal_lm(base_model_dir):
-    """A 2-layer Llama built from a config in memory, with the real tokenizer (for the vocabulary)."""
+def tiny_llama(base_model_dir, max_position_embeddings: int = 1024):
+    """A 2-layer Llama built from a config in memory (seeded), with the real tokenizer (for the vocabulary)."""
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
     tokenizer = AutoTokenizer.from_pretrained(base_model_dir)
     config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+                         num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=max_position_embeddings,
                          eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
                          bos_token_id=tokenizer.bos_token_id, tie_word_embeddings=True)
     return LlamaForCausalLM(config), tokenizer
+
+
+@pytest.fixture()
+def tiny_causal_lm(base_model_dir):
+    """A 2-layer Llama built from a config in memory, with the real tokenizer (for the vocabulary)."""
+    return tiny_llama(base_model_dir)
 
 
 TINY_RUN = {

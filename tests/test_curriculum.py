@@ -133,17 +133,11 @@ def test_bad_filter_fails_with_one_line(movie_db, where):
 @pytest.fixture(scope="module")
 def tiny_model_dir(tmp_path_factory, base_model_dir):
     """A 2-layer Llama with the real tokenizer, saved as a model folder (what `--model` takes)."""
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from conftest import tiny_llama
 
-    torch.manual_seed(0)
-    tokenizer = AutoTokenizer.from_pretrained(base_model_dir)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
-                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-                         bos_token_id=tokenizer.bos_token_id, tie_word_embeddings=True)
+    model, tokenizer = tiny_llama(base_model_dir, max_position_embeddings=2048)  # RAG prompts run long
     folder = tmp_path_factory.mktemp("tiny-lm")
-    LlamaForCausalLM(config).save_pretrained(folder)
+    model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
 
