@@ -18,7 +18,7 @@ from ragrpo.curriculum import (
 )
 from ragrpo.rag import CITE_INSTRUCTION, REASONING_INSTRUCTION, build_prompt, retrieve
 from ragrpo.reward_specs import guarded
-from ragrpo.rewards import cited_passages, source_citation
+from ragrpo.rewards import cited_passages, get_source_citation_reward, source_citation
 
 ROW = {"title": "The Ferryman's Ledger", "release_year": 1923,
        "movie_plot": "Thames ferryman Walter Crouch keeps a ledger. The ledger lists every passenger; "
@@ -76,10 +76,33 @@ def test_reasoning_and_cite_prompts_extend_the_ask_prompt():
     ("See [4] and [2].", 0.0),
     ("No reference at all.", 0.0),
     ("<think>Movie 1 is wrong</think><answer>It is Movie 2</answer>", 1.0),
+    ("Per [2] and [2] again, as Movie 2 says.", 1.0),  # one passage, counted once
     ("", 0.0),
 ])
 def test_source_citation(completion, expected):
     assert source_citation([completion], context_ids=[["a", "b", "c"]], source_id=["b"]) == [expected]
+
+
+PASSAGES = ["Thames ferryman Walter Crouch keeps a ledger.",
+            "A rival boatman is blamed, but the ferryman hid a second ledger with watches.",
+            "A widow restores a clock tower."]
+
+
+@pytest.mark.parametrize("completion, expected", [
+    ("Movie- 2.", 0.0),  # the right passage named, nothing said
+    ("The ferryman is Movie 2 [2].", 0.0),  # "ferryman" is the question's word; nothing else is claimed
+    ("He hid a second ledger with watches [2].", 1.0),  # hid, second, ledger, watches: all in passage 2
+    ("He hid a second ledger with gold [2].", 0.75),
+    ("He hid a second ledger with watches [1].", 0.0),  # another retrieved passage
+    ("He hid a second ledger with watches [2][3].", 0.5),
+    ("He hid watches [2][7].", 0.0),  # (1 - 1) / 2: a passage that does not exist costs 1
+    ("Nothing to cite.", 0.0),
+])
+def test_grounded_source_citation(completion, expected):
+    reward = get_source_citation_reward(grounded=True)
+    assert reward.__name__ == "source_citation_grounded"
+    assert reward([completion], context_ids=[["a", "b", "c"]], source_id=["b"], context=[PASSAGES],
+                  query=["What does the ferryman do?"]) == [expected]
 
 
 def test_source_citation_needs_its_columns():
@@ -166,9 +189,9 @@ def test_from_index_run_records_its_split_and_trains_on_its_rewards(index_run):
     assert all(REASONING_INSTRUCTION in r["prompt"][0]["content"] for r in rows)
     config = json.loads((run / "config.json").read_text())["run"]
     assert config["dataset"] == str(run / "curriculum" / "train.jsonl") and config["held_out"] == 0.0
-    assert config["rewards"] == ["groundedness_beyond_question", "source_citation", "length=0.01", "format=0.5"]
+    assert config["rewards"] == ["groundedness_beyond_question", "source_citation_grounded", "length=0.003", "format=0.5"]
     logged = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert any("rewards/source_citation/mean" in r for r in logged)
+    assert any("rewards/source_citation_grounded/mean" in r for r in logged)
     assert result.steps == 2
 
 
@@ -182,7 +205,8 @@ def test_eval_from_index_scores_both_models_per_seed(index_run, tiny_model_dir, 
     assert comparison.questions == 4 and [s.seed for s in comparison.base] == [0, 1]
     assert 0 <= comparison.hit_at_k <= 1
     summary = comparison.summary("tuned")
-    for name in ("groundedness", "groundedness beyond question", "source_citation", "cites source", "distinct-2",
+    for name in ("groundedness", "groundedness beyond question", "source_citation", "source_citation_grounded",
+                 "cites source only", "distinct-2",
                  "reward format"):
         values = summary[name]["seeds"]
         assert len(values) == 2 and summary[name]["spread"] == max(values) - min(values)
@@ -225,3 +249,91 @@ def test_ask_with_reasoning_shows_only_the_answer(monkeypatch):
     assert answer.raw.startswith("<think>") and seen["prompt"].endswith(REASONING_INSTRUCTION)
     assert CITE_INSTRUCTION in seen["prompt"]
     assert answer.sources == [{"title": "The Cartographer's Lie"}]
+
+
+# ---- questions written by the model ---------------------------------------------------------------
+
+
+def test_model_questions_take_the_question_line_and_fall_back_to_keywords(monkeypatch):
+    from ragrpo import rag
+    from ragrpo.curriculum import QUESTION_PROMPT, model_questions
+
+    seen = []
+
+    def fake_generate(model, tokenizer, conversations, **kwargs):
+        seen.extend(c[0]["content"] for c in conversations)
+        return ["Sure! Here it is:\nWhat does   Walter hide from the rival boatman?\nHope that helps.",
+                "The widow restores a clock."]  # no question mark: the keyword question stands in
+
+    monkeypatch.setattr(rag, "generate", fake_generate)
+    questions = model_questions([ROW, OTHER], "movie_plot", None, None)
+    assert seen == [QUESTION_PROMPT.format(text=r["movie_plot"]) for r in (ROW, OTHER)]
+    assert [q.kind for q in questions] == ["model", "keyword"]
+    assert questions[0].query == "What does Walter hide from the rival boatman?"
+    assert [q.source_id for q in questions] == [document_id(r, "movie_plot") for r in (ROW, OTHER)]
+    assert questions[1].query.endswith("?") and "widow" in questions[1].query.lower()
+
+
+@pytest.mark.integration
+def test_packaged_model_writes_one_question_per_document(movie_db, base_model):
+    from ragrpo.curriculum import make_questions, read_documents
+    from ragrpo.index import open_table
+
+    rows = read_documents(open_table("movies", movie_db))[:4]
+    model, tokenizer = base_model
+    questions = make_questions(rows, "movie_plot", "model", model, tokenizer)
+    assert [q.source_id for q in questions] == [document_id(r, "movie_plot") for r in rows]
+    assert all(q.query.endswith("?") and len(q.query.split()) >= 3 for q in questions)
+    assert any(q.kind == "model" for q in questions)  # the 135M model does write questions on this corpus
+
+
+# ---- resuming a from-index run --------------------------------------------------------------------
+
+RESUME_TOML = """
+[grpo]
+max_steps = 4
+save_steps = 1
+num_generations = 2
+per_device_train_batch_size = 2
+max_completion_length = 8
+logging_steps = 1
+"""
+
+
+@pytest.mark.integration
+def test_killed_from_index_run_resumes_on_its_own_curriculum(movie_db, tiny_model_dir, tmp_path):
+    """`--resume` rebuilds nothing: it reads the recorded curriculum back, so the resumed steps still see the
+    context, ids and source columns that the citation reward needs."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    (tmp_path / "run.toml").write_text(RESUME_TOML)
+    output = tmp_path / "run"
+    command = [sys.executable, "-m", "ragrpo.cli", "train", "--output", str(output)]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    process = subprocess.Popen(command + ["--from-index", "movies", "--db", str(movie_db), "-k", "2",
+                                          "--max-documents", "30", "--model", str(tiny_model_dir),
+                                          "--config", str(tmp_path / "run.toml")],
+                               env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while not (output / "checkpoints" / "checkpoint-2" / "trainer_state.json").exists():
+        assert process.poll() is None, "the run ended before its second checkpoint"
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert not (output / "merged").exists(), "the run finished before it was killed"
+    recorded = (output / "curriculum" / "train.jsonl").read_text()
+
+    result = subprocess.run(command + ["--resume"], env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "trained 4 steps" in result.stdout
+    assert (output / "curriculum" / "train.jsonl").read_text() == recorded
+    records = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in records if "reward" in r]
+    assert [r["step"] for r in steps] == [1, 2, 3, 4]  # each step logged once
+    assert all("rewards/source_citation_grounded/mean" in r for r in steps)
+    assert (output / "merged" / "config.json").exists()

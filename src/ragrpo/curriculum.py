@@ -12,7 +12,7 @@ without labels:
 3. retrieve the top k for each question with exactly what `ragrpo ask` uses (the table's embedding
    function, the same filter and k, `rag.build_prompt`), and keep the retrieved passages (`context`),
    their document ids (`context_ids`) and the source document's id (`source_id`) as dataset columns,
-   so that rewards such as `groundedness` and `source_citation` can see them.
+   so that rewards such as `groundedness` and `source_citation_grounded` can see them.
 
 Prompts ask for a citation by default (`cite`; `ask --cite` builds the same prompt, `ask --reasoning`
 the reasoning one): the write-up's prompt never asks for a source, so a small model names none and a
@@ -48,12 +48,19 @@ ID_COLUMNS = ("id", "doc_id", "document_id")
 TITLE_COLUMNS = ("title", "name", "heading")
 YEAR_COLUMNS = ("release_year", "year")
 QUESTION_MODES = ("templates", "model")
-# The rewards of a from-index run. Groundedness and source citation are in [0, 1] and [-1, 1]; the
-# write-up's length reward is in characters (-abs(50 - len)), so a weight of 0.01 puts 100 characters
-# off target on the same scale as a whole point of groundedness. Groundedness leaves out the question's
-# own words: template questions are made of the source's words, and the first measured run learned to
-# repeat the question (bench/results/from-index/NOTES.md).
-DEFAULT_REWARDS = ["groundedness_beyond_question", "source_citation", "length=0.01"]
+# The rewards of a from-index run, and how they are combined. Each reward is normalised within its group
+# of completions before the weighted sum (TRL's `multi_objective_aggregation="normalize_then_sum"`), so a
+# weight says how much a reward counts whatever its unit: the write-up's length reward is in characters
+# (-abs(50 - len), often -300 for a rambling answer) and, summed raw, it drowned groundedness and citation
+# (both within [-1, 1]). Measured on the built-in corpus (bench/results/from-index/NOTES.md):
+# - groundedness leaves out the question's own words: template questions are made of the source's words,
+#   and the first run learned to repeat the question;
+# - a citation earns only as much as the answer is grounded in the cited source: the second run (plain
+#   `source_citation`) learned to answer with bare passage names ("Movie- 2.");
+# - both runs, with raw sums, learned above all to be short (10 to 20 tokens), and the third (grounded
+#   citation, raw sum, length weight 0.003) stopped citing at all.
+DEFAULT_REWARDS = ["groundedness_beyond_question", "source_citation_grounded", "length=0.5"]
+DEFAULT_AGGREGATION = "normalize_then_sum"
 REASONING_REWARDS = ["format=0.5"]
 # Written for this project: the model writes one question about a passage, in its own words.
 QUESTION_PROMPT = ("Read the passage below and write one question that it answers. Reply with the question "
@@ -323,9 +330,11 @@ def read_curriculum(run_dir: str | Path) -> tuple[dict, list[Question]]:
 
 
 def from_index_config(cfg: RunConfig, source: IndexSource, rewards_given: bool) -> RunConfig:
-    """The run configuration of a from-index run: its own default rewards unless rewards were given."""
+    """The run configuration of a from-index run: its own default rewards, each normalised within its group
+    before the weighted sum (unless the configuration says otherwise), unless rewards were given."""
     if not rewards_given:
         cfg.rewards = DEFAULT_REWARDS + (REASONING_REWARDS if source.reasoning else [])
+        cfg.grpo.setdefault("multi_objective_aggregation", DEFAULT_AGGREGATION)
     return cfg
 
 

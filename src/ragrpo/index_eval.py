@@ -8,8 +8,11 @@ both models), and every seed gives one value of each figure:
 
     groundedness       share of the answer's content words found in the retrieved passages
     groundedness beyond question   the same over the answer's words that are not in the question
-    source_citation    the reward: mean over the answer's references of 1 / 0 / -1 (see rewards.py)
-    cites source       share of answers that refer to the source document's passage at all
+    source_citation    the reward: mean over the passages referred to of 1 / 0 / -1 (see rewards.py)
+    source_citation_grounded   the same, a reference to the source earning only the share of the
+                       answer's content words (beyond the question) found in the source passage
+    cites source only  citation accuracy: share of answers that refer to the source document's passage
+                       and to no other (naming every passage does not count)
     answer length      characters of the answer (the <answer> section with --reasoning)
     token diversity    the write-up's within-answer diversity (unique / total words, in %)
     distinct-2         unique word bigrams / all word bigrams over the seed's answers (across answers)
@@ -28,7 +31,8 @@ from pathlib import Path
 
 from ragrpo import RagrpoError
 
-HEADLINE = ("groundedness", "groundedness beyond question", "source_citation", "cites source")
+HEADLINE = ("groundedness", "groundedness beyond question", "source_citation", "source_citation_grounded",
+            "cites source only")
 
 
 @dataclass
@@ -98,6 +102,7 @@ def score_answers(completions: list[str], rows: list[dict], reward_specs: list[s
         answer_text,
         cited_passages,
         get_groundedness_reward,
+        get_source_citation_reward,
         source_citation,
         token_diversity,
     )
@@ -108,10 +113,12 @@ def score_answers(completions: list[str], rows: list[dict], reward_specs: list[s
     grounded = get_groundedness_reward()(completions, **columns)
     grounded_new = get_groundedness_reward(beyond_question=True)(completions, **columns)
     cites = source_citation(completions, **columns)
-    hits = [float(r["source_rank"] > 0 and r["source_rank"] in cited_passages(a)) for r, a in zip(rows, answers)]
+    cites_grounded = get_source_citation_reward(grounded=True)(completions, **columns)
+    only = [float(r["source_rank"] > 0 and set(cited_passages(a)) == {r["source_rank"]}) for r, a in zip(rows, answers)]
     lengths = [float(len(a)) for a in answers]
     diversity = token_diversity(answers)
-    figures = {"groundedness": grounded, "groundedness beyond question": grounded_new, "source_citation": cites, "cites source": hits,
+    figures = {"groundedness": grounded, "groundedness beyond question": grounded_new, "source_citation": cites,
+               "source_citation_grounded": cites_grounded, "cites source only": only,
                "answer length, chars": lengths, "token diversity": diversity}
     means = {name: sum(v) / len(v) for name, v in figures.items()}
     means["distinct-2"] = distinct_2(answers)
@@ -247,7 +254,7 @@ def write_report(result: IndexComparison, folder: Path) -> Path:
               f"seeds per model ({', '.join(map(str, result.seeds))}), temperature 1. hit@{result.k} of the "
               f"source document: **{result.hit_at_k:.3f}** (the retriever's, the same for both models); the "
               f"source is passage 1 for {result.source_first:.3f} of the questions, so always citing [1] would "
-              f"score about that much on `cites source`. "
+              f"score about that much on `cites source only`. "
               f"This evaluation call took {result.seconds / 60:.1f} min (answers already in answers/ for the same "
               f"model, questions and token budget are reused, not generated again)."), "",
              "| figure | base mean | base spread | tuned mean | tuned spread | base per seed | tuned per seed |",

@@ -353,31 +353,62 @@ def cited_passages(text: str) -> list[int]:
     return marks + [int(n) for n in _PASSAGE_NAME.findall(text)]
 
 
-def source_citation(completions, context_ids=None, source_id=None, **kwargs) -> list[float]:
-    """Citing the question's source document: per passage reference 1 / 0 / -1, averaged, in [-1, 1].
+def get_source_citation_reward(grounded: bool = False) -> Callable:
+    """Citing the question's source document: per passage referred to, 1 / 0 / -1, averaged, in [-1, 1].
 
-    Each reference scores 1 when it names the source's passage, 0 for another retrieved passage and
-    -1 for a passage that does not exist; the score is their mean, 0 without references.
+    Each passage the answer refers to (once, however often it is named) scores 1 when it is the
+    source's passage, 0 for another retrieved passage and -1 for a passage that does not exist; the
+    score is their mean, 0 without references. A reference is `[n]` or a "Movie n" name (the label
+    `ragrpo.rag` gives passage n). Needs the `context_ids` (ids of the retrieved passages, in order) and
+    `source_id` columns that `ragrpo train --from-index` builds; when the source was not retrieved, no
+    reference can score 1.
 
-    A reference is `[n]` or a "Movie n" name (the label `ragrpo.rag` gives passage n). Needs the
-    `context_ids` (ids of the retrieved passages, in order) and `source_id` columns that
-    `ragrpo train --from-index` builds; when the source was not retrieved, no reference can score 1.
+    With `grounded`, a reference to the source's passage earns only the share of the answer's content
+    words found in that passage, leaving out the question's words and the passage names: an answer that
+    only names a passage ("Movie- 2.") earns nothing, however right the number. The first from-index
+    run without it learned to answer with bare passage names (bench/results/from-index/NOTES.md).
 
-    >>> ids = [["a", "b", "c"]] * 4
-    >>> source_citation(["As Movie 2 shows, ...", "Per [1] and [2].", "See [9].", "No idea."],
-    ...                 context_ids=ids, source_id=["b"] * 4)
-    [1.0, 0.5, -1.0, 0.0]
+    >>> ids = [["a", "b", "c"]] * 5
+    >>> source_citation(["As Movie 2 shows, ...", "Per [1] and [2] and [2].", "See [9].", "No idea.", "[2]"],
+    ...                 context_ids=ids, source_id=["b"] * 5)
+    [1.0, 0.5, -1.0, 0.0, 1.0]
+    >>> docs = [["Finch sails north.", "Finch invented an arctic island.", "Gulls."]] * 3
+    >>> get_source_citation_reward(grounded=True)(
+    ...     ["Movie 2.", "Finch invented an island [2].", "Finch invented the gulls [2][3]."], context_ids=ids[:3],
+    ...     source_id=["b"] * 3, context=docs, query=["Who is Finch?"] * 3)
+    [0.0, 1.0, 0.25]
     """
-    if context_ids is None or source_id is None:
-        raise RagrpoError("needs 'context_ids' and 'source_id' columns (the ids of the retrieved passages and "
-                          "of the document the question is about); `ragrpo train --from-index` builds them")
-    scores = []
-    for completion, ids, source in zip(completions, context_ids, source_id, strict=True):
-        ids = list(ids)
-        refs = cited_passages(answer_text(completion))
-        credits = [(1.0 if ids[n - 1] == source else 0.0) if 1 <= n <= len(ids) else -1.0 for n in refs]
-        scores.append(sum(credits) / len(credits) if credits else 0.0)
-    return scores
+
+    def source_citation(completions, context_ids=None, source_id=None, context=None, query=None,
+                        **kwargs) -> list[float]:
+        """Citing the question's source document: per passage referred to 1 / 0 / -1, averaged, in [-1, 1]."""
+        if context_ids is None or source_id is None:
+            raise RagrpoError("needs 'context_ids' and 'source_id' columns (the ids of the retrieved passages and "
+                              "of the document the question is about); `ragrpo train --from-index` builds them")
+        contexts = _column(context, "context") if grounded else [None] * len(completions)
+        queries = _column(query, "query") if grounded else [""] * len(completions)
+        scores = []
+        for completion, ids, source, sample_context, question in zip(
+                completions, context_ids, source_id, contexts, queries, strict=True):
+            ids, text = list(ids), answer_text(completion)
+            refs = list(dict.fromkeys(cited_passages(text)))  # each passage once, in order
+            credits = [(1.0 if ids[n - 1] == source else 0.0) if 1 <= n <= len(ids) else -1.0 for n in refs]
+            if grounded and 1.0 in credits:
+                asked = set(content_words(question))
+                claimed = [w for w in content_words(_PASSAGE_NAME.sub(" ", _CITATION.sub(" ", text)))
+                           if w not in asked]
+                support = set(words(passages(sample_context)[ids.index(source)]))
+                credits = [_share(claimed, support) if c == 1.0 else c for c in credits]
+            scores.append(sum(credits) / len(credits) if credits else 0.0)
+        return scores
+
+    if grounded:
+        source_citation.__doc__ = ("Citing the source document, a reference earning the share of the answer's "
+                                   "content words found in the source passage, in [-1, 1].")
+    return _named(source_citation, "source_citation_grounded" if grounded else "source_citation")
+
+
+source_citation = get_source_citation_reward()
 
 
 # ---- rewards that run a model -------------------------------------------------------------------
@@ -525,6 +556,7 @@ REWARDS: dict[str, Callable] = {
     "groundedness_beyond_question": get_groundedness_reward(beyond_question=True),
     "citation": citation,
     "source_citation": source_citation,
+    "source_citation_grounded": get_source_citation_reward(grounded=True),
     "context_reliance": get_context_reliance_reward(),
     "relevance": get_relevance_reward(),
     "repetition": get_repetition_reward(),
