@@ -45,6 +45,24 @@ def movie_db(tmp_path_factory):
     return db
 
 
+def kill_at_checkpoint(command: list, checkpoint, env: dict, timeout: float = 300) -> None:
+    """Start `command` (a training run), SIGKILL it once `checkpoint`'s trainer state is on disk, and check
+    that it had not finished by then."""
+    import signal
+    import subprocess
+    import time
+
+    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + timeout
+    while not (checkpoint / "trainer_state.json").exists():
+        assert process.poll() is None, f"the run ended before {checkpoint.name}"
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert not (checkpoint.parent.parent / "merged").exists(), "the run finished before it was killed"
+
+
 def tiny_llama(base_model_dir, max_position_embeddings: int = 1024):
     """A 2-layer Llama built from a config in memory (seeded), with the real tokenizer (for the vocabulary)."""
     import torch

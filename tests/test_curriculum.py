@@ -189,7 +189,8 @@ def test_from_index_run_records_its_split_and_trains_on_its_rewards(index_run):
     assert all(REASONING_INSTRUCTION in r["prompt"][0]["content"] for r in rows)
     config = json.loads((run / "config.json").read_text())["run"]
     assert config["dataset"] == str(run / "curriculum" / "train.jsonl") and config["held_out"] == 0.0
-    assert config["rewards"] == ["groundedness_beyond_question", "source_citation_grounded", "length=0.003", "format=0.5"]
+    assert config["rewards"] == ["groundedness_beyond_question", "source_citation_grounded", "length=0.5", "format=0.5"]
+    assert config["grpo"]["multi_objective_aggregation"] == "normalize_then_sum"  # weights apply to normalised rewards
     logged = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert any("rewards/source_citation_grounded/mean" in r for r in logged)
     assert result.steps == 2
@@ -305,27 +306,18 @@ def test_killed_from_index_run_resumes_on_its_own_curriculum(movie_db, tiny_mode
     """`--resume` rebuilds nothing: it reads the recorded curriculum back, so the resumed steps still see the
     context, ids and source columns that the citation reward needs."""
     import os
-    import signal
     import subprocess
     import sys
-    import time
+
+    from conftest import kill_at_checkpoint
 
     (tmp_path / "run.toml").write_text(RESUME_TOML)
     output = tmp_path / "run"
     command = [sys.executable, "-m", "ragrpo.cli", "train", "--output", str(output)]
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    process = subprocess.Popen(command + ["--from-index", "movies", "--db", str(movie_db), "-k", "2",
-                                          "--max-documents", "30", "--model", str(tiny_model_dir),
-                                          "--config", str(tmp_path / "run.toml")],
-                               env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 300
-    while not (output / "checkpoints" / "checkpoint-2" / "trainer_state.json").exists():
-        assert process.poll() is None, "the run ended before its second checkpoint"
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
-    assert not (output / "merged").exists(), "the run finished before it was killed"
+    kill_at_checkpoint(command + ["--from-index", "movies", "--db", str(movie_db), "-k", "2", "--max-documents", "30",
+                                  "--model", str(tiny_model_dir), "--config", str(tmp_path / "run.toml")],
+                       output / "checkpoints" / "checkpoint-2", env)
     recorded = (output / "curriculum" / "train.jsonl").read_text()
 
     result = subprocess.run(command + ["--resume"], env=env, capture_output=True, text=True, timeout=600)

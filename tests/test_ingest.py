@@ -91,6 +91,33 @@ def test_fast_embedding_stays_within_1e3_cosine_of_float32_sentence_transformers
     assert np.allclose(np.linalg.norm(fast, axis=1), 1.0, atol=1e-5)
 
 
+def test_packed_linears_compute_what_the_plain_bf16_bert_does():
+    import torch
+    from transformers import BertConfig, BertModel
+
+    from ragrpo.embed import pack_linears
+
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=100, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                        intermediate_size=128, max_position_embeddings=64)
+    plain = BertModel(config).eval().to(torch.bfloat16)
+    packed = BertModel(config).eval().to(torch.bfloat16)
+    packed.load_state_dict(plain.state_dict())
+    if not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        assert pack_linears(packed) == 0  # nothing to gain here: the model is left as it was
+        return
+    assert pack_linears(packed) == 12  # q, k, v, attention output, intermediate (with its GELU), output
+    assert isinstance(packed.encoder.layer[0].intermediate.intermediate_act_fn, torch.nn.Identity)
+    ids = torch.randint(0, 100, (3, 17))
+    mask = torch.ones_like(ids)
+    mask[1, 9:] = 0
+    with torch.inference_mode():
+        want = plain(input_ids=ids, attention_mask=mask).last_hidden_state.float()
+        got = packed(input_ids=ids, attention_mask=mask).last_hidden_state.float()
+    # the same bf16 arithmetic in another order: a few bf16 steps apart at most, on values of order 1
+    assert (got - want).abs().max() < 0.05 and (got - want).abs().mean() < 0.003
+
+
 # -- upserts ------------------------------------------------------------------------------------------
 
 @pytest.mark.integration

@@ -2,10 +2,10 @@
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
+
+from conftest import kill_at_checkpoint
 
 RUN_TOML = """
 max_samples = 16
@@ -31,17 +31,8 @@ def test_killed_run_resumes_to_the_same_number_of_steps(tmp_path, tiny_causal_lm
     output = tmp_path / "run"
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
 
-    process = subprocess.Popen(_train("--model", tmp_path / "tiny-model", "--config", tmp_path / "run.toml",
-                                      "--output", output), env=env, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 300
-    while not (output / "checkpoints" / "checkpoint-2" / "trainer_state.json").exists():
-        assert process.poll() is None, "the run ended before its first checkpoint"
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
-    assert not (output / "merged").exists(), "the run finished before it was killed"
+    kill_at_checkpoint(_train("--model", tmp_path / "tiny-model", "--config", tmp_path / "run.toml", "--output", output),
+                       output / "checkpoints" / "checkpoint-2", env)
 
     result = subprocess.run(_train("--output", output, "--resume"), env=env, capture_output=True, text=True,
                             timeout=600)
