@@ -131,7 +131,8 @@ def score_answers(completions: list[str], rows: list[dict], reward_specs: list[s
         latency[func.__name__] = 1000 * (time.perf_counter() - start) / len(completions)
         means[f"reward {func.__name__}"] = sum(values) / len(values)
         total = [t + weight * v for t, v in zip(total, values)]
-    means["total reward"] = sum(total) / len(total)
+    # the raw weighted sum; a run that normalises each reward within its group first trains on something else
+    means["weighted reward sum, raw"] = sum(total) / len(total)
     return SeedScores(0, means, latency, per_answer=figures)
 
 
