@@ -117,6 +117,13 @@ class Embedder:
             pack_linears(model)
         return cls(name, tokenizer, max_tokens, model=model, reference=reference, dtype=dtype, device=where)
 
+    @property
+    def dim(self) -> int:
+        """The size of the vectors `encode` returns."""
+        if self.model is None:
+            return self.fallback.get_sentence_embedding_dimension()
+        return self.model.config.hidden_size
+
     # -- chunking --------------------------------------------------------------------------------
 
     def chunk(self, texts: list[str], size: int, overlap: int) -> list[list[str]]:

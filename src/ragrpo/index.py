@@ -117,12 +117,15 @@ def embedding_function(embedding_model: str | None = None):
         raise RagrpoError(f"embedding model {embedding_model!r} could not be loaded: {exc}") from None
 
 
-def build_schema(frame, text_column: str, func):
-    """A LanceModel subclass for `frame`: the text column embeds into `vector` through `func`."""
+def build_schema(frame, text_column: str, func, dim: int | None = None):
+    """A LanceModel subclass for `frame`: the text column embeds into `vector` through `func`.
+
+    `dim` is the vector size when the caller knows it; without it `func.ndims()` asks the registry's
+    model, which loads a second copy of the embedder (about 4 s on a cold start)."""
     from lancedb.pydantic import LanceModel, Vector
     from pydantic import create_model
 
-    fields = {VECTOR_COLUMN: (Vector(func.ndims()), func.VectorField())}
+    fields = {VECTOR_COLUMN: (Vector(dim or func.ndims()), func.VectorField())}
     for column in frame.columns:
         if column == text_column:
             fields[column] = (str, func.SourceField())
@@ -245,7 +248,7 @@ def index(
                           "per text (longer chunks would be truncated)")
     frame, counts = chunk_frame(frame, text_column, embedder, size, chunk_overlap)
     func = embedding_function(embedding_model)
-    schema = build_schema(frame, text_column, func)
+    schema = build_schema(frame, text_column, func, dim=embedder.dim)  # the same model, already loaded
     # Embed before touching the database: the registry sees a filled vector column and keeps it.
     frame[VECTOR_COLUMN] = list(_embed(embedder, frame[text_column].tolist(), counts, progress))
     connection = lancedb.connect(db)

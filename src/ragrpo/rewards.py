@@ -365,7 +365,7 @@ def get_source_citation_reward(grounded: bool = False) -> Callable:
 
     With `grounded`, a reference to the source's passage earns only the share of the answer's content
     words found in that passage, leaving out the question's words and the passage names: an answer that
-    only names a passage ("Movie- 2.") earns nothing, however right the number. The first from-index
+    only names a passage ("Movie- 2.") earns nothing, however right the number. A measured from-index
     run without it learned to answer with bare passage names (bench/results/from-index/NOTES.md).
 
     >>> ids = [["a", "b", "c"]] * 5
