@@ -91,6 +91,21 @@ def test_fast_embedding_stays_within_1e3_cosine_of_float32_sentence_transformers
     assert np.allclose(np.linalg.norm(fast, axis=1), 1.0, atol=1e-5)
 
 
+
+@pytest.mark.integration
+def test_embedder_without_a_fast_path_uses_sentence_transformers(embedder):
+    from sentence_transformers import SentenceTransformer
+
+    from ragrpo.embed import Embedder
+
+    model = SentenceTransformer(embedder.name, device="cpu")
+    fallback = Embedder(embedder.name, model.tokenizer, model.max_seq_length, fallback=model)
+    texts = ["A lighthouse keeper's log.", "Bandits raid a caravan near the monastery at dusk."]
+    assert fallback.dim == embedder.dim == 384
+    vectors = fallback.encode(texts)
+    assert vectors.shape == (2, 384)
+    assert np.allclose(vectors, model.encode(texts, normalize_embeddings=True), atol=1e-6)
+
 def test_packed_linears_compute_what_the_plain_bf16_bert_does():
     import torch
     from transformers import BertConfig, BertModel

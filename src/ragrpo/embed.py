@@ -151,7 +151,7 @@ class Embedder:
     def encode(self, texts: list[str], *, on_batch=None) -> np.ndarray:
         """(N, dim) unit vectors, float32. `on_batch(indices)` is called after each batch."""
         if self.model is None:
-            vectors = np.zeros((len(texts), self.fallback.get_sentence_embedding_dimension()), np.float32)
+            vectors = np.zeros((len(texts), self.dim), np.float32)
             for start in range(0, len(texts), MAX_BATCH):
                 indices = list(range(start, min(start + MAX_BATCH, len(texts))))
                 vectors[indices] = self.fallback.encode([texts[i] for i in indices], normalize_embeddings=True)
