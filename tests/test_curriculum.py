@@ -16,7 +16,7 @@ from ragrpo.curriculum import (
     keywords,
     template_questions,
 )
-from ragrpo.rag import CITE_INSTRUCTION, REASONING_INSTRUCTION, build_prompt, retrieve
+from ragrpo.rag import REASONING_INSTRUCTION, build_prompt, cite_instruction, retrieve
 from ragrpo.reward_specs import guarded
 from ragrpo.rewards import cited_passages, get_source_citation_reward, source_citation
 
@@ -65,7 +65,10 @@ def test_reasoning_and_cite_prompts_extend_the_ask_prompt():
     assert plain.endswith("Answer concisely but creatively")
     assert build_prompt("Who lied?", ["Finch lied."], reasoning=True) == f"{plain}\n\n{REASONING_INSTRUCTION}"
     assert build_prompt("Who lied?", ["Finch lied."], reasoning=True, cite=True) == \
-        f"{plain}\n\n{CITE_INSTRUCTION}\n\n{REASONING_INSTRUCTION}"
+        f"{plain}\n\n{cite_instruction(1)}\n\n{REASONING_INSTRUCTION}"
+    # every passage's number is listed, none singled out as the example
+    assert build_prompt("Who lied?", ["Finch lied.", "Gulls."], cite=True).endswith(
+        "by its number: [1] for Movie- 1, [2] for Movie- 2.")
 
 
 @pytest.mark.parametrize("completion, expected", [
@@ -189,7 +192,7 @@ def test_from_index_run_records_its_split_and_trains_on_its_rewards(index_run):
     assert all(REASONING_INSTRUCTION in r["prompt"][0]["content"] for r in rows)
     config = json.loads((run / "config.json").read_text())["run"]
     assert config["dataset"] == str(run / "curriculum" / "train.jsonl") and config["held_out"] == 0.0
-    assert config["rewards"] == ["groundedness_beyond_question", "source_citation_grounded", "length=0.5", "format=0.5"]
+    assert config["rewards"] == ["groundedness_beyond_question", "source_citation_grounded=2", "length=0.5", "format=0.5"]
     assert config["grpo"]["multi_objective_aggregation"] == "normalize_then_sum"  # weights apply to normalised rewards
     logged = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert any("rewards/source_citation_grounded/mean" in r for r in logged)
@@ -215,6 +218,30 @@ def test_eval_from_index_scores_both_models_per_seed(index_run, tiny_model_dir, 
     assert "hit@2" in report and "| groundedness |" in report and "Gain against seed spread" in report
     for name in ("curves.png", "histograms.png", "results.json"):
         assert (tmp_path / "report" / name).stat().st_size > 0
+
+
+def test_eval_answers_are_reused_only_for_the_same_prompts(tmp_path, monkeypatch):
+    from ragrpo import index_eval
+
+    calls = []
+
+    def fake_answer_all(model, tokenizer, rows, **kwargs):
+        calls.append([r["prompt"] for r in rows])
+        return [f"answer {len(calls)}" for _ in rows]
+
+    monkeypatch.setattr(index_eval, "answer_all", fake_answer_all)
+    rows = [{"query": "What happens in Ledger?", "prompt": "Query ... cite e.g. [2]"}]
+    loaded = {"base": (None, None)}  # already in memory: nothing to load
+
+    def answers(prompt_rows):
+        return index_eval.cached_answers(tmp_path, "base", None, prompt_rows, seed=0, max_new_tokens=8,
+                                         loaded=loaded)
+
+    assert answers(rows) == ["answer 1"]
+    assert answers(rows) == ["answer 1"] and len(calls) == 1  # same prompts: read back
+    # same question, new instructions in the prompt: the old answers do not answer it
+    assert answers([{**rows[0], "prompt": "Query ... cite [1] or [2]"}]) == ["answer 2"]
+    assert len(calls) == 2
 
 
 def test_eval_from_index_needs_a_from_index_run(tmp_path):
@@ -248,7 +275,7 @@ def test_ask_with_reasoning_shows_only_the_answer(monkeypatch):
     answer = rag.answer_from_hits(None, None, "Who lied?", hits, "movie_plot", reasoning=True, cite=True)
     assert answer.text == "Finch made it up [1]."
     assert answer.raw.startswith("<think>") and seen["prompt"].endswith(REASONING_INSTRUCTION)
-    assert CITE_INSTRUCTION in seen["prompt"]
+    assert cite_instruction(1) in seen["prompt"]
     assert answer.sources == [{"title": "The Cartographer's Lie"}]
 
 

@@ -164,6 +164,7 @@ GROUNDEDNESS_CASES = [
     ("Хвост кота длинный.", ["У кота длинный хвост."], 1.0),
     ("Finch lied.", "Finch invents.\n\nNobody lied.", 1.0),
     ("Finch invents New Thule [1].", DOCS, 1.0),  # a citation mark is not a claim
+    ("Finch invents New Thule (Movie- 1).", DOCS, 1.0),  # nor is a passage's name
     ("Finch invents New Thule.", [], 0.0),
     ("Finch invents New Thule.", None, 0.0),
 ]

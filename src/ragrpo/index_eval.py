@@ -24,6 +24,7 @@ says for groundedness and citation whether the tuned model's gain exceeds the la
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from dataclasses import dataclass, field
@@ -150,11 +151,14 @@ def answer_all(model, tokenizer, rows: list[dict], *, seed: int, max_new_tokens:
 def cached_answers(folder: Path, side: str, name: str | None, rows: list[dict], *, seed: int,
                    max_new_tokens: int, loaded: dict) -> list[str]:
     """A side's answers for one seed, kept in `folder/answers/SIDE-seedN.json` and reused when the model,
-    the questions and the token budget are the same (rewriting a report regenerates nothing)."""
+    the prompts and the token budget are the same (rewriting a report regenerates nothing)."""
     from ragrpo.models import load_model
 
     path = folder / "answers" / f"{side}-seed{seed}.json"
-    key = {"model": str(name), "max_new_tokens": max_new_tokens, "queries": [r["query"] for r in rows]}
+    # the queries are kept readable; the digest covers the whole prompts (retrieved passages, instructions)
+    digest = hashlib.sha256(json.dumps([r["prompt"] for r in rows]).encode()).hexdigest()
+    key = {"model": str(name), "max_new_tokens": max_new_tokens, "queries": [r["query"] for r in rows],
+           "prompts_sha256": digest}
     if path.exists():
         cached = json.loads(path.read_text())
         if {k: cached.get(k) for k in key} == key:

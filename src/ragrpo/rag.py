@@ -28,7 +28,9 @@ PASSAGE_TEMPLATE = "## Movie- {n}:\n{text}"
 REASONING_INSTRUCTION = ("First reason about the context inside <think> </think>, then give only the answer "
                          "inside <answer> </answer>.")
 # `--cite` appends this: the write-up's prompt never asks for sources, so a model has no reason to name one.
-CITE_INSTRUCTION = "After the answer, cite the movie it comes from by its number, e.g. [2] for Movie- 2."
+# It lists every passage's number. An earlier single example ("e.g. [2] for Movie- 2") pulled the 135M
+# model's citations to [2], whatever the source (bench/results/from-index/NOTES.md).
+CITE_INSTRUCTION = "After the answer, cite the movie it comes from by its number: {numbers}."
 DEFAULT_QUERY = "What's common in movies where the protagonist turns out to be the bad guy"
 
 
@@ -41,11 +43,16 @@ class Answer:
     raw: str = ""  # the whole completion; with reasoning, `text` is its <answer> section only
 
 
+def cite_instruction(passages: int) -> str:
+    """'After the answer, cite ...: [1] for Movie- 1, [2] for Movie- 2.' for two passages."""
+    return CITE_INSTRUCTION.format(numbers=", ".join(f"[{n}] for Movie- {n}" for n in range(1, passages + 1)))
+
+
 def build_prompt(query: str, passages: list[str], reasoning: bool = False, cite: bool = False) -> str:
     """The write-up's prompt; `cite` and `reasoning` each append one sentence of instructions."""
     context = "\n\n".join(PASSAGE_TEMPLATE.format(n=i + 1, text=text) for i, text in enumerate(passages))
     prompt = PROMPT_TEMPLATE.format(query=query, context=context)
-    prompt = f"{prompt}\n\n{CITE_INSTRUCTION}" if cite else prompt
+    prompt = f"{prompt}\n\n{cite_instruction(len(passages))}" if cite else prompt
     return f"{prompt}\n\n{REASONING_INSTRUCTION}" if reasoning else prompt
 
 

@@ -254,6 +254,13 @@ def get_repetition_reward(ngram: int = 3) -> Callable:
 
 
 _CITATION = re.compile(r"\[(\d+(?:\s*,\s*\d+)*)\]")
+# `ragrpo.rag` heads passage n with "## Movie- n:"; an answer naming "Movie 2" (or "movie-2") refers to it.
+_PASSAGE_NAME = re.compile(r"\bmovie\s*-?\s*(\d+)\b", re.IGNORECASE)
+
+
+def _without_references(text: str) -> str:
+    """`text` without its references to passages ("[1]", "Movie- 2"): a reference is no claim."""
+    return _PASSAGE_NAME.sub(" ", _CITATION.sub(" ", text))
 
 
 def _share(units: list, support: set) -> float:
@@ -272,8 +279,8 @@ def get_groundedness_reward(ngram: int = 1, beyond_question: bool = False) -> Ca
     """Share of the answer's content words (or word n-grams) that occur in the `context` column, in [0, 1].
 
     Exact matching after lowercasing, no stemming: "invented" does not support "invents". Counts are
-    over occurrences, so a supported word said twice counts twice; citation marks `[n]` are not
-    counted. An answer with no content words (empty, or only stop words) scores 0.
+    over occurrences, so a supported word said twice counts twice; references to passages (`[n]`,
+    "Movie n") are not counted. An answer with no content words (empty, or only stop words) scores 0.
 
     With `beyond_question`, words (n-grams) that are also in the `query` column are left out: when the
     questions are made from the passages' own words, an answer that repeats the question would otherwise
@@ -299,8 +306,7 @@ def get_groundedness_reward(ngram: int = 1, beyond_question: bool = False) -> Ca
         scores = []
         for completion, sample_context, question in zip(completions, contexts, queries, strict=True):
             asked = set(_units(question, ngram))
-            units = [u for u in _units(_CITATION.sub(" ", answer_text(completion)), ngram)  # "[1]" is no claim
-                     if u not in asked]
+            units = [u for u in _units(_without_references(answer_text(completion)), ngram) if u not in asked]
             # n-grams are collected per passage, so none spans the seam between two passages
             support = {u for passage in passages(sample_context) for u in _units(passage, ngram)}
             scores.append(_share(units, support))
@@ -341,10 +347,6 @@ def citation(completions, context=None, **kwargs) -> list[float]:
                 credits += [_share(claimed, docs[n - 1]) if 1 <= n <= len(docs) else -1.0 for n in cited]
         scores.append(sum(credits) / len(credits) if credits else 0.0)
     return scores
-
-
-# `ragrpo.rag` heads passage n with "## Movie- n:"; an answer naming "Movie 2" (or "movie-2") refers to it.
-_PASSAGE_NAME = re.compile(r"\bmovie\s*-?\s*(\d+)\b", re.IGNORECASE)
 
 
 def cited_passages(text: str) -> list[int]:
@@ -395,7 +397,7 @@ def get_source_citation_reward(grounded: bool = False) -> Callable:
             credits = [(1.0 if ids[n - 1] == source else 0.0) if 1 <= n <= len(ids) else -1.0 for n in refs]
             if grounded and 1.0 in credits:
                 asked = set(content_words(question))
-                claimed = [w for w in content_words(_PASSAGE_NAME.sub(" ", _CITATION.sub(" ", text)))
+                claimed = [w for w in content_words(_without_references(text))
                            if w not in asked]
                 support = set(words(passages(sample_context)[ids.index(source)]))
                 credits = [_share(claimed, support) if c == 1.0 else c for c in credits]
