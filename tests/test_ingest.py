@@ -75,6 +75,19 @@ def test_chunks_are_verbatim_overlapping_windows(embedder):
 
 
 @pytest.mark.integration
+def test_chunking_hands_whole_texts_token_ids_to_encode(embedder):
+    long = " ".join(f"word{n} alpha beta" for n in range(100))
+    texts = ["A lighthouse keeper's log.", long, "Bandits raid a caravan."]
+    chunks, ids = embedder.chunk(texts, 100, 20, return_ids=True)
+    flat = [c for parts in chunks for c in parts]
+    assert len(ids) == len(flat) and len(chunks[1]) > 1
+    whole = embedder.tokenizer([texts[0], texts[2]])["input_ids"]  # [CLS] ... [SEP], as encode tokenizes
+    assert ids[0] == whole[0] and ids[-1] == whole[1]
+    assert all(row is None for row in ids[1:-1])  # windows are tokenized again from their own text
+    assert np.array_equal(embedder.encode(flat, ids=ids), embedder.encode(flat))
+
+
+@pytest.mark.integration
 def test_fast_embedding_stays_within_1e3_cosine_of_float32_sentence_transformers(embedder):
     from sentence_transformers import SentenceTransformer
 

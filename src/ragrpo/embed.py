@@ -4,8 +4,9 @@ Queries are embedded by the table's registry function (sentence-transformers, fl
 client gets the same query vectors. Documents are many, so ingest takes a faster path that must stay
 within `MAX_COSINE_GAP` of that float32 reference:
 
-- texts are tokenized once, sorted by length and cut into batches under a token budget, so a batch
-  pads to a length close to its own texts' instead of the longest text in the corpus;
+- texts are tokenized once (a text that stays one chunk keeps the chunking pass's ids), sorted by
+  length and cut into batches under a token budget, so a batch pads to a length close to its own
+  texts' instead of the longest text in the corpus; each worker pads its own batch;
 - the transformer runs in bfloat16 where the hardware has native bf16 (CUDA, or a CPU with
   avx512_bf16 / AMX), with mean pooling and normalisation done in float32. Pooling in bf16 is what
   costs accuracy (a 256-term sum in 8 mantissa bits); with float32 pooling the gap measured on the
@@ -33,6 +34,7 @@ import json
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -126,30 +128,47 @@ class Embedder:
 
     # -- chunking --------------------------------------------------------------------------------
 
-    def chunk(self, texts: list[str], size: int, overlap: int) -> list[list[str]]:
+    def chunk(self, texts: list[str], size: int, overlap: int, *, return_ids: bool = False):
         """Each text as windows of at most `size` tokens, consecutive windows sharing `overlap` tokens.
 
         Windows are cut at token boundaries and sliced from the original text (via the tokenizer's
         character offsets), so a chunk is verbatim text. A text of `size` tokens or fewer is one chunk,
-        unchanged.
+        unchanged. With `return_ids`, also each chunk's model input ids (special tokens added), in the
+        order of the flattened chunks, for `encode(ids=)`: known for a text that stayed whole, None for
+        the windows of a longer one, whose own tokenization may differ at the cut.
         """
         if not 0 <= overlap < size:
             raise RagrpoError(f"--chunk-overlap must be at least 0 and below --chunk-size ({size}), got {overlap}")
         encoded = self.tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
         step = size - overlap
-        chunks = []
-        for text, offsets in zip(texts, encoded["offset_mapping"], strict=True):
+        chunks, ids = [], []
+        for text, tokens, offsets in zip(texts, encoded["input_ids"], encoded["offset_mapping"], strict=True):
             if len(offsets) <= size:
                 chunks.append([text])
+                ids.append(self._with_special_tokens(tokens))
                 continue
             starts = range(0, max(len(offsets) - overlap, 1), step)
             chunks.append([text[offsets[s][0]:offsets[min(s + size, len(offsets)) - 1][1]] for s in starts])
-        return chunks
+            ids += [None] * len(starts)
+        return (chunks, ids) if return_ids else chunks
+
+    @cached_property
+    def _special_frame(self) -> tuple[list[int], list[int]]:
+        """The ids the tokenizer puts before and after one text's own ([CLS] and [SEP] for BERT)."""
+        framed = self.tokenizer("probe")["input_ids"]
+        bare = self.tokenizer("probe", add_special_tokens=False)["input_ids"]
+        start = next(i for i in range(len(framed)) if framed[i:i + len(bare)] == bare)
+        return framed[:start], framed[start + len(bare):]
+
+    def _with_special_tokens(self, tokens: list[int]) -> list[int]:
+        prefix, suffix = self._special_frame
+        return prefix + tokens + suffix
 
     # -- embedding -------------------------------------------------------------------------------
 
-    def encode(self, texts: list[str], *, on_batch=None) -> np.ndarray:
-        """(N, dim) unit vectors, float32. `on_batch(indices)` is called after each batch."""
+    def encode(self, texts: list[str], *, ids: list | None = None, on_batch=None) -> np.ndarray:
+        """(N, dim) unit vectors, float32. `ids`: input ids already known per text (None where not), as
+        `chunk(return_ids=True)` gives them. `on_batch(indices)` is called after each batch."""
         if self.model is None:
             vectors = np.zeros((len(texts), self.dim), np.float32)
             for start in range(0, len(texts), MAX_BATCH):
@@ -158,7 +177,12 @@ class Embedder:
                 if on_batch:
                     on_batch(indices)
             return vectors
-        ids = self.tokenizer(texts, truncation=True, max_length=self.max_tokens)["input_ids"]
+        ids = list(ids) if ids is not None else [None] * len(texts)
+        missing = [i for i, row in enumerate(ids) if row is None or len(row) > self.max_tokens]
+        if missing:
+            fresh = self.tokenizer([texts[i] for i in missing], truncation=True, max_length=self.max_tokens)
+            for i, row in zip(missing, fresh["input_ids"], strict=True):
+                ids[i] = row
         order = np.argsort([len(row) for row in ids], kind="stable")
         batches = list(self._batches(order, ids))
         first = self._forward([ids[i] for i in batches[0]], self.model)  # (B, dim)
@@ -169,9 +193,7 @@ class Embedder:
         if on_batch:
             on_batch(batches[0])
         with cpu_workers(self.device) as workers, ThreadPoolExecutor(workers) as pool:
-            # Padding stays on this thread (the fast tokenizer is not shared across threads).
-            padded = [self._pad([ids[i] for i in batch]) for batch in batches[1:]]
-            forwards = pool.map(lambda inputs: self._run(inputs, self.model), padded)
+            forwards = pool.map(lambda batch: self._forward([ids[i] for i in batch], self.model), batches[1:])
             for batch, rows in zip(batches[1:], forwards, strict=True):
                 vectors[batch] = rows
                 if on_batch:
@@ -188,15 +210,24 @@ class Embedder:
         if batch:
             yield batch
 
-    def _pad(self, ids: list[list[int]]):
-        return self.tokenizer.pad({"input_ids": ids}, return_tensors="pt").to(self.device)
-
-    def _forward(self, ids: list[list[int]], model) -> np.ndarray:
-        return self._run(self._pad(ids), model)
-
-    def _run(self, padded, model) -> np.ndarray:
+    def _pad(self, ids: list[list[int]]) -> dict:
+        """(B, T) input ids and attention mask, padded on the tokenizer's side. Plain numpy, not the
+        tokenizer's `pad`: it runs inside the worker threads, which must not share the fast tokenizer."""
         import torch
 
+        width = max(len(row) for row in ids)
+        input_ids = np.full((len(ids), width), self.tokenizer.pad_token_id or 0, np.int64)
+        mask = np.zeros((len(ids), width), np.int64)
+        for r, row in enumerate(ids):
+            span = slice(width - len(row), width) if self.tokenizer.padding_side == "left" else slice(0, len(row))
+            input_ids[r, span], mask[r, span] = row, 1
+        return {"input_ids": torch.from_numpy(input_ids).to(self.device),
+                "attention_mask": torch.from_numpy(mask).to(self.device)}
+
+    def _forward(self, ids: list[list[int]], model) -> np.ndarray:
+        import torch
+
+        padded = self._pad(ids)
         with torch.inference_mode():
             hidden = model(**padded).last_hidden_state.float()  # (B, T, dim), pooled in float32
         mask = padded["attention_mask"].unsqueeze(-1).float()  # (B, T, 1)

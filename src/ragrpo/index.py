@@ -157,13 +157,14 @@ def prepare_frame(source: str, text_column: str | None, renames: dict[str, str])
 
 def chunk_frame(frame, text_column: str, embedder, size: int, overlap: int):
     """One row per chunk: the parent's columns (id and metadata) repeated, its text cut into chunks,
-    and `chunk` = 0, 1, ... numbering the chunks of each document."""
-    pieces = embedder.chunk(frame[text_column].tolist(), size, overlap)
+    and `chunk` = 0, 1, ... numbering the chunks of each document; also the chunks' input ids where the
+    chunking pass has them (`Embedder.chunk`), so a text that stayed whole is tokenized once."""
+    pieces, ids = embedder.chunk(frame[text_column].tolist(), size, overlap, return_ids=True)
     counts = [len(p) for p in pieces]
     chunks = frame.loc[frame.index.repeat(counts)].reset_index(drop=True)
     chunks[text_column] = [text for parts in pieces for text in parts]
     chunks[CHUNK_COLUMN] = [n for count in counts for n in range(count)]
-    return chunks, counts
+    return chunks, counts, ids
 
 
 def _sql_literal(value) -> str:
@@ -172,7 +173,7 @@ def _sql_literal(value) -> str:
     return repr(value.item() if hasattr(value, "item") else value)
 
 
-def _embed(embedder, texts: list[str], counts: list[int], progress: bool):
+def _embed(embedder, texts: list[str], counts: list[int], progress: bool, ids: list | None = None):
     """Vectors for `texts`; the progress bar counts documents (all chunks of a document embedded)."""
     from tqdm import tqdm
 
@@ -186,7 +187,7 @@ def _embed(embedder, texts: list[str], counts: list[int], progress: bool):
             done = int((left == 0).sum())
             bar.update(done - bar.n)
 
-        return embedder.encode(texts, on_batch=on_batch)
+        return embedder.encode(texts, ids=ids, on_batch=on_batch)
 
 
 def _check_upsert(existing, frame, table: str) -> None:
@@ -246,11 +247,11 @@ def index(
     if size > embedder.max_tokens - 2 or size < 1:
         raise RagrpoError(f"--chunk-size {size}: the embedder reads at most {embedder.max_tokens - 2} tokens "
                           "per text (longer chunks would be truncated)")
-    frame, counts = chunk_frame(frame, text_column, embedder, size, chunk_overlap)
+    frame, counts, ids = chunk_frame(frame, text_column, embedder, size, chunk_overlap)
     func = embedding_function(embedding_model)
     schema = build_schema(frame, text_column, func, dim=embedder.dim)  # the same model, already loaded
     # Embed before touching the database: the registry sees a filled vector column and keeps it.
-    frame[VECTOR_COLUMN] = list(_embed(embedder, frame[text_column].tolist(), counts, progress))
+    frame[VECTOR_COLUMN] = list(_embed(embedder, frame[text_column].tolist(), counts, progress, ids))
     connection = lancedb.connect(db)
     if upsert:
         target = connection.open_table(table)
