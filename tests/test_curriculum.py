@@ -18,7 +18,7 @@ from ragrpo.curriculum import (
 )
 from ragrpo.rag import REASONING_INSTRUCTION, build_prompt, cite_instruction, retrieve
 from ragrpo.reward_specs import guarded
-from ragrpo.rewards import cited_passages, get_source_citation_reward, source_citation
+from ragrpo.rewards import REWARDS, cited_passages, get_source_citation_reward, source_citation
 
 ROW = {"title": "The Ferryman's Ledger", "release_year": 1923,
        "movie_plot": "Thames ferryman Walter Crouch keeps a ledger. The ledger lists every passenger; "
@@ -108,6 +108,25 @@ def test_grounded_source_citation(completion, expected):
                   query=["What does the ferryman do?"]) == [expected]
 
 
+@pytest.mark.parametrize("completion, expected", [
+    ("Movie- 2.", 0.0),  # the right passage named, nothing said
+    ("The ferryman is Movie 2 [2].", 0.0),
+    ("He hid a second ledger with watches [2].", 0.0),  # hid, second, ledger, watches: four words, not five
+    ("He hid a second ledger full of gold watches [2].", 1.0),  # five words, not all in the passage
+    ("He hid a second ledger full of gold watches [1].", 0.0),  # another retrieved passage
+    ("He hid a second ledger full of gold watches [2][3].", 0.5),
+    ("He hid a second ledger full of gold watches [2][7].", 0.0),
+    ("Say [7].", -1.0),  # a passage that does not exist costs 1, whatever the answer says
+])
+def test_answered_source_citation(completion, expected):
+    reward = REWARDS["source_citation_answered"]
+    assert reward.__name__ == "source_citation_answered"
+    assert reward([completion], context_ids=[["a", "b", "c"]], source_id=["b"],
+                  query=["What does the ferryman do?"]) == [expected]
+    with pytest.raises(RagrpoError, match="not both"):
+        get_source_citation_reward(grounded=True, min_words=5)
+
+
 def test_source_citation_needs_its_columns():
     with pytest.raises(RagrpoError, match="context_ids"):
         guarded(source_citation)(prompts=["q"], completions=["x [1]"])
@@ -192,10 +211,10 @@ def test_from_index_run_records_its_split_and_trains_on_its_rewards(index_run):
     assert all(REASONING_INSTRUCTION in r["prompt"][0]["content"] for r in rows)
     config = json.loads((run / "config.json").read_text())["run"]
     assert config["dataset"] == str(run / "curriculum" / "train.jsonl") and config["held_out"] == 0.0
-    assert config["rewards"] == ["groundedness_beyond_question", "source_citation_grounded=2", "length=0.5", "format=0.5"]
+    assert config["rewards"] == ["groundedness_beyond_question", "source_citation_answered", "length=0.5", "format=0.5"]
     assert config["grpo"]["multi_objective_aggregation"] == "normalize_then_sum"  # weights apply to normalised rewards
     logged = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert any("rewards/source_citation_grounded/mean" in r for r in logged)
+    assert any("rewards/source_citation_answered/mean" in r for r in logged)
     assert result.steps == 2
 
 
@@ -354,5 +373,5 @@ def test_killed_from_index_run_resumes_on_its_own_curriculum(movie_db, tiny_mode
     records = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in records if "reward" in r]
     assert [r["step"] for r in steps] == [1, 2, 3, 4]  # each step logged once
-    assert all("rewards/source_citation_grounded/mean" in r for r in steps)
+    assert all("rewards/source_citation_answered/mean" in r for r in steps)
     assert (output / "merged" / "config.json").exists()

@@ -59,10 +59,12 @@ QUESTION_MODES = ("templates", "model")
 #   `source_citation`) learned to answer with bare passage names ("Movie- 2.");
 # - both runs, with raw sums, learned above all to be short (10 to 20 tokens), and the third (grounded
 #   citation, raw sum, length weight 0.003) stopped citing at all;
-# - with normalised rewards at equal weights (fourth run) groundedness rose far past the seed spread but
-#   citation did not; citation now weighs twice as much. Where no completion of a group cites the source
-#   the citation reward is constant there and adds nothing, so groundedness and length still steer.
-DEFAULT_REWARDS = ["groundedness_beyond_question", "source_citation_grounded=2", "length=0.5"]
+# - with normalised rewards, groundedness rose far past the seed spread but citation did not (fourth
+#   and fifth runs): a reference to the source earned only the answer's grounded share, and a
+#   completion that both cited the source and said something grounded was too rare to learn from.
+#   The citation reward now asks only that the answer say something (five content words of its own)
+#   and groundedness, beside it, asks that it be grounded; a bare "Movie- 2." still earns nothing.
+DEFAULT_REWARDS = ["groundedness_beyond_question", "source_citation_answered", "length=0.5"]
 DEFAULT_AGGREGATION = "normalize_then_sum"
 REASONING_REWARDS = ["format=0.5"]
 # Written for this project: the model writes one question about a passage, in its own words.

@@ -355,7 +355,7 @@ def cited_passages(text: str) -> list[int]:
     return marks + [int(n) for n in _PASSAGE_NAME.findall(text)]
 
 
-def get_source_citation_reward(grounded: bool = False) -> Callable:
+def get_source_citation_reward(grounded: bool = False, min_words: int = 0) -> Callable:
     """Citing the question's source document: per passage referred to, 1 / 0 / -1, averaged, in [-1, 1].
 
     Each passage the answer refers to (once, however often it is named) scores 1 when it is the
@@ -369,6 +369,11 @@ def get_source_citation_reward(grounded: bool = False) -> Callable:
     words found in that passage, leaving out the question's words and the passage names: an answer that
     only names a passage ("Movie- 2.") earns nothing, however right the number. A measured from-index
     run without it learned to answer with bare passage names (bench/results/from-index/NOTES.md).
+
+    With `min_words`, a reference to the source earns its 1 only in an answer with at least that many
+    content words of its own (leaving out the question's words and the passage names), however
+    grounded: the reward is for naming the source of an answer, and a bare "Movie- 2." is none. Whether
+    the words are in the passage is left to a groundedness reward beside it.
 
     >>> ids = [["a", "b", "c"]] * 5
     >>> source_citation(["As Movie 2 shows, ...", "Per [1] and [2] and [2].", "See [9].", "No idea.", "[2]"],
@@ -388,26 +393,35 @@ def get_source_citation_reward(grounded: bool = False) -> Callable:
             raise RagrpoError("needs 'context_ids' and 'source_id' columns (the ids of the retrieved passages and "
                               "of the document the question is about); `ragrpo train --from-index` builds them")
         contexts = _column(context, "context") if grounded else [None] * len(completions)
-        queries = _column(query, "query") if grounded else [""] * len(completions)
+        queries = _column(query, "query") if grounded or min_words else [""] * len(completions)
         scores = []
         for completion, ids, source, sample_context, question in zip(
                 completions, context_ids, source_id, contexts, queries, strict=True):
             ids, text = list(ids), answer_text(completion)
             refs = list(dict.fromkeys(cited_passages(text)))  # each passage once, in order
             credits = [(1.0 if ids[n - 1] == source else 0.0) if 1 <= n <= len(ids) else -1.0 for n in refs]
-            if grounded and 1.0 in credits:
+            if (grounded or min_words) and 1.0 in credits:
                 asked = set(content_words(question))
-                claimed = [w for w in content_words(_without_references(text))
-                           if w not in asked]
-                support = set(words(passages(sample_context)[ids.index(source)]))
-                credits = [_share(claimed, support) if c == 1.0 else c for c in credits]
+                claimed = [w for w in content_words(_without_references(text)) if w not in asked]
+                if grounded:
+                    earned = _share(claimed, set(words(passages(sample_context)[ids.index(source)])))
+                else:
+                    earned = float(len(claimed) >= min_words)
+                credits = [earned if c == 1.0 else c for c in credits]
             scores.append(sum(credits) / len(credits) if credits else 0.0)
         return scores
 
+    if grounded and min_words:
+        raise RagrpoError("source citation: give grounded or min_words, not both")
     if grounded:
         source_citation.__doc__ = ("Citing the source document, a reference earning the share of the answer's "
                                    "content words found in the source passage, in [-1, 1].")
-    return _named(source_citation, "source_citation_grounded" if grounded else "source_citation")
+        return _named(source_citation, "source_citation_grounded")
+    if min_words:
+        source_citation.__doc__ = (f"Citing the source document, a reference counting only in an answer of at least "
+                                   f"{min_words} content words of its own, in [-1, 1].")
+        return _named(source_citation, "source_citation_answered")
+    return _named(source_citation, "source_citation")
 
 
 source_citation = get_source_citation_reward()
@@ -559,6 +573,7 @@ REWARDS: dict[str, Callable] = {
     "citation": citation,
     "source_citation": source_citation,
     "source_citation_grounded": get_source_citation_reward(grounded=True),
+    "source_citation_answered": get_source_citation_reward(min_words=5),
     "context_reliance": get_context_reliance_reward(),
     "relevance": get_relevance_reward(),
     "repetition": get_repetition_reward(),
