@@ -127,6 +127,25 @@ def test_answered_source_citation(completion, expected):
         get_source_citation_reward(grounded=True, min_words=5)
 
 
+@pytest.mark.parametrize("completion, expected", [
+    ("He hid a second ledger full of gold watches [2].", 1.0),
+    ("He hid a second ledger full of gold watches [2][3].", 0.0),  # the source and another: no better than none
+    ("He hid a second ledger full of gold watches [1].", -1.0),
+    ("He hid a second ledger [2].", 0.0),  # too few words of its own: the source earns nothing, as above
+    ("He hid a second ledger [1].", -1.0),
+    ("Nothing to cite.", 0.0),
+])
+def test_source_only_citation(completion, expected):
+    reward = REWARDS["source_citation_only"]
+    assert reward.__name__ == "source_citation_only"
+    assert reward([completion], context_ids=[["a", "b", "c"]], source_id=["b"],
+                  query=["What does the ferryman do?"]) == [expected]
+    with pytest.raises(RagrpoError, match="within"):
+        get_source_citation_reward(min_words=5, others=0.5)
+    with pytest.raises(RagrpoError, match="only with min_words"):
+        get_source_citation_reward(others=-1.0)
+
+
 def test_source_citation_needs_its_columns():
     with pytest.raises(RagrpoError, match="context_ids"):
         guarded(source_citation)(prompts=["q"], completions=["x [1]"])
@@ -211,10 +230,11 @@ def test_from_index_run_records_its_split_and_trains_on_its_rewards(index_run):
     assert all(REASONING_INSTRUCTION in r["prompt"][0]["content"] for r in rows)
     config = json.loads((run / "config.json").read_text())["run"]
     assert config["dataset"] == str(run / "curriculum" / "train.jsonl") and config["held_out"] == 0.0
-    assert config["rewards"] == ["groundedness_beyond_question", "source_citation_answered", "length=0.5", "format=0.5"]
+    assert config["rewards"] == ["groundedness_beyond_question", "source_citation_only=1.5", "length=0.5",
+                                 "format=0.5"]
     assert config["grpo"]["multi_objective_aggregation"] == "normalize_then_sum"  # weights apply to normalised rewards
     logged = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert any("rewards/source_citation_answered/mean" in r for r in logged)
+    assert any("rewards/source_citation_only/mean" in r for r in logged)
     assert result.steps == 2
 
 
@@ -373,5 +393,5 @@ def test_killed_from_index_run_resumes_on_its_own_curriculum(movie_db, tiny_mode
     records = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in records if "reward" in r]
     assert [r["step"] for r in steps] == [1, 2, 3, 4]  # each step logged once
-    assert all("rewards/source_citation_answered/mean" in r for r in steps)
+    assert all("rewards/source_citation_only/mean" in r for r in steps)
     assert (output / "merged" / "config.json").exists()

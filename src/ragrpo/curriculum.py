@@ -64,7 +64,10 @@ QUESTION_MODES = ("templates", "model")
 #   completion that both cited the source and said something grounded was too rare to learn from.
 #   The citation reward now asks only that the answer say something (five content words of its own)
 #   and groundedness, beside it, asks that it be grounded; a bare "Movie- 2." still earns nothing.
-DEFAULT_REWARDS = ["groundedness_beyond_question", "source_citation_answered", "length=0.5"]
+# - with that reward (sixth run) the model cited more but mostly "[1][2]", which scored 0.5 whenever the
+#   source was one of the two; another passage cited now counts -1, so only the source alone pays, and
+#   citation weighs 1.5 against groundedness's 1, whose gain had the larger margin.
+DEFAULT_REWARDS = ["groundedness_beyond_question", "source_citation_only=1.5", "length=0.5"]
 DEFAULT_AGGREGATION = "normalize_then_sum"
 REASONING_REWARDS = ["format=0.5"]
 # Written for this project: the model writes one question about a passage, in its own words.

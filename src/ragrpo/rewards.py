@@ -355,7 +355,7 @@ def cited_passages(text: str) -> list[int]:
     return marks + [int(n) for n in _PASSAGE_NAME.findall(text)]
 
 
-def get_source_citation_reward(grounded: bool = False, min_words: int = 0) -> Callable:
+def get_source_citation_reward(grounded: bool = False, min_words: int = 0, others: float = 0.0) -> Callable:
     """Citing the question's source document: per passage referred to, 1 / 0 / -1, averaged, in [-1, 1].
 
     Each passage the answer refers to (once, however often it is named) scores 1 when it is the
@@ -374,6 +374,11 @@ def get_source_citation_reward(grounded: bool = False, min_words: int = 0) -> Ca
     content words of its own (leaving out the question's words and the passage names), however
     grounded: the reward is for naming the source of an answer, and a bare "Movie- 2." is none. Whether
     the words are in the passage is left to a groundedness reward beside it.
+
+    `others` is the credit of a reference to another retrieved passage. At its default, 0, citing every
+    passage is a safe bet ("[1][2]" scores 0.5 whenever the source is one of them), and a measured run
+    learned to do just that; at -1, "[1][2]" scores 0, as much as citing nothing, and only a reference to
+    the source alone scores 1.
 
     >>> ids = [["a", "b", "c"]] * 5
     >>> source_citation(["As Movie 2 shows, ...", "Per [1] and [2] and [2].", "See [9].", "No idea.", "[2]"],
@@ -399,7 +404,7 @@ def get_source_citation_reward(grounded: bool = False, min_words: int = 0) -> Ca
                 completions, context_ids, source_id, contexts, queries, strict=True):
             ids, text = list(ids), answer_text(completion)
             refs = list(dict.fromkeys(cited_passages(text)))  # each passage once, in order
-            credits = [(1.0 if ids[n - 1] == source else 0.0) if 1 <= n <= len(ids) else -1.0 for n in refs]
+            credits = [(1.0 if ids[n - 1] == source else others) if 1 <= n <= len(ids) else -1.0 for n in refs]
             if (grounded or min_words) and 1.0 in credits:
                 asked = set(content_words(question))
                 claimed = [w for w in content_words(_without_references(text)) if w not in asked]
@@ -417,10 +422,17 @@ def get_source_citation_reward(grounded: bool = False, min_words: int = 0) -> Ca
         source_citation.__doc__ = ("Citing the source document, a reference earning the share of the answer's "
                                    "content words found in the source passage, in [-1, 1].")
         return _named(source_citation, "source_citation_grounded")
+    if not -1.0 <= others <= 0.0:
+        raise RagrpoError(f"source citation: others must be within [-1, 0], not {others}")
     if min_words:
         source_citation.__doc__ = (f"Citing the source document, a reference counting only in an answer of at least "
                                    f"{min_words} content words of its own, in [-1, 1].")
+        if others:
+            source_citation.__doc__ += f" Another retrieved passage cited counts {others:g}."
+            return _named(source_citation, "source_citation_only")
         return _named(source_citation, "source_citation_answered")
+    if others:
+        raise RagrpoError("source citation: others applies only with min_words")
     return _named(source_citation, "source_citation")
 
 
@@ -574,6 +586,7 @@ REWARDS: dict[str, Callable] = {
     "source_citation": source_citation,
     "source_citation_grounded": get_source_citation_reward(grounded=True),
     "source_citation_answered": get_source_citation_reward(min_words=5),
+    "source_citation_only": get_source_citation_reward(min_words=5, others=-1.0),
     "context_reliance": get_context_reliance_reward(),
     "relevance": get_relevance_reward(),
     "repetition": get_repetition_reward(),
