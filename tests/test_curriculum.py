@@ -16,7 +16,7 @@ from ragrpo.curriculum import (
     keywords,
     template_questions,
 )
-from ragrpo.rag import REASONING_INSTRUCTION, build_prompt, cite_instruction, retrieve
+from ragrpo.rag import REASONING_INSTRUCTION, build_prompt, cite_instruction, hits_prompt, retrieve
 from ragrpo.reward_specs import guarded
 from ragrpo.rewards import REWARDS, cited_passages, get_source_citation_reward, source_citation
 
@@ -69,6 +69,11 @@ def test_reasoning_and_cite_prompts_extend_the_ask_prompt():
     # every passage's number is listed, none singled out as the example
     assert build_prompt("Who lied?", ["Finch lied.", "Gulls."], cite=True).endswith(
         "by its number: [1] for Movie- 1, [2] for Movie- 2.")
+    # with cite, passages carry their titles; without, the write-up's bare "## Movie- n:" headers
+    hits = [{"title": "Finch", "release_year": 1931, "plot": "Finch lied."}, {"plot": "Gulls."}]
+    cited = hits_prompt("Who lied?", hits, "plot", cite=True)
+    assert "## Movie- 1: Finch (1931)\nFinch lied.\n\n## Movie- 2:\nGulls." in cited
+    assert hits_prompt("Who lied?", hits, "plot") == build_prompt("Who lied?", ["Finch lied.", "Gulls."])
 
 
 @pytest.mark.parametrize("completion, expected", [
@@ -172,7 +177,9 @@ def test_curriculum_rows_are_what_ask_would_see(movie_db):
     for example in curriculum.examples[:12]:
         hits, column = retrieve(table, example["query"], where="release_year < 1990", k=3)
         assert example["context"] == [h[column] for h in hits]
-        assert example["prompt"][0]["content"] == build_prompt(example["query"], example["context"], cite=True)
+        assert example["prompt"][0]["content"] == hits_prompt(example["query"], hits, column, cite=True)
+        for n, hit in enumerate(hits, 1):  # a cited passage is headed by its film's title and year
+            assert f"## Movie- {n}: {hit['title']} ({hit['release_year']})\n{hit[column]}" in example["prompt"][0]["content"]
         assert all(years[i] < 1990 for i in example["context_ids"])
         rank = example["source_rank"]
         assert rank == 0 or example["context_ids"][rank - 1] == example["source_id"]
@@ -230,11 +237,11 @@ def test_from_index_run_records_its_split_and_trains_on_its_rewards(index_run):
     assert all(REASONING_INSTRUCTION in r["prompt"][0]["content"] for r in rows)
     config = json.loads((run / "config.json").read_text())["run"]
     assert config["dataset"] == str(run / "curriculum" / "train.jsonl") and config["held_out"] == 0.0
-    assert config["rewards"] == ["groundedness_beyond_question", "source_citation_only=1.5", "length=0.5",
+    assert config["rewards"] == ["groundedness_beyond_question", "source_citation_answered", "length=0.5",
                                  "format=0.5"]
     assert config["grpo"]["multi_objective_aggregation"] == "normalize_then_sum"  # weights apply to normalised rewards
     logged = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert any("rewards/source_citation_only/mean" in r for r in logged)
+    assert any("rewards/source_citation_answered/mean" in r for r in logged)
     assert result.steps == 2
 
 
@@ -257,6 +264,21 @@ def test_eval_from_index_scores_both_models_per_seed(index_run, tiny_model_dir, 
     assert "hit@2" in report and "| groundedness |" in report and "Gain against seed spread" in report
     for name in ("curves.png", "histograms.png", "results.json"):
         assert (tmp_path / "report" / name).stat().st_size > 0
+
+
+def test_citation_accuracy_counts_the_source_alone_and_separates_lower_ranked_sources():
+    from ragrpo.index_eval import score_answers
+
+    def row(rank):  # the source is passage `rank` of two (0: not retrieved)
+        ids = {0: ["x", "y"], 1: ["s", "y"], 2: ["x", "s"]}[rank]
+        return {"context": [PASSAGES[0], PASSAGES[1]], "context_ids": ids, "source_id": "s", "query": "Who?",
+                "prompt": "Who?", "source_rank": rank}
+
+    rows = [row(1), row(1), row(2), row(2), row(0)]
+    answers = ["Crouch keeps it [1].", "Crouch keeps it [1][2].", "Crouch keeps it [1].", "Crouch [2].", "[1]"]
+    figures = score_answers(answers, rows, ["length"]).figures
+    assert figures["cites source only"] == 2 / 5  # rows 1 and 4; naming both passages does not count
+    assert figures["cites source only, source not passage 1"] == 1 / 2  # over the two rank-2 rows only
 
 
 def test_eval_answers_are_reused_only_for_the_same_prompts(tmp_path, monkeypatch):
@@ -393,5 +415,5 @@ def test_killed_from_index_run_resumes_on_its_own_curriculum(movie_db, tiny_mode
     records = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in records if "reward" in r]
     assert [r["step"] for r in steps] == [1, 2, 3, 4]  # each step logged once
-    assert all("rewards/source_citation_only/mean" in r for r in steps)
+    assert all("rewards/source_citation_answered/mean" in r for r in steps)
     assert (output / "merged" / "config.json").exists()

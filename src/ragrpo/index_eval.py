@@ -13,6 +13,8 @@ both models), and every seed gives one value of each figure:
                        answer's content words (beyond the question) found in the source passage
     cites source only  citation accuracy: share of answers that refer to the source document's passage
                        and to no other (naming every passage does not count)
+    ... source not passage 1   the same over the questions whose source was retrieved below the top:
+                       always citing [1] scores 0 there, so it tells reading the passages from a habit
     answer length      characters of the answer (the <answer> section with --reasoning)
     token diversity    the write-up's within-answer diversity (unique / total words, in %)
     distinct-2         unique word bigrams / all word bigrams over the seed's answers (across answers)
@@ -116,12 +118,14 @@ def score_answers(completions: list[str], rows: list[dict], reward_specs: list[s
     cites = source_citation(completions, **columns)
     cites_grounded = get_source_citation_reward(grounded=True)(completions, **columns)
     only = [float(r["source_rank"] > 0 and set(cited_passages(a)) == {r["source_rank"]}) for r, a in zip(rows, answers)]
+    only_below = [o for r, o in zip(rows, only) if r["source_rank"] > 1]
     lengths = [float(len(a)) for a in answers]
     diversity = token_diversity(answers)
     figures = {"groundedness": grounded, "groundedness beyond question": grounded_new, "source_citation": cites,
                "source_citation_grounded": cites_grounded, "cites source only": only,
+               "cites source only, source not passage 1": only_below,
                "answer length, chars": lengths, "token diversity": diversity}
-    means = {name: sum(v) / len(v) for name, v in figures.items()}
+    means = {name: sum(v) / len(v) if v else 0.0 for name, v in figures.items()}
     means["distinct-2"] = distinct_2(answers)
     latency = {}
     funcs, weights = resolve_rewards(reward_specs)
