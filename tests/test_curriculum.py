@@ -16,7 +16,7 @@ from ragrpo.curriculum import (
     keywords,
     template_questions,
 )
-from ragrpo.rag import REASONING_INSTRUCTION, build_prompt, cite_instruction, hits_prompt, retrieve
+from ragrpo.rag import REASONING_INSTRUCTION, build_prompt, cite_instruction, retrieve
 from ragrpo.reward_specs import guarded
 from ragrpo.rewards import REWARDS, cited_passages, get_source_citation_reward, source_citation
 
@@ -69,11 +69,6 @@ def test_reasoning_and_cite_prompts_extend_the_ask_prompt():
     # every passage's number is listed, none singled out as the example
     assert build_prompt("Who lied?", ["Finch lied.", "Gulls."], cite=True).endswith(
         "by its number: [1] for Movie- 1, [2] for Movie- 2.")
-    # with cite, passages carry their titles; without, the write-up's bare "## Movie- n:" headers
-    hits = [{"title": "Finch", "release_year": 1931, "plot": "Finch lied."}, {"plot": "Gulls."}]
-    cited = hits_prompt("Who lied?", hits, "plot", cite=True)
-    assert "## Movie- 1: Finch (1931)\nFinch lied.\n\n## Movie- 2:\nGulls." in cited
-    assert hits_prompt("Who lied?", hits, "plot") == build_prompt("Who lied?", ["Finch lied.", "Gulls."])
 
 
 @pytest.mark.parametrize("completion, expected", [
@@ -177,9 +172,7 @@ def test_curriculum_rows_are_what_ask_would_see(movie_db):
     for example in curriculum.examples[:12]:
         hits, column = retrieve(table, example["query"], where="release_year < 1990", k=3)
         assert example["context"] == [h[column] for h in hits]
-        assert example["prompt"][0]["content"] == hits_prompt(example["query"], hits, column, cite=True)
-        for n, hit in enumerate(hits, 1):  # a cited passage is headed by its film's title and year
-            assert f"## Movie- {n}: {hit['title']} ({hit['release_year']})\n{hit[column]}" in example["prompt"][0]["content"]
+        assert example["prompt"][0]["content"] == build_prompt(example["query"], example["context"], cite=True)
         assert all(years[i] < 1990 for i in example["context_ids"])
         rank = example["source_rank"]
         assert rank == 0 or example["context_ids"][rank - 1] == example["source_id"]

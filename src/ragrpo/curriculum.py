@@ -10,7 +10,7 @@ without labels:
    happens in it, which film of its year is about its keywords, which story involves other keywords,
    a summary request), or written by the model itself (`questions="model"`);
 3. retrieve the top k for each question with exactly what `ragrpo ask` uses (the table's embedding
-   function, the same filter and k, `rag.hits_prompt`), and keep the retrieved passages (`context`),
+   function, the same filter and k, `rag.build_prompt`), and keep the retrieved passages (`context`),
    their document ids (`context_ids`) and the source document's id (`source_id`) as dataset columns,
    so that rewards such as `groundedness` and `source_citation_grounded` can see them.
 
@@ -40,7 +40,7 @@ from pathlib import Path
 from ragrpo import RagrpoError
 from ragrpo.config import RunConfig
 from ragrpo.index import DEFAULT_DB, VECTOR_COLUMN, open_table
-from ragrpo.rag import hits_prompt
+from ragrpo.rag import build_prompt
 from ragrpo.retrieve import text_column
 from ragrpo.rewards import STOP_WORDS, words
 
@@ -66,9 +66,9 @@ QUESTION_MODES = ("templates", "model")
 #   and groundedness, beside it, asks that it be grounded; a bare "Movie- 2." still earns nothing.
 # - with that reward (sixth run) the model cited more but mostly "[1][2]", which scored 0.5 whenever the
 #   source was one of the two. Making another passage cost -1 (`source_citation_only`, seventh run)
-#   taught it to stop citing. Half the questions name a title ("What happens in ...?") that the plots
-#   do not contain, so which passage is the source could only be guessed from its rank; cited passages
-#   now carry their titles (`rag.hits_prompt`).
+#   taught it to stop citing. Heading each passage with its film's title (eighth run) taught it to
+#   answer with titles alone ("[1] The Ferryman's Ledger (1923)"), short enough to please the length
+#   reward. The sixth run's rewards stay the default: the best measured, citation accuracy still unmet.
 DEFAULT_REWARDS = ["groundedness_beyond_question", "source_citation_answered", "length=0.5"]
 DEFAULT_AGGREGATION = "normalize_then_sum"
 REASONING_REWARDS = ["format=0.5"]
@@ -233,7 +233,7 @@ def rag_example(question: Question, hits: list[dict], column: str, *, reasoning:
     """One training row: the prompt `ask` would build from `hits`, and what rewards need to know."""
     ids = [document_id(hit, column) for hit in hits]
     texts = [str(hit[column]) for hit in hits]
-    prompt = hits_prompt(question.query, hits, column, reasoning=reasoning, cite=cite)
+    prompt = build_prompt(question.query, texts, reasoning=reasoning, cite=cite)
     return {
         "prompt": [{"role": "user", "content": prompt}],
         "query": question.query,

@@ -23,7 +23,7 @@ from ragrpo.index import DEFAULT_DB, open_table
 from ragrpo.retrieve import search, text_column
 
 PROMPT_TEMPLATE = "Given the Query: {query}\n\nAnd the context\n#Context\n{context}\n\nAnswer concisely but creatively"
-PASSAGE_TEMPLATE = "## Movie- {n}:{label}\n{text}"
+PASSAGE_TEMPLATE = "## Movie- {n}:\n{text}"
 # `--reasoning` (ask and train --from-index) appends this to the prompt; written for this project.
 REASONING_INSTRUCTION = ("First reason about the context inside <think> </think>, then give only the answer "
                          "inside <answer> </answer>.")
@@ -48,26 +48,12 @@ def cite_instruction(passages: int) -> str:
     return CITE_INSTRUCTION.format(numbers=", ".join(f"[{n}] for Movie- {n}" for n in range(1, passages + 1)))
 
 
-def build_prompt(query: str, passages: list[str], reasoning: bool = False, cite: bool = False,
-                 labels: list[str | None] | None = None) -> str:
-    """The write-up's prompt; `cite` and `reasoning` each append one sentence of instructions.
-
-    `labels` (one per passage, or None) go after the passage's number ("## Movie- 1: Title (1923)").
-    """
-    labels = labels or [None] * len(passages)
-    context = "\n\n".join(PASSAGE_TEMPLATE.format(n=i + 1, text=text, label=f" {label}" if label else "")
-                          for i, (text, label) in enumerate(zip(passages, labels, strict=True)))
+def build_prompt(query: str, passages: list[str], reasoning: bool = False, cite: bool = False) -> str:
+    """The write-up's prompt; `cite` and `reasoning` each append one sentence of instructions."""
+    context = "\n\n".join(PASSAGE_TEMPLATE.format(n=i + 1, text=text) for i, text in enumerate(passages))
     prompt = PROMPT_TEMPLATE.format(query=query, context=context)
     prompt = f"{prompt}\n\n{cite_instruction(len(passages))}" if cite else prompt
     return f"{prompt}\n\n{REASONING_INSTRUCTION}" if reasoning else prompt
-
-
-def hits_prompt(query: str, hits: list[dict], column: str, *, reasoning: bool = False, cite: bool = False) -> str:
-    """The prompt for retrieved rows. With `cite`, each passage is headed by its row's title (and year):
-    a model asked which movie the answer comes from cannot tell that from plots alone when the question
-    names a title ("What happens in ...?"), as half the from-index questions do."""
-    labels = [source_label(hit) if hit.get("title") else None for hit in hits] if cite else None
-    return build_prompt(query, [str(hit[column]) for hit in hits], reasoning=reasoning, cite=cite, labels=labels)
 
 
 def source_label(row: dict) -> str:
@@ -130,7 +116,7 @@ def answer_from_hits(model, tokenizer, query: str, hits: list[dict], column: str
                      reasoning: bool = False, cite: bool = False) -> Answer:
     from ragrpo.rewards import answer_text
 
-    prompt = hits_prompt(query, hits, column, reasoning=reasoning, cite=cite)
+    prompt = build_prompt(query, [hit[column] for hit in hits], reasoning=reasoning, cite=cite)
     [text] = generate(model, tokenizer, [[{"role": "user", "content": prompt}]], max_new_tokens=max_new_tokens,
                       temperature=temperature, repetition_penalty=repetition_penalty)
     sources = [{key: value for key, value in hit.items() if key != column} for hit in hits]
@@ -293,7 +279,7 @@ def stream_answer(model, tokenizer, query: str, hits: list[dict], column: str, *
                   cite: bool = False, **options) -> TextStream:
     """A `TextStream` answering `query` from `hits` with the write-up's prompt, after the chat `history`
     (earlier turns, if any); `options` are `TextStream`'s. The stream carries the sources."""
-    prompt = hits_prompt(query, hits, column, cite=cite)
+    prompt = build_prompt(query, [hit[column] for hit in hits], cite=cite)
     conversation = [*history, {"role": "user", "content": prompt}]
     return TextStream(model, tokenizer, conversation, sources=answer_sources(hits, column), **options)
 
