@@ -70,3 +70,28 @@ def test_bad_inputs(tmp_path):
         read_records(str(tmp_path / "broken.jsonl"))
     with pytest.raises(RagrpoError, match="no column 'Budget'"):
         require_columns(read_records("builtin:movies"), ["Budget"], "builtin:movies")
+
+
+def test_hub_dataset_names_load_their_split(monkeypatch):
+    """A name that is not a local path goes to `datasets.load_dataset` (the hub, or its cache), `name:split`
+    choosing the split; nothing is fetched here: the loader is replaced by one that records its call."""
+    import datasets
+
+    calls = []
+
+    def load_dataset(name, split):
+        calls.append((name, split))
+        if name == "nobody/missing":
+            raise ConnectionError("Couldn't reach 'nobody/missing' on the Hub (LocalEntryNotFoundError)\nmore")
+        rows = {"Title": ["A", "B"], "Plot": ["a plot", "b plot"]} if split == "test" else {"Title": [], "Plot": []}
+        return datasets.Dataset.from_dict(rows)
+
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    frame = read_records("someone/plots:test")
+    assert list(frame["Title"]) == ["A", "B"] and calls[-1] == ("someone/plots", "test")
+    with pytest.raises(RagrpoError, match="has no rows"):
+        read_records("someone/plots")  # the train split by default, empty here
+    assert calls[-1] == ("someone/plots", "train")
+    with pytest.raises(RagrpoError, match="neither a local file nor a loadable Hugging Face dataset") as error:
+        read_records("nobody/missing")
+    assert "\n" not in str(error.value) and "Couldn't reach" in str(error.value)
