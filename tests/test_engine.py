@@ -283,3 +283,25 @@ def test_packed_bf16_loop_follows_the_packaged_model_token_by_token(base_model_d
             difference = (logits - expected[n]).abs()
             assert difference.max() < 1.0 and difference.mean() < 0.4
             assert expected[n, logits.argmax()] >= expected[n].max() - 0.25  # the loop's pick is (near) the top
+
+
+def test_a_plain_model_is_sampled_as_it_is(tiny_causal_lm, monkeypatch):
+    """Evaluation samples base and merged models (no adapter) through the same copy and decode loop."""
+    import ragrpo.config
+    from ragrpo.engine import evaluation_sampler
+
+    model, _ = tiny_causal_lm
+    copy = SamplingCopy(model, dtype=torch.float32)
+    copy.sync()
+    assert copy.lora_layers == {}
+    ids = torch.randint(0, 1000, (2, 7))
+    torch.testing.assert_close(_logits(copy.model, ids), _logits(model, ids))
+    prompts = [torch.randint(5, 1000, (6,)).tolist(), torch.randint(5, 1000, (3,)).tolist()]
+    assert copy._decode(prompts, _greedy(), 0, [2]) == _generate_one_by_one(model, prompts, _greedy())
+
+    monkeypatch.setattr(ragrpo.config, "fast_bf16", lambda: True)
+    sampler = evaluation_sampler(model)
+    assert {p.dtype for p in sampler.model.parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in model.parameters()} == {torch.float32}, "the evaluated model is left alone"
+    monkeypatch.setattr(ragrpo.config, "fast_bf16", lambda: False)
+    assert evaluation_sampler(model) is None  # emulated bf16 is slower: generate on the model as it is

@@ -41,11 +41,13 @@ class SamplingCopy:
     """An ordinary model holding the policy's merged weights, used only to sample completions."""
 
     def __init__(self, peft_model, dtype=None):
-        """`dtype`: the sampling weights' dtype; by default that of the policy's frozen base weights."""
+        """`peft_model`: the LoRA-wrapped policy, whose adapters each `sync` merges in; a plain model is
+        sampled as it is (`sync` once to pack its weights). `dtype`: the sampling weights' dtype; by default
+        that of the policy's frozen base weights."""
         import torch
         from transformers import AutoModelForCausalLM
 
-        base = peft_model.get_base_model()
+        base = _plain(peft_model)
         self.dtype = dtype or base.get_input_embeddings().weight.dtype
         # transformers' Trainer sets `use_cache = False` on the training model's config; sampling needs the cache
         config = copy.deepcopy(base.config)
@@ -332,13 +334,40 @@ def _lora_layers(peft_model) -> dict:
             if isinstance(module, LoraLayer) and hasattr(module, "base_layer")}
 
 
+def _plain(model):
+    """The model under a PEFT wrapper, or the model itself."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 def _base_state_dict(peft_model) -> dict:
     state = {}
-    for name, tensor in peft_model.get_base_model().state_dict().items():
+    for name, tensor in _plain(peft_model).state_dict().items():
         if "lora_" in name:
             continue
         state[name.replace(".base_layer.", ".")] = tensor
     return state
+
+
+def evaluation_decodes(config) -> bool:
+    """Whether `evaluation_sampler` takes the decode loop for a model of this config on this machine."""
+    import torch
+
+    from ragrpo.config import fast_bf16
+
+    return not torch.cuda.is_available() and fast_bf16() and _loop_fits(config)
+
+
+def evaluation_sampler(model) -> SamplingCopy | None:
+    """A bf16 `SamplingCopy` of a plain model, for sampling many answers from it (evaluation), where the decode
+    loop applies: a CPU with fast bf16 and a Llama the loop implements. Elsewhere None: `generate` on the
+    model as it is. Like training's sampler, it samples from bf16-rounded weights."""
+    import torch
+
+    if model.device.type != "cpu" or not evaluation_decodes(model.config):
+        return None
+    sampler = SamplingCopy(model, dtype=torch.bfloat16)
+    sampler.sync()  # packs the weights for oneDNN; a plain model has no adapters to merge
+    return sampler
 
 
 def shared_prompt_logps(model, input_ids, attention_mask, logits_to_keep: int, compute_entropy: bool, autocast,
