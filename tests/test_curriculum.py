@@ -146,6 +146,26 @@ def test_source_only_citation(completion, expected):
         get_source_citation_reward(others=-1.0)
 
 
+@pytest.mark.parametrize("completion, expected", [
+    ("He hid a second ledger full of gold watches [2].", 1.0),
+    ("He hid a second ledger full of gold watches [2][2] and Movie 2.", 1.0),  # one passage, named three times
+    ("He hid a second ledger full of gold watches [2][3].", 0.0),  # the source and another: as good as none
+    ("He hid a second ledger full of gold watches [3].", 0.0),  # a wrong guess costs no more than silence
+    ("He hid a second ledger full of gold watches [2][7].", -1.0),  # a passage that does not exist
+    ("He hid a second ledger [2].", 0.0),  # too few words of its own
+    ("Nothing to cite.", 0.0),
+])
+def test_exact_source_citation(completion, expected):
+    reward = REWARDS["source_citation_exact"]
+    assert reward.__name__ == "source_citation_exact"
+    assert reward([completion], context_ids=[["a", "b", "c"]], source_id=["b"],
+                  query=["What does the ferryman do?"]) == [expected]
+    with pytest.raises(RagrpoError, match="exclusive"):
+        get_source_citation_reward(min_words=5, others=-1.0, exclusive=True)
+    with pytest.raises(RagrpoError, match="exclusive"):
+        get_source_citation_reward(exclusive=True)
+
+
 def test_source_citation_needs_its_columns():
     with pytest.raises(RagrpoError, match="context_ids"):
         guarded(source_citation)(prompts=["q"], completions=["x [1]"])
@@ -159,10 +179,11 @@ def test_cited_passages_reads_marks_and_names():
 
 
 @pytest.mark.integration
-def test_curriculum_rows_are_what_ask_would_see(movie_db):
+@pytest.mark.parametrize("mode", ["hybrid", "vector"])  # hybrid is the default; vector embeds in one batch
+def test_curriculum_rows_are_what_ask_would_see(movie_db, mode):
     from ragrpo.index import open_table
 
-    source = IndexSource("movies", str(movie_db), where="release_year < 1990", k=3, max_documents=40)
+    source = IndexSource("movies", str(movie_db), where="release_year < 1990", k=3, mode=mode, max_documents=40)
     curriculum = build_curriculum(source)
     assert set(curriculum.train_ids).isdisjoint(curriculum.held_ids)
     assert {e["source_id"] for e in curriculum.examples} <= set(curriculum.train_ids)
@@ -170,7 +191,7 @@ def test_curriculum_rows_are_what_ask_would_see(movie_db):
     table = open_table("movies", movie_db)
     years = {document_id(r, "movie_plot"): r["release_year"] for r in table.to_pandas().to_dict("records")}
     for example in curriculum.examples[:12]:
-        hits, column = retrieve(table, example["query"], where="release_year < 1990", k=3)
+        hits, column = retrieve(table, example["query"], where="release_year < 1990", k=3, mode=mode)
         assert example["context"] == [h[column] for h in hits]
         assert example["prompt"][0]["content"] == build_prompt(example["query"], example["context"], cite=True)
         assert all(years[i] < 1990 for i in example["context_ids"])
@@ -230,11 +251,11 @@ def test_from_index_run_records_its_split_and_trains_on_its_rewards(index_run):
     assert all(REASONING_INSTRUCTION in r["prompt"][0]["content"] for r in rows)
     config = json.loads((run / "config.json").read_text())["run"]
     assert config["dataset"] == str(run / "curriculum" / "train.jsonl") and config["held_out"] == 0.0
-    assert config["rewards"] == ["groundedness_beyond_question", "source_citation_answered", "length=0.5",
+    assert config["rewards"] == ["groundedness_beyond_question", "source_citation_exact=1.5", "length=0.5",
                                  "format=0.5"]
     assert config["grpo"]["multi_objective_aggregation"] == "normalize_then_sum"  # weights apply to normalised rewards
     logged = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert any("rewards/source_citation_answered/mean" in r for r in logged)
+    assert any("rewards/source_citation_exact/mean" in r for r in logged)
     assert result.steps == 2
 
 
@@ -257,6 +278,15 @@ def test_eval_from_index_scores_both_models_per_seed(index_run, tiny_model_dir, 
     assert "hit@2" in report and "| groundedness |" in report and "Gain against seed spread" in report
     for name in ("curves.png", "histograms.png", "results.json"):
         assert (tmp_path / "report" / name).stat().st_size > 0
+    # where the decode loop applies (a bf16 CPU) both models are sampled through it, and the cache says so
+    from transformers import AutoConfig
+
+    from ragrpo.engine import evaluation_decodes
+
+    recorded = json.loads((tmp_path / "report" / "answers" / "base-seed0.json").read_text())
+    decodes = evaluation_decodes(AutoConfig.from_pretrained(tiny_model_dir))
+    assert recorded["sampler"] == ("decode loop, bf16" if decodes else "generate")
+    assert all(isinstance(c, str) for c in recorded["completions"]) and len(recorded["completions"]) == 4
 
 
 def test_citation_accuracy_counts_the_source_alone_and_separates_lower_ranked_sources():
@@ -285,7 +315,7 @@ def test_eval_answers_are_reused_only_for_the_same_prompts(tmp_path, monkeypatch
 
     monkeypatch.setattr(index_eval, "answer_all", fake_answer_all)
     rows = [{"query": "What happens in Ledger?", "prompt": "Query ... cite e.g. [2]"}]
-    loaded = {"base": (None, None)}  # already in memory: nothing to load
+    loaded = {"base": (None, None, None)}  # model, tokenizer and sampler already in memory: nothing to load
 
     def answers(prompt_rows):
         return index_eval.cached_answers(tmp_path, "base", None, prompt_rows, seed=0, max_new_tokens=8,
@@ -408,5 +438,5 @@ def test_killed_from_index_run_resumes_on_its_own_curriculum(movie_db, tiny_mode
     records = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in records if "reward" in r]
     assert [r["step"] for r in steps] == [1, 2, 3, 4]  # each step logged once
-    assert all("rewards/source_citation_answered/mean" in r for r in steps)
+    assert all("rewards/source_citation_exact/mean" in r for r in steps)
     assert (output / "merged" / "config.json").exists()

@@ -293,7 +293,7 @@ def test_factory_names_say_their_parameters():
 def test_registry_names_are_metric_keys_with_one_line_descriptions():
     assert list(REWARDS) == ["length", "token_diversity", "format", "groundedness", "groundedness_beyond_question",
                              "citation", "source_citation", "source_citation_grounded", "source_citation_answered",
-                             "source_citation_only", "context_reliance", "relevance", "repetition"]
+                             "source_citation_only", "source_citation_exact", "context_reliance", "relevance", "repetition"]
     funcs, _ = resolve_rewards(list(REWARDS))
     assert [f.__name__ for f in funcs] == list(REWARDS)
     for func in REWARDS.values():

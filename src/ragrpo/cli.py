@@ -71,6 +71,9 @@ def main():
               help="fast: bf16 base and a merged sampling copy (same objective); trl: plain GRPOTrainer. "
               "[default: fast with --preset default, trl with --preset seed]")
 @click.option("--max-steps", type=int, default=None)
+@click.option("--held-out", "held_out", type=float, default=None,
+              help="Share of prompts (with --from-index: of documents) kept out of training for `ragrpo eval`. "
+              "[default: 0.1]")
 @click.option("--num-generations", type=int, default=None, help="G: completions sampled per prompt.")
 @click.option("--max-completion-length", type=int, default=None, help="Tokens per completion.")
 @click.option("--learning-rate", type=float, default=None)
@@ -91,6 +94,8 @@ def main():
 @click.option("--where", default=None, help="SQL prefilter for documents and retrieval (with --from-index).")
 @click.option("-k", "k", type=int, default=3, show_default=True, help="Passages retrieved per question (with "
               "--from-index; `ask -k` should match).")
+@click.option("--mode", type=click.Choice(["vector", "fts", "hybrid"]), default="hybrid", show_default=True,
+              help="Search mode for the training questions (with --from-index; `ask --mode` should match).")
 @click.option("--questions", type=click.Choice(["templates", "model"]), default="templates", show_default=True,
               help="How questions are made (with --from-index): templates over fields, or written by the model.")
 @click.option("--reasoning", is_flag=True, help="Prompts ask for <think> reasoning before an <answer> (with "
@@ -99,7 +104,7 @@ def main():
               "passage it answers from as [n], as `ask --cite` does (with --from-index).")
 @click.option("--max-documents", type=int, default=None, help="Use only the first N documents (with --from-index).")
 @user_errors
-def train(config_file, rewards, overwrite, resume, from_index, db, where, k, questions, reasoning, cite,
+def train(config_file, rewards, overwrite, resume, from_index, db, where, k, mode, questions, reasoning, cite,
           max_documents, **options):
     """GRPO fine-tuning with a LoRA adapter; writes adapter/, merged/, config.json and metrics.jsonl.
 
@@ -114,7 +119,7 @@ def train(config_file, rewards, overwrite, resume, from_index, db, where, k, que
     if from_index and not resume:
         from ragrpo.curriculum import IndexSource, from_index_config, train_from_index
 
-        source = IndexSource(from_index, db, where=where, k=k, questions=questions, reasoning=reasoning,
+        source = IndexSource(from_index, db, where=where, k=k, mode=mode, questions=questions, reasoning=reasoning,
                              cite=cite, held_out=cfg.held_out, max_documents=max_documents)
         result, curriculum = train_from_index(from_index_config(cfg, source, bool(rewards)), source,
                                               overwrite=overwrite)

@@ -9,8 +9,8 @@ without labels:
 2. for every document, make questions it answers: from templates over its fields and text (what
    happens in it, which film of its year is about its keywords, which story involves other keywords,
    a summary request), or written by the model itself (`questions="model"`);
-3. retrieve the top k for each question with exactly what `ragrpo ask` uses (the table's embedding
-   function, the same filter and k, `rag.build_prompt`), and keep the retrieved passages (`context`),
+3. retrieve the top k for each question with exactly what `ragrpo ask --mode MODE` uses (the table's
+   embedding function, the same search mode, filter and k, `rag.build_prompt`), and keep the retrieved passages (`context`),
    their document ids (`context_ids`) and the source document's id (`source_id`) as dataset columns,
    so that rewards such as `groundedness` and `source_citation_grounded` can see them.
 
@@ -41,7 +41,7 @@ from ragrpo import RagrpoError
 from ragrpo.config import RunConfig
 from ragrpo.index import DEFAULT_DB, VECTOR_COLUMN, open_table
 from ragrpo.rag import build_prompt
-from ragrpo.retrieve import text_column
+from ragrpo.retrieve import MODES, text_column
 from ragrpo.rewards import STOP_WORDS, words
 
 ID_COLUMNS = ("id", "doc_id", "document_id")
@@ -68,8 +68,13 @@ QUESTION_MODES = ("templates", "model")
 #   source was one of the two. Making another passage cost -1 (`source_citation_only`, seventh run)
 #   taught it to stop citing. Heading each passage with its film's title (eighth run) taught it to
 #   answer with titles alone ("[1] The Ferryman's Ledger (1923)"), short enough to please the length
-#   reward. The sixth run's rewards stay the default: the best measured, citation accuracy still unmet.
-DEFAULT_REWARDS = ["groundedness_beyond_question", "source_citation_answered", "length=0.5"]
+#   reward.
+# - retrieving by vector, the source was passage 1 for only 59% of the questions, and the model could
+#   not tell which passage a title question was about. Hybrid search (the default `mode` here) puts it
+#   first for 75% of them (vector 61%, over all the built-in corpus's template questions). The citation
+#   reward is the evaluation's citation accuracy as a reward (`source_citation_exact`): only a reference
+#   to the source alone earns 1, and a wrong guess costs no more than citing nothing.
+DEFAULT_REWARDS = ["groundedness_beyond_question", "source_citation_exact=1.5", "length=0.5"]
 DEFAULT_AGGREGATION = "normalize_then_sum"
 REASONING_REWARDS = ["format=0.5"]
 # Written for this project: the model writes one question about a passage, in its own words.
@@ -85,6 +90,7 @@ class IndexSource:
     db: str = DEFAULT_DB
     where: str | None = None
     k: int = 3
+    mode: str = "hybrid"
     questions: str = "templates"
     reasoning: bool = False
     cite: bool = True
@@ -96,6 +102,8 @@ class IndexSource:
             raise RagrpoError(f"--questions {self.questions!r}: use one of {', '.join(QUESTION_MODES)}")
         if self.k < 1:
             raise RagrpoError(f"-k must be at least 1, got {self.k}")
+        if self.mode not in MODES:
+            raise RagrpoError(f"--mode {self.mode!r}: use one of {', '.join(MODES)}")
         if not 0 < self.held_out < 1:
             raise RagrpoError(f"held_out must be in (0, 1) for a from-index run, got {self.held_out}")
         if self.max_documents is not None and self.max_documents < 2:
@@ -245,15 +253,19 @@ def rag_example(question: Question, hits: list[dict], column: str, *, reasoning:
     }
 
 
-def retrieve_all(table, queries: list[str], *, where: str | None, k: int) -> list[list[dict]]:
-    """`rag.retrieve` for many queries: the same embedding function (the table's own), filter and k, but
-    the queries are embedded in one batch (one at a time costs ~10x more on a CPU)."""
+def retrieve_all(table, queries: list[str], *, where: str | None, k: int, mode: str = "vector") -> list[list[dict]]:
+    """`rag.retrieve` for many queries. fts and hybrid go through it query by query; vector uses the same
+    embedding function (the table's own), filter and k, but embeds the queries in one batch (one at a
+    time costs ~10x more on a CPU)."""
     from lancedb.embeddings import EmbeddingFunctionRegistry
 
+    from ragrpo.rag import retrieve
     from ragrpo.retrieve import check_where
 
     if not queries:
         return []
+    if mode != "vector":
+        return [retrieve(table, query, where=where, k=k, mode=mode)[0] for query in queries]
     if where:
         check_where(table, where)
     configs = EmbeddingFunctionRegistry.get_instance().parse_functions(table.schema.metadata)
@@ -275,7 +287,7 @@ def retrieve_all(table, queries: list[str], *, where: str | None, k: int) -> lis
 
 
 def rag_examples(table, questions: list[Question], column: str, source: IndexSource) -> list[dict]:
-    hits = retrieve_all(table, [q.query for q in questions], where=source.where, k=source.k)
+    hits = retrieve_all(table, [q.query for q in questions], where=source.where, k=source.k, mode=source.mode)
     return [rag_example(q, h, column, reasoning=source.reasoning, cite=source.cite)
             for q, h in zip(questions, hits, strict=True)]
 

@@ -355,7 +355,8 @@ def cited_passages(text: str) -> list[int]:
     return marks + [int(n) for n in _PASSAGE_NAME.findall(text)]
 
 
-def get_source_citation_reward(grounded: bool = False, min_words: int = 0, others: float = 0.0) -> Callable:
+def get_source_citation_reward(grounded: bool = False, min_words: int = 0, others: float = 0.0,
+                               exclusive: bool = False) -> Callable:
     """Citing the question's source document: per passage referred to, 1 / 0 / -1, averaged, in [-1, 1].
 
     Each passage the answer refers to (once, however often it is named) scores 1 when it is the
@@ -379,6 +380,12 @@ def get_source_citation_reward(grounded: bool = False, min_words: int = 0, other
     passage is a safe bet ("[1][2]" scores 0.5 whenever the source is one of them), and a measured run
     learned to do just that; at -1, "[1][2]" scores 0, as much as citing nothing, and only a reference to
     the source alone scores 1.
+
+    With `exclusive`, the score is the worst reference's credit instead of the mean: an answer earns 1
+    only when every passage it refers to is the source's ("[1][2]" scores 0, as does citing nothing), and
+    another retrieved passage costs nothing beyond that. This is the reward form of the evaluation's
+    citation accuracy. A run with `others=-1` learned to stop citing, since a wrong guess cost more than
+    silence; here it costs the same.
 
     >>> ids = [["a", "b", "c"]] * 5
     >>> source_citation(["As Movie 2 shows, ...", "Per [1] and [2] and [2].", "See [9].", "No idea.", "[2]"],
@@ -413,7 +420,10 @@ def get_source_citation_reward(grounded: bool = False, min_words: int = 0, other
                 else:
                     earned = float(len(claimed) >= min_words)
                 credits = [earned if c == 1.0 else c for c in credits]
-            scores.append(sum(credits) / len(credits) if credits else 0.0)
+            if not credits:
+                scores.append(0.0)
+            else:
+                scores.append(min(credits) if exclusive else sum(credits) / len(credits))
         return scores
 
     if grounded and min_words:
@@ -424,9 +434,14 @@ def get_source_citation_reward(grounded: bool = False, min_words: int = 0, other
         return _named(source_citation, "source_citation_grounded")
     if not -1.0 <= others <= 0.0:
         raise RagrpoError(f"source citation: others must be within [-1, 0], not {others}")
+    if exclusive and (others or not min_words):
+        raise RagrpoError("source citation: exclusive goes with min_words and others 0")
     if min_words:
         source_citation.__doc__ = (f"Citing the source document, a reference counting only in an answer of at least "
                                    f"{min_words} content words of its own, in [-1, 1].")
+        if exclusive:
+            source_citation.__doc__ += " Every passage referred to must be the source's: the worst one counts."
+            return _named(source_citation, "source_citation_exact")
         if others:
             source_citation.__doc__ += f" Another retrieved passage cited counts {others:g}."
             return _named(source_citation, "source_citation_only")
@@ -587,6 +602,7 @@ REWARDS: dict[str, Callable] = {
     "source_citation_grounded": get_source_citation_reward(grounded=True),
     "source_citation_answered": get_source_citation_reward(min_words=5),
     "source_citation_only": get_source_citation_reward(min_words=5, others=-1.0),
+    "source_citation_exact": get_source_citation_reward(min_words=5, exclusive=True),
     "context_reliance": get_context_reliance_reward(),
     "relevance": get_relevance_reward(),
     "repetition": get_repetition_reward(),
