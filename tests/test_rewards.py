@@ -6,11 +6,11 @@ import sys
 import pytest
 
 from ragrpo import RagrpoError
+from ragrpo.models import answer_logprobs
 from ragrpo.reward_specs import guarded, parse_reward, resolve_rewards, score_text
 from ragrpo.rewards import (
     REWARDS,
     RewardError,
-    answer_logprobs,
     answer_text,
     completion_text,
     describe,

@@ -6,6 +6,8 @@ is flagged as quantized and refuses `save_pretrained`; so the first use rebuilds
 from its config, loads the dequantized weights into it and saves an ordinary Hugging Face folder in the
 user's cache. Every later use loads that folder. A Hugging Face id or a local folder takes the same
 `from_pretrained` path, so users with a network can name any Hub model instead.
+
+`answer_logprobs` scores answers under a loaded model (the `context_reliance` reward's forward passes).
 """
 
 from __future__ import annotations
@@ -139,3 +141,48 @@ def resolve_embedder(name: str | None) -> str:
         return str(folder)
     path = Path(name).expanduser()
     return str(path.resolve()) if path.exists() else name
+
+
+def answer_logprobs(model, tokenizer, prompts: list[str], answers: list[str], batch_size: int = 8) -> list:
+    """Mean log-probability per token of each answer after its prompt (a user turn of the chat template).
+
+    Rows are left-padded so that every answer ends at the right edge, and only the last
+    `longest answer + 1` positions are turned into logits: a (B, T, vocab) tensor for long contexts
+    would be most of the cost in memory. An empty answer gets 0.0 without a forward pass.
+    """
+    import torch
+
+    rows = []
+    for i, (prompt, answer) in enumerate(zip(prompts, answers, strict=True)):
+        answer_ids = tokenizer(answer, add_special_tokens=False)["input_ids"]
+        if not answer.strip() or not answer_ids:
+            continue
+        if tokenizer.chat_template:
+            messages = [{"role": "user", "content": prompt}]
+            prompt_ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True,
+                                                       return_dict=False)
+        else:
+            prompt_ids = tokenizer(prompt)["input_ids"] or [tokenizer.bos_token_id or tokenizer.eos_token_id]
+        rows.append((i, list(prompt_ids), answer_ids))
+    scores = [0.0] * len(answers)
+    for start in range(0, len(rows), batch_size):
+        chunk = rows[start:start + batch_size]
+        width = max(len(p) + len(a) for _, p, a in chunk)
+        keep = max(len(a) for _, _, a in chunk) + 1
+        ids = torch.full((len(chunk), width), tokenizer.pad_token_id, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for r, (_, p, a) in enumerate(chunk):
+            ids[r, width - len(p) - len(a):] = torch.tensor(p + a)
+            mask[r, width - len(p) - len(a):] = 1
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)  # left padding must not shift the positions
+        with torch.no_grad():
+            logits = model(input_ids=ids.to(model.device), attention_mask=mask.to(model.device),
+                           position_ids=positions.to(model.device), logits_to_keep=keep).logits
+        # logits: (B, keep, vocab), the last `keep` positions of every row
+        for r, (i, _, a) in enumerate(chunk):
+            # the logits at position t predict token t + 1: the answer's A tokens come from the A
+            # positions just before the last one
+            predicting = logits[r, keep - 1 - len(a):keep - 1].float().log_softmax(-1)  # (A, vocab)
+            targets = torch.tensor(a, device=predicting.device)
+            scores[i] = predicting.gather(-1, targets[:, None]).mean().item()
+    return scores

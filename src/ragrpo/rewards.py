@@ -381,11 +381,9 @@ def get_source_citation_reward(grounded: bool = False, min_words: int = 0, other
     learned to do just that; at -1, "[1][2]" scores 0, as much as citing nothing, and only a reference to
     the source alone scores 1.
 
-    With `exclusive`, the score is the worst reference's credit instead of the mean: an answer earns 1
-    only when every passage it refers to is the source's ("[1][2]" scores 0, as does citing nothing), and
-    another retrieved passage costs nothing beyond that. This is the reward form of the evaluation's
-    citation accuracy. A run with `others=-1` learned to stop citing, since a wrong guess cost more than
-    silence; here it costs the same.
+    With `exclusive` the score is the worst reference's credit, not the mean: 1 only when every passage
+    referred to is the source's (the evaluation's citation accuracy). "[1][2]" scores 0, as does a wrong
+    guess or silence; with `others=-1` a wrong guess cost more than silence and a run learned to stop citing.
 
     >>> ids = [["a", "b", "c"]] * 5
     >>> source_citation(["As Movie 2 shows, ...", "Per [1] and [2] and [2].", "See [9].", "No idea.", "[2]"],
@@ -420,10 +418,7 @@ def get_source_citation_reward(grounded: bool = False, min_words: int = 0, other
                 else:
                     earned = float(len(claimed) >= min_words)
                 credits = [earned if c == 1.0 else c for c in credits]
-            if not credits:
-                scores.append(0.0)
-            else:
-                scores.append(min(credits) if exclusive else sum(credits) / len(credits))
+            scores.append((min(credits) if exclusive else sum(credits) / len(credits)) if credits else 0.0)
         return scores
 
     if grounded and min_words:
@@ -457,51 +452,6 @@ source_citation = get_source_citation_reward()
 # ---- rewards that run a model -------------------------------------------------------------------
 
 
-def answer_logprobs(model, tokenizer, prompts: list[str], answers: list[str], batch_size: int = 8) -> list:
-    """Mean log-probability per token of each answer after its prompt (a user turn of the chat template).
-
-    Rows are left-padded so that every answer ends at the right edge, and only the last
-    `longest answer + 1` positions are turned into logits: a (B, T, vocab) tensor for long contexts
-    would be most of the cost in memory. An empty answer gets 0.0 without a forward pass.
-    """
-    import torch
-
-    rows = []
-    for i, (prompt, answer) in enumerate(zip(prompts, answers, strict=True)):
-        answer_ids = tokenizer(answer, add_special_tokens=False)["input_ids"]
-        if not answer.strip() or not answer_ids:
-            continue
-        if tokenizer.chat_template:
-            messages = [{"role": "user", "content": prompt}]
-            prompt_ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True,
-                                                       return_dict=False)
-        else:
-            prompt_ids = tokenizer(prompt)["input_ids"] or [tokenizer.bos_token_id or tokenizer.eos_token_id]
-        rows.append((i, list(prompt_ids), answer_ids))
-    scores = [0.0] * len(answers)
-    for start in range(0, len(rows), batch_size):
-        chunk = rows[start:start + batch_size]
-        width = max(len(p) + len(a) for _, p, a in chunk)
-        keep = max(len(a) for _, _, a in chunk) + 1
-        ids = torch.full((len(chunk), width), tokenizer.pad_token_id, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for r, (_, p, a) in enumerate(chunk):
-            ids[r, width - len(p) - len(a):] = torch.tensor(p + a)
-            mask[r, width - len(p) - len(a):] = 1
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)  # left padding must not shift the positions
-        with torch.no_grad():
-            logits = model(input_ids=ids.to(model.device), attention_mask=mask.to(model.device),
-                           position_ids=positions.to(model.device), logits_to_keep=keep).logits
-        # logits: (B, keep, vocab), the last `keep` positions of every row
-        for r, (i, _, a) in enumerate(chunk):
-            # the logits at position t predict token t + 1: the answer's A tokens come from the A
-            # positions just before the last one
-            predicting = logits[r, keep - 1 - len(a):keep - 1].float().log_softmax(-1)  # (A, vocab)
-            targets = torch.tensor(a, device=predicting.device)
-            scores[i] = predicting.gather(-1, targets[:, None]).mean().item()
-    return scores
-
-
 def get_context_reliance_reward(model=None) -> Callable:
     """How much the retrieved context explains the answer, without labels: the answer's mean token
     log-likelihood given the query and the `context` passages, minus given the query alone (nats).
@@ -525,7 +475,7 @@ def get_context_reliance_reward(model=None) -> Callable:
 
     def context_reliance(completions, context=None, query=None, **kwargs) -> list[float]:
         """Answer log-likelihood with the 'context' minus without it, under the base model (nats)."""
-        from ragrpo.models import load_model
+        from ragrpo.models import answer_logprobs, load_model
         from ragrpo.rag import build_prompt
 
         contexts = _column(context, "context")
