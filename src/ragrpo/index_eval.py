@@ -144,8 +144,8 @@ def score_answers(completions: list[str], rows: list[dict], reward_specs: list[s
 def answer_all(model, tokenizer, rows: list[dict], *, seed: int, max_new_tokens: int, batch_size: int = 12,
                temperature: float = 1.0, sampler=None) -> list[str]:
     """One sampled answer per row. With `sampler` (`engine.evaluation_sampler`), through its decode loop
-    (bf16, as training samples: 10x faster than `generate` on a CPU), else through `rag.generate`; both
-    draw with transformers' sampling settings (top-k 50, top-p 1) and are seeded per batch."""
+    (bf16, as training samples), else through `rag.generate`; both draw with transformers' sampling
+    settings (top-k 50, top-p 1) and are seeded per batch."""
     import torch
     from transformers import GenerationConfig
 
