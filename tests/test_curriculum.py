@@ -164,6 +164,8 @@ def test_exact_source_citation(completion, expected):
         get_source_citation_reward(min_words=5, others=-1.0, exclusive=True)
     with pytest.raises(RagrpoError, match="exclusive"):
         get_source_citation_reward(exclusive=True)
+    with pytest.raises(RagrpoError, match="exclusive"):
+        get_source_citation_reward(grounded=True, exclusive=True)
 
 
 def test_source_citation_needs_its_columns():

@@ -421,6 +421,8 @@ def get_source_citation_reward(grounded: bool = False, min_words: int = 0, other
             scores.append((min(credits) if exclusive else sum(credits) / len(credits)) if credits else 0.0)
         return scores
 
+    if exclusive and (others or not min_words):
+        raise RagrpoError("source citation: exclusive goes with min_words and others 0")
     if grounded and min_words:
         raise RagrpoError("source citation: give grounded or min_words, not both")
     if grounded:
@@ -429,8 +431,6 @@ def get_source_citation_reward(grounded: bool = False, min_words: int = 0, other
         return _named(source_citation, "source_citation_grounded")
     if not -1.0 <= others <= 0.0:
         raise RagrpoError(f"source citation: others must be within [-1, 0], not {others}")
-    if exclusive and (others or not min_words):
-        raise RagrpoError("source citation: exclusive goes with min_words and others 0")
     if min_words:
         source_citation.__doc__ = (f"Citing the source document, a reference counting only in an answer of at least "
                                    f"{min_words} content words of its own, in [-1, 1].")
