@@ -103,3 +103,31 @@ def tiny_run(tmp_path_factory, base_model_dir):
 
     output = tmp_path_factory.mktemp("runs") / "tiny"
     return train(build_run_config(output=str(output), **TINY_RUN))
+
+
+@pytest.fixture()
+def force_hardware(monkeypatch):
+    """Set RAGRPO_* hardware variables for one test: `force_hardware(BF16="0", PACK="1")`. The decisions are
+    taken afresh after each change and again after the test."""
+    from ragrpo import hardware
+
+    def force(**values):
+        for name, value in values.items():
+            if value is None:
+                monkeypatch.delenv(f"RAGRPO_{name}", raising=False)
+            else:
+                monkeypatch.setenv(f"RAGRPO_{name}", value)
+        hardware.reset()
+
+    yield force
+    monkeypatch.undo()
+    hardware.reset()
+
+
+def needs_packing(dtype):
+    """Skip where oneDNN physically cannot pack weights of `dtype` (bf16 on a CPU without AVX512-BF16/AMX)."""
+    from ragrpo import hardware
+
+    if not hardware.can_pack(dtype):
+        pytest.skip(f"oneDNN cannot pack {dtype} weights on this CPU (bf16 needs AVX512-BF16, AMX or "
+                    f"AVX-NE-CONVERT); the plain path is tested instead")

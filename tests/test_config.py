@@ -71,11 +71,11 @@ def test_bad_values():
         build_run_config(rewards=[])
 
 
-def test_engine_settings_apply_to_the_default_preset_only(tmp_path):
-    from ragrpo.config import fast_bf16
-
+@pytest.mark.parametrize("bf16", ["1", "0"])
+def test_engine_settings_apply_to_the_default_preset_only(tmp_path, force_hardware, bf16):
+    force_hardware(BF16=bf16)
     default = grpo_config(build_run_config(), tmp_path)
     seed = grpo_config(build_run_config(preset="seed"), tmp_path)
-    assert default.gradient_checkpointing is False and default.bf16 is fast_bf16()
+    assert default.gradient_checkpointing is False and default.bf16 is (bf16 == "1")
     assert seed.gradient_checkpointing is True and seed.bf16 is False  # the write-up's run, as TRL does it
     assert grpo_config(build_run_config(grpo={"bf16": False}), tmp_path).bf16 is False  # the user wins

@@ -262,9 +262,14 @@ def test_from_index_run_records_its_split_and_trains_on_its_rewards(index_run):
 
 
 @pytest.mark.integration
-def test_eval_from_index_scores_both_models_per_seed(index_run, tiny_model_dir, tmp_path):
+def test_eval_from_index_scores_both_models_per_seed(index_run, tiny_model_dir, tmp_path, force_hardware):
+    import torch
+
+    from conftest import needs_packing
     from ragrpo.index_eval import compare_from_index
 
+    needs_packing(torch.float32)
+    force_hardware(BF16="0", PACK="1")
     result, _ = index_run
     comparison = compare_from_index(result.output, base=str(tiny_model_dir), seeds=[0, 1], max_new_tokens=6,
                                     max_questions=4, output=tmp_path / "report")
@@ -280,14 +285,9 @@ def test_eval_from_index_scores_both_models_per_seed(index_run, tiny_model_dir, 
     assert "hit@2" in report and "| groundedness |" in report and "Gain against seed spread" in report
     for name in ("curves.png", "histograms.png", "results.json"):
         assert (tmp_path / "report" / name).stat().st_size > 0
-    # where the decode loop applies (a bf16 CPU) both models are sampled through it, and the cache says so
-    from transformers import AutoConfig
-
-    from ragrpo.engine import evaluation_decodes
-
+    # with packing forced on, both models are sampled through the float32 decode loop, and the cache says so
     recorded = json.loads((tmp_path / "report" / "answers" / "base-seed0.json").read_text())
-    decodes = evaluation_decodes(AutoConfig.from_pretrained(tiny_model_dir))
-    assert recorded["sampler"] == ("decode loop, bf16" if decodes else "generate")
+    assert recorded["sampler"] == "decode loop, float32"
     assert all(isinstance(c, str) for c in recorded["completions"]) and len(recorded["completions"]) == 4
 
 

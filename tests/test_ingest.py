@@ -123,6 +123,7 @@ def test_packed_linears_compute_what_the_plain_bf16_bert_does():
     import torch
     from transformers import BertConfig, BertModel
 
+    from conftest import needs_packing
     from ragrpo.embed import pack_linears
 
     torch.manual_seed(0)
@@ -131,9 +132,7 @@ def test_packed_linears_compute_what_the_plain_bf16_bert_does():
     plain = BertModel(config).eval().to(torch.bfloat16)
     packed = BertModel(config).eval().to(torch.bfloat16)
     packed.load_state_dict(plain.state_dict())
-    if not torch.ops.mkldnn._is_mkldnn_bf16_supported():
-        assert pack_linears(packed) == 0  # nothing to gain here: the model is left as it was
-        return
+    needs_packing(torch.bfloat16)
     assert pack_linears(packed) == 12  # q, k, v, attention output, intermediate (with its GELU), output
     assert isinstance(packed.encoder.layer[0].intermediate.intermediate_act_fn, torch.nn.Identity)
     ids = torch.randint(0, 100, (3, 17))
@@ -332,3 +331,15 @@ def test_rerank_orders_first_stage_candidates_by_the_cross_encoder(movie_db, tin
 
 def tmp_path_missing():
     return "/nonexistent/cross-encoder-model"
+
+
+@pytest.mark.parametrize("bf16, dtype", [("1", "bfloat16"), ("0", "float32")])
+def test_auto_precision_follows_the_hardware_decision(force_hardware, bf16, dtype):
+    from ragrpo.embed import Embedder
+    from ragrpo.models import resolve_embedder
+
+    force_hardware(BF16=bf16)
+    embedder = Embedder.load(resolve_embedder(None), precision="auto")
+    assert embedder.dtype == dtype
+    vectors = embedder.encode(["a ferryman on the Thames", "a glassblower in Murano"])
+    assert vectors.shape == (2, embedder.dim) and np.allclose(np.linalg.norm(vectors, axis=1), 1, atol=1e-3)

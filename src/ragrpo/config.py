@@ -199,39 +199,25 @@ def build_run_config(config_file: str | Path | None = None, **overrides) -> RunC
 def _cuda_8bit_available() -> bool:
     import importlib.util
 
-    import torch
+    from ragrpo import hardware
 
-    return torch.cuda.is_available() and importlib.util.find_spec("bitsandbytes") is not None
-
-
-def fast_bf16() -> bool:
-    """Whether this machine does bf16 matrix work faster than float32: a bf16-capable CUDA GPU, or a CPU
-    with AVX512-BF16 or AMX (on other CPUs bf16 is emulated and slower than float32)."""
-    import torch
-
-    if torch.cuda.is_available():
-        return torch.cuda.is_bf16_supported()
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
+    return hardware.device() == "cuda" and importlib.util.find_spec("bitsandbytes") is not None
 
 
 def engine_settings(steps_per_generation: int = 1) -> dict:
     """GRPOConfig settings that change how fast a step runs, not what it optimises (the fast engine's;
     `ragrpo.engine` does the rest).
 
-    bf16 autocast where the hardware has fast bf16 (1.27x per step on an AVX512-BF16 CPU, 3 steps of the
+    bf16 autocast where `hardware.bf16()` says bf16 pays (1.27x per step on an AVX512-BF16 CPU, 3 steps of the
     benchmark); no gradient checkpointing (a 135M-parameter model's activations fit in memory); and,
     optionally, generation for several optimizer steps in one generate call (measured: no gain on 2 CPU
     cores, because TRL then needs an extra forward pass for the old policy's log-probabilities).
     """
-    import torch
+    from ragrpo import hardware
 
     settings = {"gradient_checkpointing": False, "steps_per_generation": steps_per_generation}
-    if fast_bf16():
-        settings.update(bf16=True, use_cpu=not torch.cuda.is_available())
+    if hardware.bf16():
+        settings.update(bf16=True, use_cpu=hardware.device() == "cpu")
     return settings
 
 
@@ -250,9 +236,9 @@ def grpo_config(cfg: RunConfig, output_dir: str | Path, **extra):
             file=sys.stderr,
         )
         settings["optim"] = "adamw_torch"
-    import torch
+    from ragrpo import hardware
 
-    if not torch.cuda.is_available():
+    if hardware.device() == "cpu":
         # TRL turns bf16 on by default; plain float32 is the safe CPU default (issue 3 measures bf16 CPUs).
         settings.setdefault("use_cpu", True)
         settings.setdefault("bf16", False)

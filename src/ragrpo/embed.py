@@ -15,7 +15,7 @@ within `MAX_COSINE_GAP` of that float32 reference:
   (`pack_linears`), the GELU fused into the intermediate layer;
 - 8 rows of the first batch of every ingest are also embedded in float32 and compared; if any vector
   is further than `MAX_COSINE_GAP` from its reference, the whole ingest falls back to float32;
-- on CPU, batches run in parallel in single-threaded workers (`cpu_workers`).
+- on CPU, batches run in parallel in single-threaded workers (`hardware.cpu_workers`).
 
 Measured on a 2-core avx512_bf16 CPU (no AMX): bf16 about 2.3x faster than float32. Not used, measured
 on 300 generated documents, one thread: ONNX Runtime 1.32 on the model exported with `torch.onnx`
@@ -32,31 +32,18 @@ from __future__ import annotations
 import copy
 import json
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 
 import numpy as np
 
-from ragrpo import RagrpoError
+from ragrpo import RagrpoError, hardware
 
 MAX_COSINE_GAP = 1e-3
 BATCH_TOKENS = 8192  # padded tokens per forward pass: (B, T) with B * T <= this
 MAX_BATCH = 64
 CHECK_ROWS = 8  # rows of the first batch also embedded in float32 to check the fast path
-
-
-def bf16_capable(device: str) -> bool:
-    import torch
-
-    if device.startswith("cuda"):
-        return torch.cuda.is_bf16_supported()
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:  # not Linux: no cheap way to know, stay on float32
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def _is_mean_pooled(folder: Path) -> bool:
@@ -112,10 +99,10 @@ class Embedder:
             folder / "sentence_bert_config.json").exists() else {}
         tokenizer = AutoTokenizer.from_pretrained(folder)
         max_tokens = int(bert.get("max_seq_length") or min(tokenizer.model_max_length, 512))
-        dtype = "bfloat16" if precision == "bfloat16" or (precision == "auto" and bf16_capable(where)) else "float32"
+        dtype = "bfloat16" if precision == "bfloat16" or (precision == "auto" and hardware.bf16()) else "float32"
         reference = AutoModel.from_pretrained(folder, dtype=torch.float32).to(where).eval()
         model = copy.deepcopy(reference).to(getattr(torch, dtype)) if dtype != "float32" else reference
-        if dtype == "bfloat16" and where == "cpu":
+        if dtype == "bfloat16" and hardware.pack(torch.bfloat16):
             pack_linears(model)
         return cls(name, tokenizer, max_tokens, model=model, reference=reference, dtype=dtype, device=where)
 
@@ -192,7 +179,7 @@ class Embedder:
         vectors[batches[0]] = first
         if on_batch:
             on_batch(batches[0])
-        with cpu_workers(self.device) as workers, ThreadPoolExecutor(workers) as pool:
+        with hardware.cpu_workers(self.device) as workers, ThreadPoolExecutor(workers) as pool:
             forwards = pool.map(lambda batch: self._forward([ids[i] for i in batch], self.model), batches[1:])
             for batch, rows in zip(batches[1:], forwards, strict=True):
                 vectors[batch] = rows
@@ -249,11 +236,8 @@ class Embedder:
 def pack_linears(model) -> int:
     """Run a bf16 BERT's linear layers through oneDNN with weights packed once into its blocked layout, and
     fuse the exact GELU into the intermediate layer. A plain `F.linear` reorders the weight on every call.
-    Returns how many layers were packed: 0 where oneDNN has no bf16, or for another architecture."""
+    Returns how many layers were packed: 0 for another architecture. The caller asks `hardware.pack` first."""
     import torch
-
-    if not (torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()):
-        return 0
 
     class PackedLinear(torch.nn.Module):
         def __init__(self, linear, gelu: bool = False):
@@ -283,38 +267,3 @@ def pack_linears(model) -> int:
             intermediate.intermediate_act_fn = torch.nn.Identity()
         packed += 6
     return packed
-
-
-@contextmanager
-def cpu_workers(device: str):
-    """On CPU: as many single-threaded workers as torch has intra-op threads, for the batch's duration.
-
-    Two batches in two threads (torch releases the GIL inside ops) measured 2.3x faster than one
-    batch at a time over two intra-op threads on a loaded 2-core machine: no synchronisation between
-    the threads of one matmul, and a stalled core delays one batch instead of every op.
-    """
-    import torch
-
-    if device != "cpu":
-        yield 1
-        return
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield threads
-    finally:
-        torch.set_num_threads(threads)
-
-
-@contextmanager
-def single_thread():
-    """One intra-op thread: embedding one short query is too small to gain from more, and on a busy
-    machine two threads measured 5 to 15x slower (180 to 490 ms against 33 ms per query)."""
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)

@@ -36,6 +36,8 @@ from __future__ import annotations
 import copy
 import functools
 
+from ragrpo import hardware
+
 
 class SamplingCopy:
     """An ordinary model holding the policy's merged weights, used only to sample completions."""
@@ -61,8 +63,8 @@ class SamplingCopy:
         targets = dict(self.model.named_modules())
         self.targets = {name: targets[name] for name in self.lora_layers}
         self.synced_step = None
-        self.fused = _fuse_projections(self.model) if _loop_fits(self.model.config) else None
-        self.packed = None
+        self.fused = _fuse_projections(self.model) if loop_family(self.model.config) else None
+        self.packed = None  # the loop's projections packed for oneDNN, after `sync`, where hardware.pack says so
 
     def sync(self, step: int | None = None) -> None:
         """Copy `W + scaling * B @ A` of every adapted layer into the sampling model."""
@@ -73,8 +75,8 @@ class SamplingCopy:
                 merged = layer.base_layer.weight.float() + layer.get_delta_weight("default").float()
                 self.targets[name].weight.copy_(merged.to(self.dtype))
         self.synced_step = step
-        if self.fused is not None:
-            self.packed = _pack_projections(self.model, self.fused)
+        if self.fused is not None and hardware.pack(self.dtype):
+            self.packed = _projections(self.model, self.fused, pack=True)
 
     def generate(self, prompt_ids: list[list[int]], generation_config, pad_token_id: int,
                  eos_token_ids: list[int]) -> list[list[int]]:
@@ -84,8 +86,8 @@ class SamplingCopy:
 
         with torch.no_grad():
             # the loop wins where its weights are packed (bf16 on a CPU: 5.2 s against generate's 9.8 s for 6 x 128
-            # tokens); elsewhere transformers' generate with a static cache is as fast or faster
-            if self.packed and _loop_settings(generation_config, self.model.generation_config):
+            # tokens); unpacked, transformers' generate with a static cache is as fast or faster
+            if self.packed is not None and _loop_settings(generation_config, self.model.generation_config):
                 return self._decode(prompt_ids, generation_config, pad_token_id, eos_token_ids)
             input_ids, attention_mask = _left_pad(prompt_ids, pad_token_id)
             width = input_ids.size(1)
@@ -149,7 +151,8 @@ class SamplingCopy:
 
     def _step(self, tokens, positions, column: int, caches, bias):
         """One decode step: the logits after `tokens` (B,) at `positions` (B,), cached at `column`. Mirrors
-        transformers' Llama layers with eager attention (scores in the model's dtype, softmax in float32)."""
+        transformers' Llama, Qwen2 and Qwen3 layers with eager attention (scores in the model's dtype, softmax in
+        float32). The model's own rotary module computes cos/sin, so rope scaling (Llama 3's) is its own."""
         import torch
         import torch.nn.functional as F
         from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
@@ -158,19 +161,20 @@ class SamplingCopy:
         rows, heads, kv_heads = tokens.size(0), config.num_attention_heads, config.num_key_value_heads
         x = body.embed_tokens(tokens[:, None])  # (B, 1, hidden)
         cos, sin = body.rotary_emb(x, positions[:, None])  # (B, 1, head_dim)
-        projections = self.packed or _pack_projections(self.model, self.fused, pack=False)
+        projections = self.packed or _projections(self.model, self.fused, pack=False)
         for layer, (qkv, o, gate_up, down), (keys, values) in zip(body.layers, projections[:-1], caches):
-            head_dim = keys.size(-1)
+            head_dim, attention = keys.size(-1), layer.self_attn
             q, k, v = _project(layer.input_layernorm(x), qkv).split(
                 [heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], dim=-1)
-            q = q.view(rows, 1, heads, head_dim).transpose(1, 2)  # (B, heads, 1, head_dim)
-            k = k.view(rows, 1, kv_heads, head_dim).transpose(1, 2)
-            q, k = apply_rotary_pos_emb(q, k, cos, sin)
+            q, k = q.view(rows, 1, heads, head_dim), k.view(rows, 1, kv_heads, head_dim)
+            if hasattr(attention, "q_norm"):  # Qwen3: RMSNorm over each head before the rotation
+                q, k = attention.q_norm(q), attention.k_norm(k)
+            q, k = apply_rotary_pos_emb(q.transpose(1, 2), k.transpose(1, 2), cos, sin)  # (B, heads, 1, head_dim)
             keys[:, :, column] = k[:, :, 0]
             values[:, :, column] = v.view(rows, kv_heads, head_dim)
             # query heads grouped under the key/value head they share: (B, kv_heads, heads / kv_heads, head_dim)
             q = q.reshape(rows, kv_heads, heads // kv_heads, head_dim)
-            scores = q @ keys[:, :, : column + 1].transpose(-1, -2) * layer.self_attn.scaling  # (B, kv, group, T)
+            scores = q @ keys[:, :, : column + 1].transpose(-1, -2) * attention.scaling  # (B, kv, group, T)
             scores = scores + bias[:, None, None, : column + 1]
             probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
             x = x + _project((probs @ values[:, :, : column + 1]).reshape(rows, 1, heads * head_dim), o)
@@ -188,11 +192,21 @@ _HARMLESS = {"pad_token_id", "bos_token_id", "eos_token_id", "cache_implementati
              "transformers_version", "_from_model_config", "output_attentions", "output_hidden_states"}
 
 
-def _loop_fits(config) -> bool:
-    """Whether the decode loop implements this architecture: Llama layers without biases (SmolLM2's)."""
-    rope = getattr(config, "rope_parameters", None) or {}
-    return (config.model_type == "llama" and config.hidden_act == "silu" and not config.attention_bias
-            and not config.mlp_bias and rope.get("rope_type", "default") == "default")
+# Per architecture: what the decode loop implements. Llama (SmolLM2, Llama 3 with its rope scaling), Qwen2
+# (q/k/v biases) and Qwen3 (q/k norms) share one layer shape; Gemma 3 (sliding windows, scaled embeddings,
+# four norms per layer, GELU) and everything else sample through `generate`.
+LOOP_FAMILIES = ("llama", "qwen2", "qwen3")
+
+
+def loop_family(config) -> str | None:
+    """The architecture if the decode loop implements this model's layers, else None."""
+    if config.model_type not in LOOP_FAMILIES or config.hidden_act != "silu" or getattr(config, "mlp_bias", False):
+        return None
+    if any(kind != "full_attention" for kind in getattr(config, "layer_types", None) or ()):
+        return None  # a sliding-window layer attends differently from the loop
+    if config.model_type == "llama" and getattr(config, "attention_bias", False):
+        return None  # Llama's attention bias is on the output projection too
+    return config.model_type
 
 
 def _loop_settings(generation_config, model_config) -> dict | None:
@@ -237,8 +251,9 @@ def _logits_processors(settings: dict, mask, device):
 
 
 def _fuse_projections(model) -> list:
-    """Store each layer's q/k/v weights in one tensor and its gate/up weights in another. The modules' own
-    weights become views into them, so `sync` (and the model's ordinary forward) keep working unchanged."""
+    """Store each layer's q/k/v weights (and biases, Qwen2's) in one tensor and its gate/up weights in
+    another. The modules' own parameters become views into them, so `sync` (and the model's ordinary
+    forward) keep working unchanged. Per layer: ((qkv weight, qkv bias or None), (gate_up weight, None))."""
     import torch
 
     fused = []
@@ -246,51 +261,52 @@ def _fuse_projections(model) -> list:
         pair = []
         for parts in ((layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj),
                       (layer.mlp.gate_proj, layer.mlp.up_proj)):
-            weight = torch.cat([module.weight for module in parts])  # (sum of outputs, hidden)
-            start = 0
-            for module in parts:
-                end = start + module.weight.size(0)
-                module.weight = torch.nn.Parameter(weight[start:end], requires_grad=False)
-                start = end
-            pair.append(weight)
+            tensors = []
+            for name in ("weight", "bias"):
+                if getattr(parts[0], name, None) is None:
+                    tensors.append(None)
+                    continue
+                joined = torch.cat([getattr(module, name) for module in parts])  # (sum of outputs, ...)
+                start = 0
+                for module in parts:
+                    end = start + module.weight.size(0)
+                    setattr(module, name, torch.nn.Parameter(joined[start:end], requires_grad=False))
+                    start = end
+                tensors.append(joined)
+            pair.append(tuple(tensors))
         fused.append(tuple(pair))
     return fused
 
 
-def _pack_projections(model, fused, pack: bool = True) -> list:
-    """Per layer (qkv, o, gate_up, down), then the LM head, each as a weight to `_project` with. On a CPU
-    with oneDNN, bf16 weights are packed into oneDNN's blocked layout once per sync: for a handful of rows,
-    its matmul reads them about twice as fast as the plain one (0.16 against 0.36 ms for gate_up, 6 rows)."""
-    import torch
-
-    weights = [(qkv, layer.self_attn.o_proj.weight, gate_up, layer.mlp.down_proj.weight)
-               for layer, (qkv, gate_up) in zip(model.model.layers, fused)] + [model.lm_head.weight]
-    pack = (pack and model.device.type == "cpu" and weights[-1].dtype == torch.bfloat16
-            and torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    if not pack:
-        return weights
-
-    def packed(weight):
-        return _Packed(torch.ops.mkldnn._reorder_linear_weight(weight))
-
-    return [tuple(map(packed, layer)) for layer in weights[:-1]] + [packed(weights[-1])]
+def _projections(model, fused, pack: bool) -> list:
+    """Per layer (qkv, o, gate_up, down), then the LM head, each a `_Linear` to `_project` with. Packed, the
+    weights are reordered into oneDNN's blocked layout once per sync: for a handful of rows its matmul reads
+    them about twice as fast as the plain one (0.16 against 0.36 ms for bf16 gate_up, 6 rows)."""
+    layers = [(_Linear(*qkv, pack), _Linear(layer.self_attn.o_proj.weight, None, pack), _Linear(*gate_up, pack),
+               _Linear(layer.mlp.down_proj.weight, None, pack))
+              for layer, (qkv, gate_up) in zip(model.model.layers, fused)]
+    return layers + [_Linear(model.lm_head.weight, None, pack)]
 
 
-class _Packed:
-    """A weight in oneDNN's layout (it is not a plain tensor any more, so it is tagged)."""
+class _Linear:
+    """A weight (in oneDNN's layout where packed: then it is not a plain tensor any more) and its bias."""
 
-    def __init__(self, weight):
-        self.weight = weight
+    def __init__(self, weight, bias, pack: bool):
+        import torch
+
+        self.packed = pack
+        self.weight = torch.ops.mkldnn._reorder_linear_weight(weight) if pack else weight
+        self.bias = bias
 
 
-def _project(x, weight):
-    """`x @ weight.T`, through oneDNN for a packed weight."""
+def _project(x, linear):
+    """`x @ weight.T + bias`, through oneDNN for a packed weight."""
     import torch
     import torch.nn.functional as F
 
-    if isinstance(weight, _Packed):
-        return torch.ops.mkldnn._linear_pointwise(x, weight.weight, None, "none", [None], "")
-    return F.linear(x, weight)
+    if linear.packed:
+        return torch.ops.mkldnn._linear_pointwise(x, linear.weight, linear.bias, "none", [None], "")
+    return F.linear(x, linear.weight, linear.bias)
 
 
 def _sample(probs):
@@ -348,24 +364,31 @@ def _base_state_dict(peft_model) -> dict:
     return state
 
 
-def evaluation_decodes(config) -> bool:
-    """Whether `evaluation_sampler` takes the decode loop for a model of this config on this machine."""
+def evaluation_dtype(config):
+    """The dtype of `evaluation_sampler`'s copy for a model of this config on this machine, or None where it
+    samples through `generate` (not a CPU, a family the loop does not implement, weights oneDNN cannot pack)."""
     import torch
 
-    from ragrpo.config import fast_bf16
+    dtype = torch.bfloat16 if hardware.bf16() else torch.float32
+    if hardware.device() != "cpu" or not loop_family(config) or not hardware.pack(dtype):
+        return None
+    return dtype
 
-    return not torch.cuda.is_available() and fast_bf16() and _loop_fits(config)
+
+def evaluation_sampler_name(config) -> str:
+    """How evaluation samples a model of this config here: 'decode loop, bfloat16', '... float32' or 'generate'."""
+    dtype = evaluation_dtype(config)
+    return "generate" if dtype is None else f"decode loop, {str(dtype).removeprefix('torch.')}"
 
 
 def evaluation_sampler(model) -> SamplingCopy | None:
-    """A bf16 `SamplingCopy` of a plain model, for sampling many answers from it (evaluation), where the decode
-    loop applies: a CPU with fast bf16 and a Llama the loop implements. Elsewhere None: `generate` on the
-    model as it is. Like training's sampler, it samples from bf16-rounded weights."""
-    import torch
-
-    if model.device.type != "cpu" or not evaluation_decodes(model.config):
+    """A packed `SamplingCopy` of a plain model, for sampling many answers from it (evaluation), where
+    `evaluation_dtype` allows: bf16 where it pays, else float32. Elsewhere None: `generate` on the model as it
+    is. With bf16, like training's sampler, it samples from bf16-rounded weights."""
+    dtype = evaluation_dtype(model.config)
+    if model.device.type != "cpu" or dtype is None:
         return None
-    sampler = SamplingCopy(model, dtype=torch.bfloat16)
+    sampler = SamplingCopy(model, dtype=dtype)
     sampler.sync()  # packs the weights for oneDNN; a plain model has no adapters to merge
     return sampler
 

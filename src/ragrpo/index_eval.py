@@ -144,7 +144,7 @@ def score_answers(completions: list[str], rows: list[dict], reward_specs: list[s
 def answer_all(model, tokenizer, rows: list[dict], *, seed: int, max_new_tokens: int, batch_size: int = 12,
                temperature: float = 1.0, sampler=None) -> list[str]:
     """One sampled answer per row. With `sampler` (`engine.evaluation_sampler`), through its decode loop
-    (bf16, as training samples), else through `rag.generate`; both draw with transformers' sampling
+    (in bf16 where it pays, as training samples), else through `rag.generate`; both draw with transformers' sampling
     settings (top-k 50, top-p 1) and are seeded per batch."""
     import torch
     from transformers import GenerationConfig
@@ -172,10 +172,10 @@ def answer_all(model, tokenizer, rows: list[dict], *, seed: int, max_new_tokens:
 def _sampler_name(name: str | None) -> str:
     from transformers import AutoConfig
 
-    from ragrpo.engine import evaluation_decodes
+    from ragrpo.engine import evaluation_sampler_name
     from ragrpo.models import resolve_model
 
-    return "decode loop, bf16" if evaluation_decodes(AutoConfig.from_pretrained(resolve_model(name))) else "generate"
+    return evaluation_sampler_name(AutoConfig.from_pretrained(resolve_model(name)))
 
 
 def cached_answers(folder: Path, side: str, name: str | None, rows: list[dict], *, seed: int,

@@ -43,9 +43,9 @@ def quiet_transformers() -> None:
 
 
 def device() -> str:
-    import torch
+    from ragrpo import hardware
 
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    return hardware.device()
 
 
 def _package_dir(package: str, install_hint: str) -> Path:

@@ -70,7 +70,7 @@ def search(table, query: str, *, where: str | None = None, k: int = 5, mode: str
     """
     from lancedb.rerankers import RRFReranker
 
-    from ragrpo.embed import single_thread
+    from ragrpo.hardware import single_thread
 
     if mode not in MODES:
         raise RagrpoError(f"search mode {mode!r}: use one of {', '.join(MODES)}")

@@ -1,0 +1,247 @@
+"""Every hardware decision ragrpo makes, in one place, each one forced by an environment variable.
+
+    RAGRPO_DEVICE   cpu | cuda   where models run; default: cuda where torch sees a GPU
+    RAGRPO_BF16     0 | 1        bf16 for the frozen base and autocast in training, for evaluation's sampling
+                                 copy and for the embedder; default: measured, see `bf16`
+    RAGRPO_PACK     0 | 1        linear weights packed once into oneDNN's blocked layout on the CPU (the
+                                 decode loop, the embedder); default: wherever oneDNN can pack the dtype
+    RAGRPO_THREADS  N            torch's intra-op threads, set once at start-up; default: torch's own
+
+Why measure bf16 instead of reading CPU flags: whether bf16 pays depends on more than AVX512-BF16 or AMX
+being listed. oneDNN can be capped below what the CPU has (`ONEDNN_MAX_CPU_ISA`, `ATEN_CPU_CAPABILITY`),
+a hypervisor can hide instructions, and on a CPU without them torch emulates bf16 at 2 to 4x the cost
+of float32. So the first use on a machine times one training-sized matmul both ways (about 0.2 s) and
+keeps the answer in the cache folder, keyed by everything that could change it.
+
+No other module reads /proc/cpuinfo or asks torch.ops.mkldnn what it supports.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import os
+import platform
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+from ragrpo import RagrpoError
+
+# A decision counts bf16 as fast when its matmul takes at most this share of float32's. Measured on
+# (256, 576) x (576, 1536): 0.44 on an AVX512-BF16 CPU without AMX, 5.5 on the same CPU capped to AVX2.
+FAST_RATIO = 0.8
+# what can move the measurement: a cached answer is reused only while all of them are the same
+_ISA_VARIABLES = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS", "DNNL_MAX_CPU_ISA")
+_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
+
+
+def _forced(name: str) -> bool | None:
+    """The value of a 0|1 variable, or None where it is unset."""
+    value = os.environ.get(name, "").strip()
+    if not value:
+        return None
+    if value not in ("0", "1"):
+        raise RagrpoError(f"{name}={value!r}: use 0 or 1, or unset it to let ragrpo decide")
+    return value == "1"
+
+
+def cpu_flags() -> list[str]:
+    """The CPU features that matter here (avx2, avx512f, avx512_bf16, amx_bf16, amx_tile), as Linux lists them."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:  # not Linux
+        return []
+    listed = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
+    return sorted(set(listed) & set(_FLAGS))
+
+
+def cpu_name() -> str:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.processor() or platform.machine()
+    return next((line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("model name")),
+                platform.machine())
+
+
+@functools.cache
+def device() -> str:
+    """'cuda' or 'cpu'."""
+    import torch
+
+    value = os.environ.get("RAGRPO_DEVICE", "").strip()
+    if value not in ("", "cpu", "cuda"):
+        raise RagrpoError(f"RAGRPO_DEVICE={value!r}: use cpu or cuda, or unset it")
+    if value == "cuda" and not torch.cuda.is_available():
+        raise RagrpoError("RAGRPO_DEVICE=cuda, but torch sees no CUDA device here")
+    return value or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@functools.cache
+def bf16() -> bool:
+    """Whether bf16 matmuls are used where they are only a speed choice: RAGRPO_BF16 if set; on CUDA, whether
+    the GPU supports bf16; on a CPU, whether a measured bf16 matmul beats float32 (`bf16_measurement`)."""
+    forced = _forced("RAGRPO_BF16")
+    if forced is not None:
+        return forced
+    if device() == "cuda":
+        import torch
+
+        return torch.cuda.is_bf16_supported()
+    return bf16_measurement()["fast"]
+
+
+def bf16_measurement() -> dict:
+    """This machine's timing of one matmul in float32 and bf16, measured once and cached per machine."""
+    from ragrpo.models import cache_dir
+
+    key = _machine_key()
+    path = cache_dir() / "hardware.json"
+    try:
+        cached = json.loads(path.read_text())
+    except (OSError, ValueError):
+        cached = {}
+    if isinstance(cached.get(key), dict) and "fast" in cached[key]:
+        return cached[key]
+    result = measure_bf16()
+    cached[key] = result
+    try:  # a read-only cache folder costs a re-measurement next time, nothing else
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_suffix(f".tmp{os.getpid()}")
+        partial.write_text(json.dumps(cached, indent=1))
+        partial.replace(path)
+    except OSError:
+        pass
+    return result
+
+
+def measure_bf16(rows: int = 256, repeats: int = 5) -> dict:
+    """Best-of-`repeats` milliseconds of (rows, 576) x (576, 1536), SmolLM2's gate/up shape, in both dtypes."""
+    import torch
+    import torch.nn.functional as F
+
+    generator = torch.Generator().manual_seed(0)
+    timings = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        x = torch.randn(rows, 576, generator=generator).to(dtype)
+        w = torch.randn(1536, 576, generator=generator).to(dtype)
+        F.linear(x, w)  # first call: allocation, kernel selection
+        best = float("inf")
+        for _ in range(repeats):
+            started = time.perf_counter()
+            for _ in range(4):
+                F.linear(x, w)
+            best = min(best, (time.perf_counter() - started) / 4)
+        timings[str(dtype).removeprefix("torch.")] = best * 1e3
+    return decide_bf16(timings["float32"], timings["bfloat16"])
+
+
+def decide_bf16(float32_ms: float, bfloat16_ms: float) -> dict:
+    return {"float32_ms": round(float32_ms, 4), "bfloat16_ms": round(bfloat16_ms, 4),
+            "fast": bfloat16_ms <= FAST_RATIO * float32_ms}
+
+
+def _machine_key() -> str:
+    import torch
+
+    parts = [cpu_name(), *cpu_flags(), torch.__version__, str(torch.get_num_threads()),
+             *(f"{name}={os.environ.get(name, '')}" for name in _ISA_VARIABLES)]
+    return hashlib.sha1("|".join(parts).encode()).hexdigest()[:16]
+
+
+def can_pack(dtype) -> bool:
+    """Whether oneDNN can pack CPU linear weights of `dtype` here: float32 wherever torch has oneDNN, bf16
+    only where oneDNN has bf16 kernels (AVX512-BF16, AMX or AVX-NE-CONVERT)."""
+    import torch
+
+    if not torch.backends.mkldnn.is_available():
+        return False
+    if dtype == torch.bfloat16:
+        return torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    return dtype == torch.float32
+
+
+def pack(dtype) -> bool:
+    """Whether CPU linear weights of `dtype` are packed for oneDNN: RAGRPO_PACK if set, else wherever they
+    can be. For a handful of rows the packed matmul is about twice as fast as the plain one, in float32 and
+    in bf16 (gate/up, 6 rows: 0.10 against 0.25 ms and 0.056 against 0.135 ms on an AVX512-BF16 CPU)."""
+    if device() != "cpu":
+        return False
+    forced = _forced("RAGRPO_PACK")
+    if forced is False:
+        return False
+    possible = can_pack(dtype)
+    if forced and not possible:
+        raise RagrpoError(f"RAGRPO_PACK=1, but oneDNN cannot pack {str(dtype).removeprefix('torch.')} weights "
+                          "on this CPU; unset RAGRPO_PACK")
+    return possible
+
+
+def set_threads(threads: int | None = None) -> int:
+    """Set torch's intra-op threads once, at start-up: `threads`, else RAGRPO_THREADS, else torch's default.
+    Returns the count in force."""
+    import torch
+
+    value = threads if threads is not None else os.environ.get("RAGRPO_THREADS", "").strip() or None
+    if value is not None:
+        try:
+            count = int(value)
+        except ValueError:
+            count = 0
+        if count < 1:
+            raise RagrpoError(f"thread count {value!r}: use a whole number of at least 1")
+        torch.set_num_threads(count)
+    return torch.get_num_threads()
+
+
+@contextmanager
+def cpu_workers(where: str):
+    """On a CPU: as many single-threaded workers as torch has intra-op threads, for the block's duration.
+
+    Two batches in two threads (torch releases the GIL inside ops) measured 2.3x faster than one
+    batch at a time over two intra-op threads on a loaded 2-core machine: no synchronisation between
+    the threads of one matmul, and a stalled core delays one batch instead of every op.
+    """
+    import torch
+
+    if where != "cpu":
+        yield 1
+        return
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield threads
+    finally:
+        torch.set_num_threads(threads)
+
+
+@contextmanager
+def single_thread():
+    """One intra-op thread: embedding one short query is too small to gain from more, and on a busy
+    machine two threads measured 5 to 15x slower (180 to 490 ms against 33 ms per query)."""
+    with cpu_workers("cpu"):
+        yield
+
+
+def summary() -> dict:
+    """The decisions in force and what they rest on, for benchmark records and `ragrpo hardware`."""
+    import torch
+
+    record = {"cpu": cpu_name(), "cpu_flags": cpu_flags(), "torch": torch.__version__,
+              "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(), "device": device(),
+              "threads": torch.get_num_threads(), "bf16": bf16(),
+              "pack_float32": pack(torch.float32), "pack_bfloat16": pack(torch.bfloat16),
+              "forced": {name: os.environ[name] for name in
+                         ("RAGRPO_DEVICE", "RAGRPO_BF16", "RAGRPO_PACK", "RAGRPO_THREADS", *_ISA_VARIABLES)
+                         if os.environ.get(name)}}
+    if device() == "cpu" and _forced("RAGRPO_BF16") is None:
+        record["bf16_measurement"] = bf16_measurement()
+    return record
+
+
+def reset() -> None:
+    """Forget the decisions taken in this process (tests change the environment between them)."""
+    device.cache_clear()
+    bf16.cache_clear()

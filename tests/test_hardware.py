@@ -1,0 +1,144 @@
+"""Every hardware decision is taken in ragrpo.hardware, can be forced, and holds on every CPU kind."""
+
+import json
+import os
+import platform
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from ragrpo import RagrpoError, hardware
+
+# the ISA caps that make an AVX512-BF16 or AMX CPU compute as an AVX2-only one does
+AVX2_ONLY = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"}
+
+
+@pytest.mark.parametrize("value, expected", [("0", False), ("1", True)])
+def test_bf16_can_be_forced_both_ways(force_hardware, value, expected):
+    force_hardware(BF16=value)
+    assert hardware.bf16() is expected
+    from ragrpo.config import build_run_config, engine_settings, grpo_config
+
+    assert engine_settings().get("bf16", False) is expected
+    assert grpo_config(build_run_config(), "/tmp/unused").bf16 is expected  # the fast engine's training dtype
+
+
+@pytest.mark.parametrize("value", ["yes", "2", "true"])
+def test_a_forced_value_other_than_0_or_1_is_one_clear_error(force_hardware, value):
+    force_hardware(BF16=value, PACK=None)
+    with pytest.raises(RagrpoError, match=f"RAGRPO_BF16={value!r}: use 0 or 1"):
+        hardware.bf16()
+    force_hardware(BF16=None, PACK=value)
+    with pytest.raises(RagrpoError, match=f"RAGRPO_PACK={value!r}: use 0 or 1"):
+        hardware.pack(torch.float32)
+
+
+def test_packing_can_be_forced_off_and_on_where_onednn_can_pack(force_hardware):
+    from conftest import needs_packing
+
+    force_hardware(PACK="0")
+    assert hardware.pack(torch.float32) is False and hardware.pack(torch.bfloat16) is False
+    needs_packing(torch.float32)
+    force_hardware(PACK="1")
+    assert hardware.pack(torch.float32) is True
+    force_hardware(PACK=None)
+    assert hardware.pack(torch.float32) is True  # the default wherever oneDNN can
+
+
+def test_forcing_bf16_packing_where_onednn_has_no_bf16_is_refused(force_hardware):
+    force_hardware(PACK="1")
+    if hardware.can_pack(torch.bfloat16):
+        assert hardware.pack(torch.bfloat16) is True
+        pytest.skip("this CPU's oneDNN packs bf16: the refusal is checked on CPUs (or ISA caps) without it")
+    with pytest.raises(RagrpoError, match="RAGRPO_PACK=1, but oneDNN cannot pack bfloat16"):
+        hardware.pack(torch.bfloat16)
+
+
+@pytest.mark.parametrize("float32_ms, bfloat16_ms, fast", [
+    (2.51, 1.09, True),    # measured on an AVX512-BF16 CPU without AMX
+    (2.87, 15.71, False),  # the same CPU capped to AVX2: bf16 emulated
+    (1.0, 0.8, True),      # at the line
+    (1.0, 0.81, False),
+    (1.0, 1.0, False),     # no gain is no reason to round weights
+])
+def test_the_bf16_rule(float32_ms, bfloat16_ms, fast):
+    assert hardware.decide_bf16(float32_ms, bfloat16_ms)["fast"] is fast
+
+
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64") or "avx2" not in hardware.cpu_flags(),
+                    reason="the AVX2 cap needs an x86 CPU with AVX2")
+def test_with_the_isa_capped_to_avx2_bf16_is_measured_slow_and_not_packed(tmp_path):
+    """What an AVX2-only CPU decides, on any x86 CPU: the measurement, not the CPU's flags, decides."""
+    code = ("import torch; from ragrpo import hardware; "
+            "print(hardware.bf16(), hardware.pack(torch.bfloat16), hardware.pack(torch.float32))")
+    env = {**os.environ, **AVX2_ONLY, "RAGRPO_CACHE": str(tmp_path)}
+    for name in ("RAGRPO_BF16", "RAGRPO_PACK"):
+        env.pop(name, None)
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["False", "False", "True"]
+    cached = json.loads((tmp_path / "hardware.json").read_text())
+    (record,) = cached.values()
+    assert record["bfloat16_ms"] > record["float32_ms"], "emulated bf16 is slower than float32"
+
+
+def test_the_measurement_is_cached_per_machine_and_isa(force_hardware, monkeypatch, tmp_path):
+    monkeypatch.setenv("RAGRPO_CACHE", str(tmp_path))
+    force_hardware(BF16=None)
+    calls = []
+    monkeypatch.setattr(hardware, "measure_bf16", lambda: calls.append(1) or hardware.decide_bf16(2.0, 1.0))
+    assert hardware.bf16() is True and len(calls) == 1
+    hardware.reset()
+    assert hardware.bf16() is True and len(calls) == 1, "read back from the cache, not measured again"
+    assert Path(tmp_path / "hardware.json").exists()
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")  # another ISA: another entry
+    monkeypatch.setattr(hardware, "measure_bf16", lambda: calls.append(1) or hardware.decide_bf16(2.0, 8.0))
+    hardware.reset()
+    assert hardware.bf16() is False and len(calls) == 2
+    assert len(json.loads((tmp_path / "hardware.json").read_text())) == 2
+
+
+def test_threads_are_set_once_from_the_variable_or_the_argument(monkeypatch):
+    before = torch.get_num_threads()
+    try:
+        monkeypatch.setenv("RAGRPO_THREADS", "1")
+        assert hardware.set_threads() == 1 == torch.get_num_threads()
+        assert hardware.set_threads(2) == 2 == torch.get_num_threads()
+        monkeypatch.setenv("RAGRPO_THREADS", "many")
+        with pytest.raises(RagrpoError, match="thread count 'many'"):
+            hardware.set_threads()
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_the_device_can_be_forced(force_hardware):
+    force_hardware(DEVICE="cpu")
+    assert hardware.device() == "cpu"
+    force_hardware(DEVICE="tpu")
+    with pytest.raises(RagrpoError, match="RAGRPO_DEVICE='tpu'"):
+        hardware.device()
+    force_hardware(DEVICE="cuda")
+    if torch.cuda.is_available():
+        assert hardware.device() == "cuda"
+    else:
+        with pytest.raises(RagrpoError, match="sees no CUDA device"):
+            hardware.device()
+
+
+def test_no_other_module_probes_the_hardware():
+    source = Path(hardware.__file__).parent
+    probes = ("/proc/cpuinfo", "_is_mkldnn_bf16_supported", "cuda.is_bf16_supported", "get_cpu_capability")
+    for path in source.rglob("*.py"):
+        if path.name != "hardware.py":
+            text = path.read_text()
+            assert not [p for p in probes if p in text], f"{path.name} probes the hardware itself"
+
+
+def test_the_summary_names_the_flags_and_each_decision(force_hardware):
+    force_hardware(BF16="0", PACK="0")
+    record = hardware.summary()
+    assert record["bf16"] is False and record["pack_float32"] is False
+    assert record["forced"]["RAGRPO_BF16"] == "0" and set(record["cpu_flags"]) <= {
+        "avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile"}
