@@ -27,5 +27,10 @@ browser:
 	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
 		{ $(SUDO) apt-get update -q && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium chromium-driver; }
 
+# The suite, then its hardware-conditional tests again with torch, oneDNN and MKL capped to an AVX2-only CPU's
+# instructions (no AVX512, no AMX, bf16 emulated), so that every machine tests both kinds of path.
+AVX2_ONLY := ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2
 test: setup browser
 	$(BIN)/python -m pytest -q
+	$(AVX2_ONLY) $(BIN)/python -m pytest -q -m "not integration" tests/test_hardware.py tests/test_engine.py \
+		tests/test_families.py tests/test_config.py

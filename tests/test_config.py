@@ -79,3 +79,10 @@ def test_engine_settings_apply_to_the_default_preset_only(tmp_path, force_hardwa
     assert default.gradient_checkpointing is False and default.bf16 is (bf16 == "1")
     assert seed.gradient_checkpointing is True and seed.bf16 is False  # the write-up's run, as TRL does it
     assert grpo_config(build_run_config(grpo={"bf16": False}), tmp_path).bf16 is False  # the user wins
+
+
+def test_trl_vllm_generation_is_reachable_from_the_config(tmp_path):
+    """GPU users turn on TRL's vLLM sampling through [grpo]; the fast engine then hands sampling to TRL."""
+    args = grpo_config(build_run_config(grpo={"use_vllm": True, "vllm_mode": "colocate",
+                                              "vllm_gpu_memory_utilization": 0.3}), tmp_path)
+    assert (args.use_vllm, args.vllm_mode, args.vllm_gpu_memory_utilization) == (True, "colocate", 0.3)

@@ -264,8 +264,8 @@ def test_from_index_run_records_its_split_and_trains_on_its_rewards(index_run):
 @pytest.mark.integration
 def test_eval_from_index_scores_both_models_per_seed(index_run, tiny_model_dir, tmp_path, force_hardware):
     import torch
-
     from conftest import needs_packing
+
     from ragrpo.index_eval import compare_from_index
 
     needs_packing(torch.float32)

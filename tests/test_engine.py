@@ -274,9 +274,9 @@ def test_decode_loop_follows_the_packaged_model_token_by_token(base_model_dir, f
     """On the real model the loop's logits track transformers' forward along a greedy continuation, packed or
     not, in float32 and bf16. (Tokens are not compared in bf16: its logits tie exactly, e.g. 22.375 for two
     tokens, and either may win.)"""
+    from conftest import needs_packing
     from peft import LoraConfig, get_peft_model
 
-    from conftest import needs_packing
     from ragrpo.models import load_model
 
     if packed:
@@ -308,7 +308,7 @@ def test_generate_takes_the_loop_only_with_packed_weights(policy, force_hardware
     from conftest import needs_packing
 
     needs_packing(torch.float32)
-    model, tokenizer = policy
+    model, _ = policy
     torch.manual_seed(5)
     prompts = [torch.randint(5, 1000, (n,)).tolist() for n in (6, 3, 6)]
     expected = _generate_one_by_one(model, prompts, _greedy())
@@ -328,6 +328,7 @@ def test_a_plain_model_is_sampled_as_it_is(tiny_causal_lm, force_hardware):
     """Evaluation samples base and merged models (no adapter) through the same copy and decode loop: in bf16
     where bf16 pays and oneDNN packs it, else in float32."""
     from conftest import needs_packing
+
     from ragrpo.engine import evaluation_sampler
 
     model, _ = tiny_causal_lm

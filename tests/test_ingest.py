@@ -121,9 +121,9 @@ def test_embedder_without_a_fast_path_uses_sentence_transformers(embedder):
 
 def test_packed_linears_compute_what_the_plain_bf16_bert_does():
     import torch
+    from conftest import needs_packing
     from transformers import BertConfig, BertModel
 
-    from conftest import needs_packing
     from ragrpo.embed import pack_linears
 
     torch.manual_seed(0)
