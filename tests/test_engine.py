@@ -235,11 +235,12 @@ def test_settings_beyond_the_loop_fall_back_to_generate():
 
 
 def test_inverse_cdf_sampling_draws_from_the_distribution():
-    from ragrpo.engine import _sample
+    from ragrpo.decode import Row, Sampling, choose
 
     torch.manual_seed(0)
     probs = torch.tensor([0.0, 0.5, 0.0, 0.2, 0.3, 0.0])
-    draws = _sample(probs.expand(20000, -1))
+    rows = [Row([1], Sampling(max_new_tokens=1), [], "cpu") for _ in range(20000)]
+    draws = choose(probs.log().expand(20000, -1), rows, torch.zeros((20000, 2), dtype=torch.long))
     counts = torch.bincount(draws, minlength=6).float() / 20000
     assert counts[[0, 2, 5]].sum() == 0, "a zero-probability token is never drawn"
     torch.testing.assert_close(counts, probs, atol=0.015, rtol=0)
@@ -248,21 +249,18 @@ def test_inverse_cdf_sampling_draws_from_the_distribution():
 def _loop_tracks_the_forward(copy, prompt, continuation, max_gap, mean_gap, top_gap):
     """Along `continuation`, the loop's per-step logits stay within `max_gap` (largest) and `mean_gap` (mean) of
     transformers' full forward, and the loop's pick is within `top_gap` of the forward's best logit."""
+    from ragrpo.decode import Engine, Row, Sampling
+    from ragrpo.engine import _projections
+
     sequence = torch.tensor([prompt + continuation])
+    projections = copy.packed or _projections(copy.model, copy.fused, pack=False)
+    engine = Engine(copy.model, projections, slots=1, capacity=sequence.size(1) + 1)
     with torch.no_grad():
         expected = copy.model(input_ids=sequence).logits[0, len(prompt):].float()  # (new, vocab)
-        prefill = copy.model(input_ids=sequence[:, : len(prompt)], use_cache=True)
-        total = sequence.size(1)
-        caches = []
-        for layer in prefill.past_key_values.layers:
-            keys = layer.keys.new_zeros((1, layer.keys.size(1), total, layer.keys.size(3)))
-            values = torch.zeros_like(keys)
-            keys[:, :, : len(prompt)], values[:, :, : len(prompt)] = layer.keys, layer.values
-            caches.append((keys, values))
-        bias = torch.zeros((1, total), dtype=copy.dtype)
+        engine.add([Row(prompt, Sampling(max_new_tokens=len(continuation), do_sample=False), [], "cpu")])
         for n, token in enumerate(continuation[:-1]):
             column = len(prompt) + n
-            logits = copy._step(torch.tensor([token]), torch.tensor([column]), column, caches, bias)[0]
+            logits = engine._step(torch.tensor([token]), torch.tensor([column]))[0]
             difference = (logits - expected[n]).abs()
             assert difference.max() < max_gap and difference.mean() < mean_gap
             assert expected[n, logits.argmax()] >= expected[n].max() - top_gap  # the loop's pick is (near) the top

@@ -100,89 +100,20 @@ class SamplingCopy:
         return [_cut(row, eos_token_ids) for row in output[:, width:].tolist()]
 
     def _decode(self, prompt_ids, generation_config, pad_token_id: int, eos_token_ids: list[int]) -> list[list[int]]:
-        """transformers' sampling, token by token, without `generate`: each distinct prompt is prefilled once,
-        its cache copied into one preallocated buffer per layer, and every later step runs one fused
-        projection for q/k/v and one for gate/up per layer, attending over the buffer's filled columns."""
-        import torch
+        """transformers' sampling, token by token, without `generate`: the rows go through `decode.Engine`
+        (each distinct prompt prefilled once, one fused projection for q/k/v and one for gate/up per layer)."""
+        from ragrpo.decode import Engine, Row
 
-        model = self.model
-        settings = _loop_settings(generation_config, model.generation_config)
-        device, rows = model.device, len(prompt_ids)
-        distinct = {ids: n for n, ids in enumerate(dict.fromkeys(map(tuple, prompt_ids)))}
-        ids, mask = _left_pad(list(distinct), pad_token_id)
-        width = ids.size(1)
-        positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)  # as `generate` numbers left-padded rows
-        prefill = model(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=positions.to(device),
-                        use_cache=True, logits_to_keep=1)
-        order = torch.tensor([distinct[tuple(prompt)] for prompt in prompt_ids], device=device)
-
-        max_new = settings["max_new_tokens"]
-        total = width + max_new
-        caches = []  # per layer: keys and values, (B, kv_heads, width + max_new, head_dim)
-        for layer in prefill.past_key_values.layers:
-            keys = layer.keys.new_zeros((rows, layer.keys.size(1), total, layer.keys.size(3)))
-            values = torch.zeros_like(keys)
-            keys[:, :, :width], values[:, :, :width] = layer.keys[order], layer.values[order]
-            caches.append((keys, values))
-        dtype = caches[0][0].dtype
-        bias = torch.zeros((rows, total), dtype=dtype, device=device)  # -inf-like on the prompts' padding
-        bias[:, :width].masked_fill_(mask[order.cpu()].to(device) == 0, torch.finfo(dtype).min)
-        tokens = torch.full((rows, total), pad_token_id, dtype=torch.long, device=device)
-        tokens[:, :width] = ids.to(device)[order]
-        position = mask[order.cpu()].sum(-1).to(device)  # where the first new token goes, (B,)
-        processors = _logits_processors(settings, mask[order.cpu()], device)
-        eos = torch.tensor(eos_token_ids, device=device)
-
-        logits = prefill.logits[order, -1].float()  # (B, vocab)
-        finished = torch.zeros(rows, dtype=torch.bool, device=device)
-        for step in range(max_new):
-            if step < (settings["min_new_tokens"] or 0):
-                logits[:, eos] = float("-inf")  # no end of sequence yet
-            scores = processors(tokens[:, : width + step], logits)
-            if settings["do_sample"]:
-                new = _sample(torch.softmax(scores, dim=-1))
-            else:
-                new = scores.argmax(dim=-1)
-            new = new.masked_fill(finished, pad_token_id)
-            tokens[:, width + step] = new
-            finished |= torch.isin(new, eos)
-            if finished.all() or step == max_new - 1:
-                break
-            logits = self._step(new, position + step, width + step, caches, bias)
-        return [_cut(row, eos_token_ids) for row in tokens[:, width:].tolist()]
-
-    def _step(self, tokens, positions, column: int, caches, bias):
-        """One decode step: the logits after `tokens` (B,) at `positions` (B,), cached at `column`. Mirrors
-        transformers' Llama, Qwen2 and Qwen3 layers with eager attention (scores in the model's dtype, softmax in
-        float32). The model's own rotary module computes cos/sin, so rope scaling (Llama 3's) is its own."""
-        import torch
-        import torch.nn.functional as F
-        from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
-
-        body, config = self.model.model, self.model.config
-        rows, heads, kv_heads = tokens.size(0), config.num_attention_heads, config.num_key_value_heads
-        x = body.embed_tokens(tokens[:, None])  # (B, 1, hidden)
-        cos, sin = body.rotary_emb(x, positions[:, None])  # (B, 1, head_dim)
+        sampling = loop_sampling(_loop_settings(generation_config, self.model.generation_config))
         projections = self.packed or _projections(self.model, self.fused, pack=False)
-        for layer, (qkv, o, gate_up, down), (keys, values) in zip(body.layers, projections[:-1], caches):
-            head_dim, attention = keys.size(-1), layer.self_attn
-            q, k, v = _project(layer.input_layernorm(x), qkv).split(
-                [heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], dim=-1)
-            q, k = q.view(rows, 1, heads, head_dim), k.view(rows, 1, kv_heads, head_dim)
-            if hasattr(attention, "q_norm"):  # Qwen3: RMSNorm over each head before the rotation
-                q, k = attention.q_norm(q), attention.k_norm(k)
-            q, k = apply_rotary_pos_emb(q.transpose(1, 2), k.transpose(1, 2), cos, sin)  # (B, heads, 1, head_dim)
-            keys[:, :, column] = k[:, :, 0]
-            values[:, :, column] = v.view(rows, kv_heads, head_dim)
-            # query heads grouped under the key/value head they share: (B, kv_heads, heads / kv_heads, head_dim)
-            q = q.reshape(rows, kv_heads, heads // kv_heads, head_dim)
-            scores = q @ keys[:, :, : column + 1].transpose(-1, -2) * attention.scaling  # (B, kv, group, T)
-            scores = scores + bias[:, None, None, : column + 1]
-            probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
-            x = x + _project((probs @ values[:, :, : column + 1]).reshape(rows, 1, heads * head_dim), o)
-            gate, up = _project(layer.post_attention_layernorm(x), gate_up).chunk(2, dim=-1)
-            x = x + _project(F.silu(gate) * up, down)
-        return _project(body.norm(x)[:, 0], projections[-1]).float()  # (B, vocab)
+        capacity = max(len(ids) for ids in prompt_ids) + sampling.max_new_tokens
+        engine = Engine(self.model, projections, slots=len(prompt_ids), capacity=capacity)
+        rows = [Row(ids, sampling, eos_token_ids, self.model.device) for ids in prompt_ids]
+        engine.add(rows)
+        while engine.rows:
+            for row in engine.step():
+                engine.remove(row)
+        return [row.new for row in rows]
 
 
 # ---- the decode loop's reach ----
@@ -224,32 +155,13 @@ def _loop_settings(generation_config, model_config) -> dict | None:
     return settings if settings["max_new_tokens"] else None
 
 
-def _logits_processors(settings: dict, mask, device):
-    """transformers' own logits processors and warpers, in `generate`'s order, for the active settings (the
-    loop applies `min_new_tokens` itself: transformers' processor rewrites the whole vocabulary each step)."""
-    from transformers.generation.logits_process import (
-        LogitsProcessorList,
-        MinPLogitsWarper,
-        RepetitionPenaltyLogitsProcessor,
-        TemperatureLogitsWarper,
-        TopKLogitsWarper,
-        TopPLogitsWarper,
-    )
+def loop_sampling(settings: dict):
+    """`_loop_settings`' dict as the decode engine's per-row `Sampling`."""
+    from ragrpo.decode import Sampling
 
-    processors = LogitsProcessorList()
-    if settings["repetition_penalty"] != 1.0:
-        padding = (mask != 0).int().argmax(dim=1).to(device)  # the prompts' left padding is not penalised
-        processors.append(RepetitionPenaltyLogitsProcessor(settings["repetition_penalty"], prompt_ignore_length=padding))
-    if settings["do_sample"]:
-        if settings["temperature"] != 1.0:
-            processors.append(TemperatureLogitsWarper(settings["temperature"]))
-        if settings["top_k"]:
-            processors.append(TopKLogitsWarper(top_k=settings["top_k"]))
-        if settings["top_p"] < 1.0:
-            processors.append(TopPLogitsWarper(top_p=settings["top_p"]))
-        if settings["min_p"] is not None:
-            processors.append(MinPLogitsWarper(min_p=settings["min_p"]))
-    return processors
+    return Sampling(max_new_tokens=settings["max_new_tokens"], min_new_tokens=settings["min_new_tokens"] or 0,
+                    do_sample=settings["do_sample"], temperature=settings["temperature"], top_k=settings["top_k"] or 0,
+                    top_p=settings["top_p"], min_p=settings["min_p"], repetition_penalty=settings["repetition_penalty"])
 
 
 def _fuse_projections(model) -> list:
@@ -309,18 +221,6 @@ def _project(x, linear):
     if linear.packed:
         return torch.ops.mkldnn._linear_pointwise(x, linear.weight, linear.bias, "none", [None], "")
     return F.linear(x, linear.weight, linear.bias)
-
-
-def _sample(probs):
-    """One token per row drawn from `probs` (B, vocab), by inverting the cumulative distribution: the same
-    distribution as `torch.multinomial`, which on a CPU draws an exponential per vocabulary entry (6 ms a
-    step for 6 rows of 49k) where this draws one uniform per row."""
-    import torch
-
-    cumulative = probs.cumsum(dim=-1)  # (B, vocab)
-    draw = torch.rand(probs.size(0), 1, device=probs.device) * cumulative[:, -1:]
-    # right=True: the first entry whose cumulative mass exceeds the draw, so a zero-probability token is never drawn
-    return torch.searchsorted(cumulative, draw, right=True).squeeze(1).clamp(max=probs.size(-1) - 1)
 
 
 def _left_pad(prompt_ids, pad_token_id: int):

@@ -1,0 +1,247 @@
+"""One decode engine: a batch of rows, each at its own position, over a slotted key/value cache.
+
+After nanochat's `Engine`. Every row owns a slot: one row of a preallocated (slots, kv_heads, capacity,
+head_dim) buffer per layer, filled from column 0 with its prompt, then one column per new token. A decode
+step runs the live rows together: each writes its new key/value at its own column and attends over the
+filled columns of its own slot, so rows of different lengths, started at different times, share one
+matmul per projection. Live rows are kept in slots 0..n-1 (a finished row's slot takes the last row's),
+so the step reads the buffer's first n rows as a view, never a gathered copy.
+
+Sampling settings are applied per row, in `generate`'s order and with transformers' semantics
+(repetition penalty, temperature, top-k, top-p, min-p), by `choose`: rows with different settings share
+a step. A row with a seed draws from its own generator, so its tokens do not depend on its neighbours.
+
+The layer arithmetic mirrors transformers' Llama, Qwen2 and Qwen3 layers with eager attention (scores in
+the model's dtype, softmax in float32); `engine.loop_family` says which models it covers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class Sampling:
+    """One row's sampling settings (transformers' names and meanings; top_k 0 is off)."""
+
+    max_new_tokens: int = 128
+    min_new_tokens: int = 0
+    do_sample: bool = True
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    min_p: float | None = None
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+
+    def __post_init__(self):
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
+        if self.do_sample and self.temperature <= 0:
+            self.do_sample, self.temperature = False, 1.0  # temperature 0 is greedy, as OpenAI's API means it
+
+
+class Row:
+    """A sequence being decoded: its tokens so far, its settings, and whether it has ended."""
+
+    def __init__(self, prompt: list[int], sampling: Sampling, eos: list[int], device):
+        import torch
+
+        self.prompt, self.sampling, self.eos = list(prompt), sampling, set(eos)
+        self.new: list[int] = []
+        self.finish_reason: str | None = None
+        self.generator = None
+        if sampling.do_sample and sampling.seed is not None:
+            self.generator = torch.Generator(device).manual_seed(sampling.seed)
+
+    @property
+    def length(self) -> int:
+        return len(self.prompt) + len(self.new)
+
+    def accept(self, token: int) -> None:
+        self.new.append(token)
+        if token in self.eos:
+            self.finish_reason = "stop"
+        elif len(self.new) >= self.sampling.max_new_tokens:
+            self.finish_reason = "length"
+
+
+class Engine:
+    """Decode steps for up to `slots` rows of at most `capacity` tokens each, on `model` through
+    `projections` (`engine._projections`: fused, and packed for oneDNN where it pays)."""
+
+    def __init__(self, model, projections, *, slots: int, capacity: int):
+        import torch
+
+        self.model, self.projections = model, projections
+        config = model.config
+        self.heads, self.kv_heads = config.num_attention_heads, config.num_key_value_heads
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.heads
+        self.slots, self.capacity = slots, capacity
+        self.dtype, self.device = model.get_input_embeddings().weight.dtype, model.device
+        shape = (slots, self.kv_heads, capacity, self.head_dim)
+        self.caches = [(torch.zeros(shape, dtype=self.dtype, device=self.device),
+                        torch.zeros(shape, dtype=self.dtype, device=self.device)) for _ in config_layers(model)]
+        self.rows: list[Row] = []  # row i lives in slot i
+        self.tokens = torch.zeros((slots, capacity), dtype=torch.long, device=self.device)  # for the penalty
+        self.pending = None  # (rows, vocab) logits of each live row's next token
+
+    # ---- rows in, rows out ----
+    def add(self, rows: list[Row]) -> None:
+        """Prefill `rows` (each distinct prompt once) into free slots; their next-token logits join `pending`."""
+        import torch
+
+        if len(self.rows) + len(rows) > self.slots:
+            raise ValueError(f"{len(self.rows) + len(rows)} rows do not fit {self.slots} slots")
+        for row in rows:
+            if row.length + row.sampling.max_new_tokens > self.capacity:
+                raise ValueError(f"a row of {row.length} + {row.sampling.max_new_tokens} tokens exceeds the "
+                                 f"engine's capacity of {self.capacity}")
+        distinct = {ids: n for n, ids in enumerate(dict.fromkeys(tuple(r.prompt) for r in rows))}
+        logits, keys_values = self._prefill([list(ids) for ids in distinct])
+        first = len(self.rows)
+        for offset, row in enumerate(rows):
+            n, slot, length = distinct[tuple(row.prompt)], first + offset, len(row.prompt)
+            for (keys, values), (new_keys, new_values) in zip(self.caches, keys_values):
+                keys[slot, :, :length] = new_keys[n, :, -length:]
+                values[slot, :, :length] = new_values[n, :, -length:]
+            self.tokens[slot, :length] = torch.tensor(row.prompt, device=self.device)
+        self.rows += rows
+        order = torch.tensor([distinct[tuple(r.prompt)] for r in rows], device=self.device)
+        new = logits[order]
+        self.pending = new if self.pending is None else torch.cat([self.pending, new])
+
+    def remove(self, row: Row) -> None:
+        """Free `row`'s slot: the last live row moves into it."""
+        index, last = self.rows.index(row), len(self.rows) - 1
+        if index != last:
+            for keys, values in self.caches:
+                keys[index], values[index] = keys[last], values[last]
+            self.tokens[index] = self.tokens[last]
+            self.rows[index] = self.rows[last]
+            self.pending[index] = self.pending[last]
+        self.rows.pop()
+        self.pending = self.pending[:last] if last else None
+
+    def step(self) -> list[Row]:
+        """Choose every live row's next token from `pending`, then run the decode step for the rows that go
+        on. Returns the rows that ended in this step (they stay until `remove`d)."""
+        import torch
+
+        rows = self.rows
+        tokens = choose(self.pending, rows, self.tokens)  # (B,)
+        ended = []
+        for slot, (row, token) in enumerate(zip(rows, tokens.tolist())):
+            self.tokens[slot, row.length] = token
+            row.accept(token)
+            if row.finish_reason:
+                ended.append(row)
+        if len(ended) < len(rows):
+            columns = torch.tensor([row.length - 1 for row in rows], device=self.device)  # where each token goes
+            self.pending = self._step(tokens, columns)
+        return ended
+
+    # ---- the model ----
+    def _prefill(self, prompts: list[list[int]]):
+        """Logits of each prompt's next token (P, vocab) and per layer its keys and values, left-padded."""
+
+        from ragrpo.engine import _left_pad
+
+        ids, mask = _left_pad(prompts, 0)
+        positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)  # as `generate` numbers left-padded rows
+        out = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
+                         position_ids=positions.to(self.device), use_cache=True, logits_to_keep=1)
+        layers = [(layer.keys, layer.values) for layer in out.past_key_values.layers]
+        return out.logits[:, -1].float(), layers
+
+    def _step(self, tokens, columns):
+        """Logits (B, vocab) after `tokens` (B,) placed at `columns` (B,): their positions and cache columns."""
+        import torch
+        import torch.nn.functional as F
+        from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+        from ragrpo.engine import _project
+
+        body, rows = self.model.model, tokens.size(0)
+        heads, kv_heads, head_dim = self.heads, self.kv_heads, self.head_dim
+        width = int(columns.max()) + 1
+        bias = torch.zeros((rows, width), dtype=self.dtype, device=self.device)  # a row sees its own columns
+        bias.masked_fill_(torch.arange(width, device=self.device)[None, :] > columns[:, None],
+                          torch.finfo(self.dtype).min)
+        slots = torch.arange(rows, device=self.device)
+        x = body.embed_tokens(tokens[:, None])  # (B, 1, hidden)
+        cos, sin = body.rotary_emb(x, columns[:, None])  # (B, 1, head_dim)
+        for layer, (qkv, o, gate_up, down), (keys, values) in zip(body.layers, self.projections[:-1], self.caches):
+            attention = layer.self_attn
+            q, k, v = _project(layer.input_layernorm(x), qkv).split(
+                [heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], dim=-1)
+            q, k = q.view(rows, 1, heads, head_dim), k.view(rows, 1, kv_heads, head_dim)
+            if hasattr(attention, "q_norm"):  # Qwen3: RMSNorm over each head before the rotation
+                q, k = attention.q_norm(q), attention.k_norm(k)
+            q, k = apply_rotary_pos_emb(q.transpose(1, 2), k.transpose(1, 2), cos, sin)  # (B, heads, 1, head_dim)
+            keys[slots, :, columns] = k[:, :, 0]
+            values[slots, :, columns] = v.view(rows, kv_heads, head_dim)
+            # query heads grouped under the key/value head they share: (B, kv_heads, heads / kv_heads, head_dim)
+            q = q.reshape(rows, kv_heads, heads // kv_heads, head_dim)
+            scores = q @ keys[:rows, :, :width].transpose(-1, -2) * attention.scaling  # (B, kv, group, T)
+            scores = scores + bias[:, None, None, :]
+            probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+            x = x + _project((probs @ values[:rows, :, :width]).reshape(rows, 1, heads * head_dim), o)
+            gate, up = _project(layer.post_attention_layernorm(x), gate_up).chunk(2, dim=-1)
+            x = x + _project(F.silu(gate) * up, down)
+        return _project(body.norm(x)[:, 0], self.projections[-1]).float()  # (B, vocab)
+
+
+def config_layers(model) -> list:
+    return list(model.model.layers)
+
+
+def choose(logits, rows: list[Row], history):
+    """Each row's next token from its `logits` (B, vocab), float32, under its own settings. `history`
+    (slots, capacity) holds each row's tokens so far, for the repetition penalty."""
+    import torch
+
+    scores = logits.clone()
+    device, vocab = scores.device, scores.size(-1)
+    settings = [row.sampling for row in rows]
+    for index, row in enumerate(rows):  # at most B small updates; each row's own tokens
+        if row.sampling.repetition_penalty != 1.0:
+            seen = history[index, : row.length]
+            picked = scores[index, seen]
+            penalty = row.sampling.repetition_penalty
+            scores[index, seen] = torch.where(picked < 0, picked * penalty, picked / penalty)
+        if len(row.new) < row.sampling.min_new_tokens and row.eos:
+            scores[index, sorted(row.eos)] = float("-inf")  # no end of sequence yet
+    greedy = torch.tensor([not s.do_sample for s in settings], device=device)
+    if greedy.all():
+        return scores.argmax(dim=-1)
+    temperature = torch.tensor([s.temperature if s.do_sample else 1.0 for s in settings], device=device)
+    scores = scores / temperature[:, None]
+    top_k = torch.tensor([min(s.top_k, vocab) if s.do_sample and s.top_k else vocab for s in settings],
+                         device=device)
+    if (top_k < vocab).any():  # TopKLogitsWarper: below the k-th largest score is out
+        largest = int(top_k[top_k < vocab].max())
+        kth = torch.topk(scores, largest, dim=-1).values.gather(-1, (top_k.clamp(max=largest) - 1)[:, None])
+        kth = kth.masked_fill((top_k == vocab)[:, None], float("-inf"))  # rows without top-k keep everything
+        scores = scores.masked_fill(scores < kth, float("-inf"))
+    top_p = torch.tensor([s.top_p if s.do_sample else 1.0 for s in settings], device=device)
+    if (top_p < 1.0).any():  # TopPLogitsWarper: the smallest tokens whose mass is at most 1 - top_p are out
+        ordered, order = torch.sort(scores, descending=False)
+        cumulative = ordered.softmax(dim=-1).cumsum(dim=-1)
+        remove = cumulative <= (1 - top_p)[:, None]
+        remove[:, -1] = False  # at least one token stays
+        scores = scores.masked_fill(remove.scatter(1, order, remove), float("-inf"))
+    min_p = torch.tensor([s.min_p if s.do_sample and s.min_p is not None else 0.0 for s in settings], device=device)
+    if (min_p > 0).any():  # MinPLogitsWarper: below min_p times the top probability is out
+        probs = scores.softmax(dim=-1)
+        remove = probs < min_p[:, None] * probs.max(dim=-1, keepdim=True).values
+        scores = scores.masked_fill(remove, float("-inf"))
+    probs = torch.softmax(scores, dim=-1)
+    cumulative = probs.cumsum(dim=-1)  # (B, vocab)
+    draws = torch.rand(len(rows), 1, device=device)
+    for index, row in enumerate(rows):
+        if row.generator is not None:
+            draws[index] = torch.rand(1, generator=row.generator, device=device)
+    # inverse CDF: the first entry whose cumulative mass exceeds the draw, so a zero-probability token is never drawn
+    sampled = torch.searchsorted(cumulative, draws * cumulative[:, -1:], right=True).squeeze(1).clamp(max=vocab - 1)
+    return torch.where(greedy, scores.argmax(dim=-1), sampled)
