@@ -1,0 +1,140 @@
+"""The one decode engine (ragrpo.decode): rows at their own positions share steps without changing what
+each row would have produced alone."""
+
+import pytest
+import torch
+
+from ragrpo.decode import Engine, Row, Sampling, choose
+from ragrpo.engine import SamplingCopy, _projections
+
+
+def _engine(model, slots=4, capacity=64, pack=False):
+    copy = SamplingCopy(model, dtype=torch.float32)
+    return Engine(copy.model, _projections(copy.model, copy.fused, pack=pack), slots=slots, capacity=capacity), copy
+
+
+def _alone(model, prompt, sampling, eos=(2,)):
+    engine, _ = _engine(model)
+    row = Row(prompt, sampling, list(eos), "cpu")
+    engine.add([row])
+    while engine.rows:
+        for ended in engine.step():
+            engine.remove(ended)
+    return row.new
+
+
+def _run_staggered(engine, arrivals: dict[int, list[Row]], steps=200):
+    """Add each step's arrivals before that step (continuous batching); remove rows as they end."""
+    for step in range(steps):
+        if arrivals.get(step):
+            engine.add(arrivals[step])
+        if engine.rows:
+            for ended in engine.step():
+                engine.remove(ended)
+        elif step > max(arrivals):
+            return
+    raise AssertionError("rows still running")
+
+
+def test_rows_joining_and_leaving_a_running_batch_decode_as_they_would_alone(tiny_causal_lm):
+    model, _ = tiny_causal_lm
+    torch.manual_seed(4)
+    prompts = [torch.randint(5, 1000, (n,)).tolist() for n in (7, 3, 11, 5, 7)]
+    greedy = [Sampling(max_new_tokens=n, do_sample=False) for n in (12, 4, 9, 15, 6)]
+    expected = [_alone(model, p, s) for p, s in zip(prompts, greedy)]
+    engine, _ = _engine(model, slots=3)
+    rows = [Row(p, s, [2], "cpu") for p, s in zip(prompts, greedy)]
+    # two at first, one after 2 steps, one after 5 (the 4-token row has left), one after 12 (so has the first)
+    _run_staggered(engine, {0: rows[:2], 2: rows[2:3], 5: rows[3:4], 12: rows[4:]})
+    assert [r.new for r in rows] == expected
+    assert all(r.finish_reason == ("stop" if r.new[-1] == 2 else "length") for r in rows)
+    assert engine.rows == [] and engine.pending is None
+
+
+def test_greedy_rows_equal_transformers_generate(tiny_causal_lm):
+    model, _ = tiny_causal_lm
+    torch.manual_seed(6)
+    prompts = [torch.randint(5, 1000, (n,)).tolist() for n in (8, 4)]
+    for prompt in prompts:
+        with torch.no_grad():
+            want = model.generate(input_ids=torch.tensor([prompt]), max_new_tokens=10, do_sample=False,
+                                  pad_token_id=0, eos_token_id=2)[0, len(prompt):].tolist()
+        assert _alone(model, prompt, Sampling(max_new_tokens=10, do_sample=False)) == want[: want.index(2) + 1
+                                                                                                 if 2 in want else None]
+
+
+def test_rows_with_different_settings_share_a_step(tiny_causal_lm):
+    """A greedy row, a seeded sampled row, a penalised row and a top-p/min-p row in one batch give what each
+    gives alone; the seeded row's tokens do not depend on who else is in the batch."""
+    model, _ = tiny_causal_lm
+    torch.manual_seed(8)
+    prompt = torch.randint(5, 1000, (6,)).tolist()
+    settings = [Sampling(max_new_tokens=10, do_sample=False),
+                Sampling(max_new_tokens=10, temperature=0.8, top_k=20, seed=11),
+                Sampling(max_new_tokens=10, do_sample=False, repetition_penalty=1.8),
+                Sampling(max_new_tokens=10, temperature=1.3, top_p=0.9, min_p=0.05, seed=12)]
+    alone = [_alone(model, prompt, s) for s in settings]
+    engine, _ = _engine(model)
+    rows = [Row(prompt, s, [2], "cpu") for s in settings]
+    _run_staggered(engine, {0: rows})
+    assert [r.new for r in rows] == alone
+    assert alone[0] != alone[2], "the penalty changed the greedy row"
+    sampled_again = _alone(model, prompt, Sampling(max_new_tokens=10, temperature=0.8, top_k=20, seed=11))
+    assert sampled_again == alone[1]
+
+
+@pytest.mark.parametrize("case", ["top_k", "top_p", "min_p"])
+def test_choose_keeps_exactly_the_tokens_transformers_warpers_keep(case):
+    from transformers.generation.logits_process import MinPLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+    torch.manual_seed(0)
+    logits = torch.randn(3, 50) * 3
+    warper, sampling = {"top_k": (TopKLogitsWarper(7), Sampling(top_k=7)),
+                        "top_p": (TopPLogitsWarper(0.8), Sampling(top_p=0.8)),
+                        "min_p": (MinPLogitsWarper(0.1), Sampling(min_p=0.1))}[case]
+    allowed = torch.isfinite(warper(None, logits.clone()))
+    rows = [Row([1], sampling, [], "cpu") for _ in range(3)]
+    drawn = torch.stack([choose(logits, rows, torch.ones((3, 2), dtype=torch.long)) for _ in range(400)])  # (400, 3)
+    for r in range(3):
+        assert set(drawn[:, r].tolist()) <= set(allowed[r].nonzero().flatten().tolist())
+    if case == "top_k":
+        assert all(len(set(drawn[:, r].tolist())) > 1 for r in range(3))  # it does sample
+
+
+def test_a_row_beyond_the_capacity_or_the_slots_is_refused(tiny_causal_lm):
+    model, _ = tiny_causal_lm
+    engine, _ = _engine(model, slots=1, capacity=16)
+    with pytest.raises(ValueError, match="exceeds the engine's capacity of 16"):
+        engine.add([Row(list(range(5, 15)), Sampling(max_new_tokens=8), [2], "cpu")])
+    engine.add([Row([5, 6], Sampling(max_new_tokens=4), [2], "cpu")])
+    with pytest.raises(ValueError, match="do not fit 1 slots"):
+        engine.add([Row([5, 6], Sampling(max_new_tokens=4), [2], "cpu")])
+
+
+def test_staggered_greedy_rows_on_the_packaged_model(base_model, force_hardware):
+    """The packaged SmolLM2, packed where oneDNN packs float32: rows that join a running batch decode the
+    tokens they decode alone."""
+    from conftest import needs_packing
+
+    needs_packing(torch.float32)
+    model, tokenizer = base_model
+    prompts = [tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
+                                             return_dict=False)
+               for text in ("Name a red fruit.", "What is the capital of France?", "Count to five.")]
+    sampling = Sampling(max_new_tokens=16, do_sample=False)
+    eos = [tokenizer.eos_token_id]
+    copy = SamplingCopy(model, dtype=torch.float32)
+
+    def engine():
+        return Engine(copy.model, _projections(copy.model, copy.fused, pack=True), slots=3, capacity=128)
+
+    alone = []
+    for prompt in prompts:
+        single = engine()
+        row = Row(prompt, sampling, eos, "cpu")
+        _run_staggered(single, {0: [row]})
+        alone.append(row.new)
+    rows = [Row(p, sampling, eos, "cpu") for p in prompts]
+    _run_staggered(engine(), {0: rows[:1], 3: rows[1:2], 7: rows[2:]})
+    assert [r.new for r in rows] == alone
+    assert all(len(r.new) > 3 for r in rows)
