@@ -29,7 +29,9 @@ def free_port() -> int:
 def server(movie_db, base_model_dir):
     """`ragrpo serve` in a subprocess, the API key from the environment; yields its base URL."""
     port = free_port()
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "RAGRPO_API_KEY": KEY}
+    # float32 weights: then rows decoded together give exactly the tokens each gives alone (in bf16 the matmul
+    # kernels' blocking depends on the batch size, and near-ties can flip; tests/test_decode.py bounds that)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "RAGRPO_API_KEY": KEY, "RAGRPO_BF16": "0"}
     process = subprocess.Popen([sys.executable, "-m", "ragrpo.cli", "serve", "--table", "movies", "--db", str(movie_db),
                                 "--port", str(port), "--max-tokens", "64"], env=env, stdout=subprocess.PIPE,
                                stderr=subprocess.STDOUT, text=True)
@@ -76,6 +78,8 @@ def test_models_and_health(server, client):
     assert model.id == "SmolLM2-135M-Instruct" and model.owned_by == "ragrpo"
     state = health(server)
     assert state["status"] == "ok" and state["rows"] == 160 and state["model"] == model.id
+    assert state["max_batch"] == min(64, 8 * os.cpu_count())  # continuous batching, sized to the machine
+    assert {"running", "waiting", "served", "cancelled", "errors"} <= set(state)
 
 
 def test_plain_and_streamed_answers_agree(client):
@@ -187,7 +191,7 @@ def test_disconnect_mid_stream_frees_the_slot(server, client):
     while received.count(b'"content"') < 3:  # the role chunk and two pieces of text
         received += sock.recv(65536)
     sock.close()  # hang up mid-answer
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + 5  # a decode step is tens of milliseconds; the server polls every 0.2 s
     while (state := health(server))["running"] or state["cancelled"] == before["cancelled"]:
         assert time.monotonic() < deadline, f"the generation kept its slot: {state}"
         time.sleep(0.2)
@@ -196,6 +200,55 @@ def test_disconnect_mid_stream_frees_the_slot(server, client):
     answer = client.chat.completions.create(model="SmolLM2-135M-Instruct", messages=[{"role": "user",
                                             "content": QUESTION}], max_tokens=2, extra_body={"k": 1})
     assert answer.choices[0].message.content
+
+
+def test_concurrent_greedy_answers_equal_one_at_a_time_answers(server):
+    """Greedy rows decoded together in one batch give the tokens each gives alone."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    questions = [QUESTION, "Which film ends in betrayal at sea?", "Who is the villain of a heist film?"]
+
+    def ask(question):
+        status, body = request(server, "/v1/chat/completions", {"messages": [{"role": "user", "content": question}],
+                                                                "max_tokens": 24, "k": 2, "temperature": 0})
+        assert status == 200, body
+        return body["choices"][0]["message"]["content"], body["usage"]["completion_tokens"]
+
+    alone = [ask(q) for q in questions]
+    with ThreadPoolExecutor(len(questions)) as pool:
+        together = list(pool.map(ask, questions))
+    assert together == alone and all(tokens > 5 for _, tokens in alone)
+
+
+def test_a_client_that_hangs_up_before_the_answer_is_cancelled(server):
+    before = health(server)
+    sock = socket.create_connection(("127.0.0.1", int(server.rsplit(":", 1)[1])), timeout=30)
+    body = json.dumps({"messages": [{"role": "user", "content": QUESTION}], "max_tokens": 64, "min_tokens": 64,
+                       "k": 1}).encode()
+    sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
+                 b"Authorization: Bearer " + KEY.encode() + b"\r\nContent-Length: " + str(len(body)).encode()
+                 + b"\r\n\r\n" + body)
+    deadline = time.monotonic() + 30
+    while health(server)["running"] == 0:  # the row is in the batch
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    sock.close()  # not streaming: the client hangs up while its answer is generated
+    deadline = time.monotonic() + 5
+    while (state := health(server))["running"] or state["cancelled"] == before["cancelled"]:
+        assert time.monotonic() < deadline, f"the generation kept its slot: {state}"
+        time.sleep(0.1)
+    assert state["served"] == before["served"] and state["errors"] == before["errors"]
+
+
+def test_a_chunked_body_over_the_limit_is_refused(server):
+    """Without Content-Length the limit still holds: the server counts the bytes it reads."""
+    connection = http.client.HTTPConnection("127.0.0.1", int(server.rsplit(":", 1)[1]), timeout=60)
+    chunks = (b"x" * 65536 for _ in range(320))  # 20 MiB, sent chunked
+    connection.request("POST", "/v1/chat/completions", body=chunks, encode_chunked=True,
+                       headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"})
+    response = connection.getresponse()
+    assert response.status == 413 and b"bytes" in response.read()
+    assert health(server)["status"] == "ok"
 
 
 def test_concurrent_requests_are_queued_not_dropped(server):

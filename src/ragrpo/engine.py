@@ -199,7 +199,27 @@ def _projections(model, fused, pack: bool) -> list:
     layers = [(_Linear(*qkv, pack), _Linear(layer.self_attn.o_proj.weight, None, pack), _Linear(*gate_up, pack),
                _Linear(layer.mlp.down_proj.weight, None, pack))
               for layer, (qkv, gate_up) in zip(model.model.layers, fused)]
-    return layers + [_Linear(model.lm_head.weight, None, pack)]
+    return layers + [_Linear(model.lm_head.weight, getattr(model.lm_head, "bias", None), pack)]
+
+
+def fresh_projections(model) -> list | None:
+    """`_projections` of a model as its weights are now, fused by copying (the model is left as it is) and
+    packed where `hardware.pack` says so; None where the decode loop does not cover the model or the device
+    is not a CPU (`generate` is the path there). For one-off decoding (`ask`); training and `serve` keep a
+    `SamplingCopy`."""
+    import torch
+
+    dtype = model.get_input_embeddings().weight.dtype
+    if model.device.type != "cpu" or not loop_family(model.config):
+        return None
+    fused = []
+    for layer in model.model.layers:
+        attention, mlp = layer.self_attn, layer.mlp
+        parts = (attention.q_proj, attention.k_proj, attention.v_proj)
+        bias = None if parts[0].bias is None else torch.cat([p.bias for p in parts])
+        fused.append(((torch.cat([p.weight for p in parts]), bias),
+                      (torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]), None)))
+    return _projections(model, fused, pack=hardware.pack(dtype))
 
 
 class _Linear:

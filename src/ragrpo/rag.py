@@ -200,7 +200,42 @@ class TextStream:
         return ids | ({self.tokenizer.eos_token_id} if self.tokenizer.eos_token_id is not None else set())
 
     def _tokens(self):
-        """Token ids, one per forward pass; sets finish_reason when it ends by itself."""
+        """Token ids so far, one step at a time; sets finish_reason when it ends by itself. Through the decode
+        engine where it covers the model (`engine.fresh_projections`), else the model's own cached forward."""
+        import torch
+
+        from ragrpo.engine import fresh_projections
+
+        with torch.inference_mode():
+            projections = fresh_projections(self.model)
+        if projections is None:
+            yield from self._forward_tokens()
+        else:
+            yield from self._engine_tokens(projections)
+
+    def _engine_tokens(self, projections):
+        import torch
+
+        from ragrpo.decode import Engine, Row, Sampling
+
+        sampling = Sampling(max_new_tokens=self.max_new_tokens, min_new_tokens=self.min_new_tokens,
+                            do_sample=self.temperature > 0, temperature=self.temperature or 1.0, top_p=self.top_p,
+                            repetition_penalty=self.repetition_penalty, seed=self.seed)
+        engine = Engine(self.model, projections, slots=1, capacity=self.prompt_tokens + self.max_new_tokens)
+        row = Row(self.prompt_ids, sampling, sorted(self._eos_ids()), self.model.device)
+        with torch.inference_mode():
+            engine.add([row])
+            while not row.finish_reason:
+                engine.step()
+                if row.finish_reason == "stop":
+                    self.finish_reason = "stop"
+                    return
+                self.completion_tokens += 1
+                yield row.new
+        self.finish_reason = "length"
+
+    def _forward_tokens(self):
+        """The fallback for models the engine does not cover: transformers' forward with its cache, batch 1."""
         import torch
         from transformers import (
             LogitsProcessorList,
@@ -244,24 +279,52 @@ class TextStream:
         self.finish_reason = "length"
 
     def _run(self):
-        emitted = ""
+        text = Detokenizer(self.tokenizer, self.stop)
         for new_ids in self._tokens():
-            full = self.tokenizer.decode(new_ids, skip_special_tokens=True).lstrip()
-            if full.endswith("\ufffd"):  # a character split across tokens: wait for the rest
-                continue
-            cut = min((i for i in (full.find(s) for s in self.stop) if i >= 0), default=-1)
-            if cut >= 0:
-                self.text, self.finish_reason = full[:cut], "stop"
-                if len(self.text) > len(emitted):
-                    yield self.text[len(emitted):]
-                return
-            self.text = full
-            ready = len(full) - _held_back(full, self.stop)
-            if ready > len(emitted):
-                piece, emitted = full[len(emitted):ready], full[:ready]
+            piece = text.feed(new_ids)
+            self.text = text.text
+            if piece:
                 yield piece
-        if len(self.text) > len(emitted):
-            yield self.text[len(emitted):]
+            if text.stopped:
+                self.finish_reason = "stop"
+                return
+        rest = text.flush()
+        self.text = text.text
+        if rest:
+            yield rest
+
+
+class Detokenizer:
+    """A completion's text as its tokens arrive: `feed(all new ids so far)` returns the text that is ready to
+    send. `stop` strings end the text without being part of it (`stopped` turns True); text that could be
+    the start of a stop string, or a character split across tokens, is held back until it is known."""
+
+    def __init__(self, tokenizer, stop: list[str] | tuple[str, ...] = ()):
+        self.tokenizer, self.stop = tokenizer, [s for s in stop if s]
+        self.text, self.emitted, self.stopped = "", "", False
+
+    def feed(self, new_ids) -> str:
+        if self.stopped:
+            return ""
+        full = self.tokenizer.decode(new_ids, skip_special_tokens=True).lstrip()
+        if full.endswith("\ufffd"):  # a character split across tokens: wait for the rest
+            return ""
+        cut = min((i for i in (full.find(s) for s in self.stop) if i >= 0), default=-1)
+        if cut >= 0:
+            self.text, self.stopped = full[:cut], True
+            return self.flush()
+        self.text = full
+        ready = len(full) - _held_back(full, self.stop)
+        if ready <= len(self.emitted):
+            return ""
+        piece, self.emitted = full[len(self.emitted):ready], full[:ready]
+        return piece
+
+    def flush(self) -> str:
+        """What is left to send once the completion has ended."""
+        piece = self.text[len(self.emitted):] if len(self.text) > len(self.emitted) else ""
+        self.emitted = self.text
+        return piece
 
 
 def _held_back(text: str, stops: list[str]) -> int:

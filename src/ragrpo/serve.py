@@ -130,6 +130,7 @@ class Server:
     default_tokens: int = 128
     max_waiting: int = 64
     repetition_penalty: float = 1.2
+    batcher: object = None  # `batching.Batcher` where the decode engine covers the model; else one at a time
     turn: asyncio.Lock = field(default_factory=asyncio.Lock)  # FIFO: waiters are served in arrival order
     running: int = 0
     waiting: int = 0
@@ -138,9 +139,11 @@ class Server:
     started: int = field(default_factory=lambda: int(time.time()))
 
     def health(self) -> dict:
+        queue = self.batcher.health() if self.batcher else {
+            "running": self.running, "waiting": self.waiting, "max_batch": 1, "served": self.served,
+            "cancelled": self.cancelled, "errors": 0}
         return {"status": "ok", "model": self.model_id, "table": self.table.name, "rows": self.table.count_rows(),
-                "running": self.running, "waiting": self.waiting, "served": self.served,
-                "cancelled": self.cancelled}
+                **queue}
 
 
 class ApiError(Exception):
@@ -198,6 +201,35 @@ async def generate_pieces(server: Server, stream, client_gone):
             server.waiting -= 1
 
 
+async def batched_pieces(generation, client_gone):
+    """A batched generation's text pieces as the engine's thread produces them; the row is cancelled (its slot
+    freed at the next step) when the client leaves or the reader stops early."""
+    import queue as queues
+
+    def next_piece():
+        try:
+            return generation.pieces.get(timeout=0.2)
+        except queues.Empty:
+            return queues.Empty
+
+    checked = time.monotonic()
+    try:
+        while True:
+            piece = await anyio.to_thread.run_sync(next_piece)
+            if time.monotonic() - checked > 0.2 or piece is queues.Empty:  # pieces may come faster than that
+                checked = time.monotonic()
+                if await client_gone():
+                    return
+            if piece is queues.Empty:
+                continue
+            if piece is None:
+                return
+            yield piece
+    finally:
+        if generation.finish_reason is None and generation.error is None:
+            generation.cancel()
+
+
 def _sse(payload) -> str:
     return f"data: {payload if isinstance(payload, str) else json.dumps(payload, default=str)}\n\n"
 
@@ -206,6 +238,54 @@ def _sources(stream) -> list[dict]:
     from ragrpo.rag import source_label
 
     return [{"label": source_label(row), **row} for row in stream.sources]
+
+
+class _BodyTooLarge(Exception):
+    pass
+
+
+class Guard:
+    """The API key and the body limit, as plain ASGI middleware. (Starlette's `BaseHTTPMiddleware` hides a
+    client's disconnect from the endpoint, which then generated on for nobody.) The limit counts the bytes
+    actually received, so a chunked body without `Content-Length` cannot pass it either."""
+
+    def __init__(self, app, api_key: str | None):
+        self.app, self.api_key = app, api_key
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = dict(scope.get("headers") or [])
+        size = headers.get(b"content-length", b"").decode("latin-1")
+        if size.isdigit() and int(size) > MAX_BODY_BYTES:
+            return await _reply(send, ApiError(413, f"the request body is over {MAX_BODY_BYTES} bytes"))
+        if self.api_key and scope.get("path", "").startswith("/v1/"):
+            scheme, _, token = headers.get(b"authorization", b"").decode("latin-1").partition(" ")
+            if scheme.lower() != "bearer" or not secrets.compare_digest(token.strip(), self.api_key):
+                return await _reply(send, ApiError(401, "missing or wrong API key: send 'Authorization: Bearer KEY'",
+                                                   code="invalid_api_key"))
+        received = 0
+
+        async def counted():
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > MAX_BODY_BYTES:
+                    raise _BodyTooLarge
+            return message
+
+        try:
+            await self.app(scope, counted, send)
+        except _BodyTooLarge:  # raised while the body is read: before any response has started
+            await _reply(send, ApiError(413, f"the request body is over {MAX_BODY_BYTES} bytes"))
+
+
+async def _reply(send, error: ApiError) -> None:
+    body = json.dumps(error.body()).encode()
+    await send({"type": "http.response.start", "status": error.status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+    await send({"type": "http.response.body", "body": body})
 
 
 def create_app(server: Server):
@@ -229,18 +309,7 @@ def create_app(server: Server):
         message = f"{where}: {message}" if where else f"the request body must be a JSON object ({message})"
         return JSONResponse(ApiError(400, message, param=where or None).body(), status_code=400)
 
-    @app.middleware("http")
-    async def _guard(request: Request, call_next):
-        size = request.headers.get("content-length")
-        if size and size.isdigit() and int(size) > MAX_BODY_BYTES:
-            return JSONResponse(ApiError(413, f"the request body is over {MAX_BODY_BYTES} bytes").body(),
-                                status_code=413)
-        if server.api_key and request.url.path.startswith("/v1/"):
-            scheme, _, token = request.headers.get("authorization", "").partition(" ")
-            if scheme.lower() != "bearer" or not secrets.compare_digest(token.strip(), server.api_key):
-                return JSONResponse(ApiError(401, "missing or wrong API key: send 'Authorization: Bearer KEY'",
-                                             code="invalid_api_key").body(), status_code=401)
-        return await call_next(request)
+    app.add_middleware(Guard, api_key=server.api_key)
 
     async def find(query: str, fields: RetrievalFields):
         try:
@@ -282,6 +351,8 @@ def create_app(server: Server):
         history = [{"role": m.role if m.role != "developer" else "system", "content": m.text()}
                    for m in body.messages[:-1]]
         penalty = body.repetition_penalty or server.repetition_penalty
+        if server.batcher is not None:
+            return await batched_chat(server, body, request, question, hits, column, history, max_tokens, penalty)
         try:
             stream = stream_answer(server.model, server.tokenizer, question, hits, column, history=history,
                                    max_new_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p,
@@ -328,6 +399,107 @@ def create_app(server: Server):
     return app
 
 
+async def batched_chat(server: Server, body: ChatRequest, request: Request, question, hits, column, history,
+                       max_tokens: int, penalty: float):
+    """The chat endpoint's answer as one row of the running batch (`batching.Batcher`)."""
+    from ragrpo.batching import QueueFull
+    from ragrpo.decode import Sampling
+    from ragrpo.rag import answer_sources, build_prompt
+
+    tokenizer, batcher = server.tokenizer, server.batcher
+    conversation = [*history, {"role": "user", "content": build_prompt(question, [h[column] for h in hits])}]
+    text = tokenizer.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
+    prompt_ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    if len(prompt_ids) + max_tokens > batcher.engine.capacity:
+        raise ApiError(400, f"the prompt has {len(prompt_ids)} tokens; with {max_tokens} new tokens it exceeds the "
+                       f"server's {batcher.engine.capacity}: ask for fewer tokens or passages", param="messages")
+    sampling = Sampling(max_new_tokens=max_tokens, min_new_tokens=min(body.min_tokens, max_tokens),
+                        do_sample=body.temperature > 0, temperature=body.temperature or 1.0, top_p=body.top_p,
+                        repetition_penalty=penalty, seed=body.seed)
+    eos = server.model.generation_config.eos_token_id
+    eos = sorted(set(eos if isinstance(eos, list) else [eos] if eos is not None else []) | {tokenizer.eos_token_id})
+    try:
+        generation = batcher.submit(prompt_ids, sampling, eos, body.stop or [])
+    except QueueFull as exc:
+        raise ApiError(503, str(exc), kind="server_error", code="queue_full") from None
+    sources = [{"label": _label(row), **row} for row in answer_sources(hits, column)]
+    meta = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": server.model_id}
+
+    def usage():
+        return {"prompt_tokens": generation.prompt_tokens, "completion_tokens": generation.completion_tokens,
+                "total_tokens": generation.prompt_tokens + generation.completion_tokens}
+
+    def failed():
+        return ApiError(500, generation.error, kind="server_error", code="generation_failed")
+
+    pieces = batched_pieces(generation, request.is_disconnected)
+    if not body.stream:
+        async for _ in pieces:
+            pass
+        if generation.error:
+            raise failed()
+        choice = {"index": 0, "message": {"role": "assistant", "content": generation.text},
+                  "finish_reason": generation.finish_reason}
+        return {**meta, "object": "chat.completion", "choices": [choice], "usage": usage(), "sources": sources}
+    chunk = {**meta, "object": "chat.completion.chunk"}
+
+    def delta(content: dict, finish=None) -> dict:
+        return {**chunk, "choices": [{"index": 0, "delta": content, "finish_reason": finish}]}
+
+    async def events():
+        yield _sse({**delta({"role": "assistant", "content": ""}), "sources": sources})
+        async for piece in pieces:
+            yield _sse(delta({"content": piece}))
+        if generation.error:
+            yield _sse(failed().body())
+            return
+        if generation.finish_reason is None:  # the client left; nobody reads what would follow
+            return
+        yield _sse(delta({}, generation.finish_reason))
+        if (body.stream_options or {}).get("include_usage"):
+            yield _sse({**chunk, "choices": [], "usage": usage()})
+        yield _sse("[DONE]")
+
+    return StreamingResponse(events(), media_type="text/event-stream", background=BackgroundTask(pieces.aclose),
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+def _label(row: dict) -> str:
+    from ragrpo.rag import source_label
+
+    return source_label(row)
+
+
+def default_max_batch() -> int:
+    """Rows per decode step: a step reads every weight once, so on a CPU 8 rows a core cost little more than
+    one (bench/serve.py); a GPU takes more."""
+    import os
+
+    from ragrpo import hardware
+
+    return 64 if hardware.device() == "cuda" else min(64, 8 * (os.cpu_count() or 1))
+
+
+def make_batcher(model, tokenizer, *, max_batch: int, max_waiting: int, max_tokens: int):
+    """A `Batcher` over a sampling copy of `model` (bf16 where it pays, packed for oneDNN where it can), or
+    None where the decode engine does not cover the model's family."""
+    import torch
+
+    from ragrpo import hardware
+    from ragrpo.batching import Batcher
+    from ragrpo.engine import SamplingCopy, _projections, loop_family
+
+    if not loop_family(model.config):
+        return None
+    copy = SamplingCopy(model, dtype=torch.bfloat16 if hardware.bf16() else torch.float32)
+    copy.sync()
+    projections = copy.packed or _projections(copy.model, copy.fused, pack=False)
+    context = getattr(model.config, "max_position_embeddings", None) or 2048
+    capacity = min(context, 1536 + max_tokens)  # prompts of up to ~1.5k tokens (k=5 passages is about 1.1k)
+    return Batcher(copy.model, projections, tokenizer, max_batch=max_batch, max_waiting=max_waiting,
+                   capacity=capacity)
+
+
 def model_id_for(model: str | None) -> str:
     """The name clients send as `model`: the model folder's name ('merged' gets its run's name in front)."""
     from ragrpo.models import resolve_model
@@ -337,21 +509,25 @@ def model_id_for(model: str | None) -> str:
 
 
 def load_server(table: str, model: str | None, *, db: str | Path = "lancedb", threads: int | None = None,
-                **settings) -> Server:
+                max_batch: int | None = None, **settings) -> Server:
     """Open the table and load the model once; `settings` are `Server`'s fields. `threads` sets torch's
-    intra-op threads (on a shared CPU, 1 thread can be several times faster than spinning on 2)."""
-    import torch
-
+    intra-op threads once (on a shared CPU, 1 thread can be several times faster than spinning on 2).
+    `max_batch` rows decode together (`default_max_batch()` if None; 1 serves one request at a time)."""
+    from ragrpo import hardware
     from ragrpo.index import open_table
     from ragrpo.models import load_model
     from ragrpo.retrieve import text_column
 
     lance_table = open_table(table, db)
     column = text_column(lance_table)
-    if threads:
-        torch.set_num_threads(threads)
+    hardware.set_threads(threads)
     lm, tokenizer = load_model(model)
-    return Server(lm, tokenizer, lance_table, column, model_id_for(model), **settings)
+    server = Server(lm, tokenizer, lance_table, column, model_id_for(model), **settings)
+    max_batch = default_max_batch() if max_batch is None else max_batch
+    if max_batch > 1:
+        server.batcher = make_batcher(lm, tokenizer, max_batch=max_batch, max_waiting=server.max_waiting,
+                                      max_tokens=server.max_tokens)
+    return server
 
 
 def _check_port(host: str, port: int) -> None:
@@ -378,10 +554,16 @@ def serve(table: str, model: str | None, *, db: str | Path = "lancedb", host: st
     _check_port(host, port)
     if settings.get("threads") is not None and settings["threads"] < 1:
         raise RagrpoError(f"--threads must be at least 1, got {settings['threads']}")
+    if settings.get("max_batch") is not None and settings["max_batch"] < 1:
+        raise RagrpoError(f"--max-batch must be at least 1, got {settings['max_batch']}")
     if api_key is not None and not api_key.strip():
         raise RagrpoError("the API key is empty; pass a non-empty --api-key or unset the variable")
     server = load_server(table, model, db=db, api_key=api_key, **settings)
     if echo:
         echo(f"serving {server.model_id} over table {table!r} ({server.table.count_rows()} rows) at "
              f"http://{host}:{port}/" + (" (API key required)" if api_key else ""))
-    uvicorn.run(create_app(server), host=host, port=port, log_level=log_level)
+    try:
+        uvicorn.run(create_app(server), host=host, port=port, log_level=log_level)
+    finally:
+        if server.batcher is not None:
+            server.batcher.close()

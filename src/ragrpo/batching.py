@@ -1,0 +1,173 @@
+"""Continuous batching for `serve`: every request is a row of one running `decode.Engine`.
+
+One thread owns the engine. Between decode steps it takes waiting requests into free slots (each prompt
+is prefilled on its own, then joins the batch), runs one step for all live rows, hands each row's new
+text to its request, and frees the slots of rows that ended or whose client left. A decode step on a
+small model costs about the same for 1 or 16 rows (it reads every weight once either way), so the
+aggregate throughput grows with the number of clients until the matmuls stop being memory-bound.
+
+Requests past the free slots wait in arrival order, at most `max_waiting` of them; `submit` refuses
+beyond that (the server answers 503). A request's settings (temperature, top-p, repetition penalty,
+seed, min/max tokens, stop strings) are its own row's.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from dataclasses import dataclass, field
+
+from ragrpo.decode import Engine, Row, Sampling
+
+
+class QueueFull(Exception):
+    pass
+
+
+@dataclass
+class Generation:
+    """One request's answer as it is generated: `pieces` (a thread-safe queue of text pieces, None at the end),
+    then `text`, `finish_reason` ('stop', 'length'; None if cancelled), `error` and the token counts."""
+
+    row: Row
+    detokenizer: object
+    pieces: queue.Queue = field(default_factory=queue.Queue)
+    cancelled: bool = False
+    error: str | None = None
+
+    @property
+    def prompt_tokens(self) -> int:
+        return len(self.row.prompt)
+
+    @property
+    def completion_tokens(self) -> int:
+        eos = self.row.finish_reason == "stop" and self.row.new and self.row.new[-1] in self.row.eos
+        return len(self.row.new) - int(bool(eos))
+
+    @property
+    def text(self) -> str:
+        return self.detokenizer.text
+
+    @property
+    def finish_reason(self) -> str | None:
+        if self.cancelled or self.error:
+            return None
+        return "stop" if self.detokenizer.stopped else self.row.finish_reason
+
+    def cancel(self) -> None:
+        """The client left: the row's slot is freed at the next step."""
+        self.cancelled = True
+
+
+class Batcher:
+    """The engine's thread and its queue. `submit` a prompt's token ids; read the `Generation`'s pieces."""
+
+    def __init__(self, model, projections, tokenizer, *, max_batch: int, max_waiting: int, capacity: int):
+        self.engine = Engine(model, projections, slots=max_batch, capacity=capacity)
+        self.tokenizer, self.max_batch, self.max_waiting = tokenizer, max_batch, max_waiting
+        self.waiting: list[Generation] = []
+        self.live: dict[int, Generation] = {}  # id(row) -> generation
+        self.served = self.cancelled = self.errors = 0
+        self.lock = threading.Condition()
+        self.stopped = False
+        self.thread = threading.Thread(target=self._run, name="ragrpo-batcher", daemon=True)
+        self.thread.start()
+
+    # ---- called from the server's threads ----
+    def submit(self, prompt_ids: list[int], sampling: Sampling, eos: list[int], stop: list[str]) -> Generation:
+        from ragrpo.rag import Detokenizer
+
+        generation = Generation(Row(prompt_ids, sampling, eos, self.engine.device), Detokenizer(self.tokenizer, stop))
+        with self.lock:  # the check and the append are one step: the bound holds under concurrent requests
+            if len(self.waiting) >= self.max_waiting:
+                raise QueueFull(f"the server is busy ({len(self.waiting)} requests waiting); retry later")
+            self.waiting.append(generation)
+            self.lock.notify()
+        return generation
+
+    def health(self) -> dict:
+        with self.lock:
+            return {"running": len(self.live), "waiting": len(self.waiting), "max_batch": self.max_batch,
+                    "served": self.served, "cancelled": self.cancelled, "errors": self.errors}
+
+    def close(self) -> None:
+        with self.lock:
+            self.stopped = True
+            self.lock.notify()
+        self.thread.join(timeout=10)
+
+    # ---- the engine's thread ----
+    def _run(self) -> None:
+        import torch
+
+        with torch.inference_mode():
+            while True:
+                with self.lock:
+                    while not self.stopped and not self.waiting and not self.live:
+                        self.lock.wait()
+                    if self.stopped:
+                        break
+                    free = self.max_batch - len(self.live)
+                    joining, self.waiting = self.waiting[:free], self.waiting[free:]
+                joining = [g for g in joining if not self._left(g)]
+                self._admit(joining)
+                self._drop_cancelled()
+                if self.engine.rows:
+                    self._step()
+        for generation in [*self.live.values(), *self.waiting]:
+            generation.error = "the server is shutting down"
+            generation.pieces.put(None)
+
+    def _admit(self, joining: list[Generation]) -> None:
+        for generation in joining:  # one prefill each: a long prompt delays the batch by its own prefill only
+            try:
+                self.engine.add([generation.row])
+            except Exception as exc:  # a row the engine refuses ends with an error, the others go on
+                self._finish(generation, error=str(exc))
+                continue
+            with self.lock:
+                self.live[id(generation.row)] = generation
+
+    def _drop_cancelled(self) -> None:
+        for generation in list(self.live.values()):
+            if generation.cancelled:
+                self.engine.remove(generation.row)
+                self._finish(generation)
+
+    def _step(self) -> None:
+        try:
+            ended = set(map(id, self.engine.step()))
+        except Exception as exc:  # the step failed for every row: each ends with the error
+            for generation in list(self.live.values()):
+                self.engine.remove(generation.row)
+                self._finish(generation, error=f"generation failed: {exc}")
+            return
+        for generation in list(self.live.values()):
+            piece = generation.detokenizer.feed(generation.row.new)
+            if piece:
+                generation.pieces.put(piece)
+            if id(generation.row) in ended or generation.detokenizer.stopped:
+                self.engine.remove(generation.row)
+                self._finish(generation)
+
+    def _left(self, generation: Generation) -> bool:
+        if generation.cancelled:
+            self._finish(generation)
+        return generation.cancelled
+
+    def _finish(self, generation: Generation, error: str | None = None) -> None:
+        if error:
+            generation.error = error
+        else:
+            rest = generation.detokenizer.flush()
+            if rest and not generation.cancelled:
+                generation.pieces.put(rest)
+        with self.lock:
+            self.live.pop(id(generation.row), None)
+            if generation.error:
+                self.errors += 1
+            elif generation.cancelled:
+                self.cancelled += 1
+            else:
+                self.served += 1
+        generation.pieces.put(None)
