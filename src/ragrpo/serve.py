@@ -19,8 +19,8 @@ waiting) stops its generation at the next token and frees its place.
 
 Errors follow OpenAI's shape, `{"error": {"message", "type", "param", "code"}}`: 400 for a bad body
 (message list, sizes, `max_tokens` bounds, a malformed `where`, an unknown `mode`), 401 without the API
-key when one is set, 404 for another model's name, 413 for a body over `MAX_BODY_BYTES`, 503 when the
-queue is full.
+key when one is set, 404 for another model's name, 413 for a body over `MAX_BODY_BYTES` (counted as it is
+read, so a chunked body without Content-Length is held to it too), 503 when the queue is full.
 """
 
 from __future__ import annotations
@@ -231,10 +231,6 @@ def create_app(server: Server):
 
     @app.middleware("http")
     async def _guard(request: Request, call_next):
-        size = request.headers.get("content-length")
-        if size and size.isdigit() and int(size) > MAX_BODY_BYTES:
-            return JSONResponse(ApiError(413, f"the request body is over {MAX_BODY_BYTES} bytes").body(),
-                                status_code=413)
         if server.api_key and request.url.path.startswith("/v1/"):
             scheme, _, token = request.headers.get("authorization", "").partition(" ")
             if scheme.lower() != "bearer" or not secrets.compare_digest(token.strip(), server.api_key):
@@ -325,7 +321,49 @@ def create_app(server: Server):
         return StreamingResponse(events(), media_type="text/event-stream", background=BackgroundTask(pieces.aclose),
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
+    app.add_middleware(BodyLimit, limit=MAX_BODY_BYTES)  # added last: outermost, before the API key check
     return app
+
+
+class BodyLimit:
+    """ASGI middleware: 413 for a body over `limit` bytes, counted as they arrive. Content-Length alone
+    is not enough: a chunked body has none, so the body is read here (at most `limit` bytes are held) and
+    handed on whole; later `receive` calls (disconnect checks) go to the client as before."""
+
+    def __init__(self, app, limit: int):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope["headers"]).get(b"content-length", b"")
+        if declared.isdigit() and int(declared) > self.limit:
+            return await self._too_large(scope, receive, send)
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":  # the client left before sending the whole body
+                return await self.app(scope, _replay([message], receive), send)
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            if size > self.limit:
+                return await self._too_large(scope, receive, send)
+            if not message.get("more_body"):
+                break
+        whole = {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+        await self.app(scope, _replay([whole], receive), send)
+
+    async def _too_large(self, scope, receive, send):
+        response = JSONResponse(ApiError(413, f"the request body is over {self.limit} bytes").body(), status_code=413,
+                                headers={"Connection": "close"})  # the rest of the body is not read
+        await response(scope, receive, send)
+
+
+def _replay(messages: list, receive):
+    async def replayed():
+        return messages.pop(0) if messages else await receive()
+
+    return replayed
 
 
 def model_id_for(model: str | None) -> str:
