@@ -238,3 +238,131 @@ def test_rerun_repairs_a_table_left_without_its_full_text_index(tmp_path):
     # Now complete: a plain re-run is refused again, and changes nothing.
     one_error_line(ragrpo(*args), "already exists", "--overwrite")
     assert lancedb.connect(db).open_table("notes").count_rows() == 3
+
+
+# -- the server: request limits and validation ------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def notes_server(notes_db, base_model_dir, tmp_path_factory):
+    """`ragrpo serve` over the notes table with a tiny 2-layer model (requests here fail before it runs)."""
+    import socket
+    import time
+    import urllib.request
+
+    from conftest import tiny_llama
+
+    model, tokenizer = tiny_llama(base_model_dir)
+    folder = tmp_path_factory.mktemp("serve") / "tiny-model"
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    process = subprocess.Popen([sys.executable, "-m", "ragrpo.cli", "serve", "--table", "notes", "--db", notes_db,
+                                "--model", folder, "--port", str(port), "--max-tokens", "8"],
+                               env={**os.environ, "HF_HUB_OFFLINE": "1"}, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 300
+    while True:
+        try:
+            urllib.request.urlopen(f"{url}/healthz", timeout=5)
+            break
+        except OSError:
+            assert process.poll() is None and time.monotonic() < deadline, "the server did not start"
+            time.sleep(0.5)
+    yield url
+    process.terminate()
+    try:
+        process.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
+def post(url, path, raw: bytes, timeout: float = 60):
+    """(status, parsed JSON) for a POST of the bytes `raw` with Content-Length."""
+    import urllib.error
+    import urllib.request
+
+    request = urllib.request.Request(url + path, data=raw, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return response.status, json.load(response)
+    except urllib.error.HTTPError as error:
+        return error.code, json.load(error)
+
+
+def post_chunked(url, path, chunks):
+    """(status, parsed JSON) for a POST whose body is sent chunked, without Content-Length; stops sending once
+    the server has answered (it need not read a body it refuses)."""
+    import http.client
+    import select
+    import socket
+    from urllib.parse import urlsplit
+
+    address = urlsplit(url)
+    with socket.create_connection((address.hostname, address.port), timeout=60) as sock:
+        sock.sendall(f"POST {path} HTTP/1.1\r\nHost: {address.netloc}\r\nContent-Type: application/json\r\n"
+                     "Transfer-Encoding: chunked\r\n\r\n".encode())
+        try:
+            for chunk in chunks:
+                sock.sendall(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+                if select.select([sock], [], [], 0)[0]:
+                    break
+            else:
+                sock.sendall(b"0\r\n\r\n")
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the server answered and closed the connection first
+        response = http.client.HTTPResponse(sock)
+        response.begin()
+        return response.status, json.loads(response.read())
+
+
+def health(url) -> dict:
+    import urllib.request
+
+    with urllib.request.urlopen(f"{url}/healthz", timeout=30) as response:
+        return json.load(response)
+
+
+def test_chunked_body_over_the_limit_gets_413(notes_server):
+    # 20 MB in 64 KiB chunks, no Content-Length: the old check never saw a size (and read it all, then 400).
+    status, body = post_chunked(notes_server, "/v1/chat/completions", (b" " * 65536 for _ in range(320)))
+    assert status == 413 and body["error"]["message"] == "the request body is over 262144 bytes"
+    # A chunked body under the limit is read whole and answered as usual.
+    question = json.dumps({"messages": [{"role": "user", "content": "honey?"}], "max_tokens": 1000}).encode()
+    status, body = post_chunked(notes_server, "/v1/chat/completions", [question[:10], question[10:]])
+    assert status == 400 and body["error"]["message"] == "max_tokens: at most 8, got 1000"
+    assert health(notes_server)["running"] == 0
+
+
+@pytest.mark.parametrize("path,body,param", [
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "honey \ud800 bees"}]}, "messages"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "honey"}], "stop": ["\udc00"]}, "stop"),
+    ("/v1/search", {"query": "honey \udfff"}, "query"),
+    ("/v1/search", {"query": "honey", "where": "title = '\ud800'"}, "where"),
+])
+def test_lone_surrogates_are_refused_before_retrieval(notes_server, path, body, param):
+    # Before, such text reached the embedder, and LanceDB retried the failed query embedding for minutes.
+    raw = json.dumps(body).encode()  # ensure_ascii: the surrogate travels as the escape "\ud800", valid JSON
+    status, answer = post(notes_server, path, raw, timeout=30)
+    assert status == 400, answer
+    assert answer["error"]["param"] == param and "lone UTF-16 surrogate" in answer["error"]["message"]
+    assert health(notes_server)["running"] == 0
+
+
+@pytest.mark.parametrize("raw,message", [
+    (json.dumps({"messages": [{"role": "user", "content": [{"type": "text", "text": 5}]}]}),
+     "messages.0.content: part 0 is a text part without a string 'text'"),
+    (json.dumps({"messages": [{"role": "user", "content": [{"type": "text", "text": None}]}]}),
+     "messages.0.content: part 0 is a text part without a string 'text'"),
+    (json.dumps({"messages": [{"role": "user", "content": "honey"}], "seed": 10**30, "temperature": 1}),
+     "seed: Input should be less than or equal to 9223372036854775807"),
+    (b'{"messages": [{"role": "user", "content": "\xff\xfe honey"}]}', "could not be parsed as JSON (is it UTF-8?)"),
+])
+def test_fields_of_the_wrong_type_get_400_with_a_message(notes_server, raw, message):
+    status, answer = post(notes_server, "/v1/chat/completions", raw if isinstance(raw, bytes) else raw.encode())
+    assert status == 400, answer
+    assert message in answer["error"]["message"] and answer["error"]["type"] == "invalid_request_error"
+    assert health(notes_server)["running"] == 0
