@@ -182,6 +182,11 @@ def index(source, table, db, text_column, renames, embedding_model, overwrite, i
                        embedding_model=embedding_model, overwrite=overwrite, id_column=id_column,
                        chunk_size=chunk_size, chunk_overlap=chunk_overlap, index_threshold=index_threshold,
                        precision=precision, progress=True)
+    if result.repaired:
+        click.echo(f"table {db}/{table} already holds {result.rows} rows but lacked indexes (an interrupted "
+                   f"ingest?); built: {', '.join(result.indexes)}. No rows were written; pass --overwrite "
+                   f"to re-ingest {source}")
+        return
     skipped = f" ({result.skipped_empty} rows with empty text skipped)" if result.skipped_empty else ""
     verb = "upserted" if result.upserted else "indexed"
     click.echo(f"{verb} {result.documents} documents as {result.chunks} chunks into {db}/{table} "

@@ -9,8 +9,11 @@ their keys are checked against those classes' own fields. Precedence, lowest fir
 
 from __future__ import annotations
 
+import enum
 import sys
 import tomllib
+import types
+import typing
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -152,7 +155,9 @@ def _known(cls) -> set[str]:
 
 
 def load_config_file(path: str | Path) -> dict:
-    """Read a TOML run file into a dict of RunConfig fields; unknown keys are errors."""
+    """Read a TOML run file into a dict of RunConfig fields; unknown keys and values of the wrong type are
+    errors. Top-level values are checked against RunConfig's field types, [grpo] against trl.GRPOConfig's
+    and [lora] against peft.LoraConfig's (their unknown keys are left to `grpo_config` and `lora_config`)."""
     path = Path(path)
     try:
         data = tomllib.loads(path.read_text())
@@ -171,7 +176,127 @@ def load_config_file(path: str | Path) -> dict:
     for table in ("grpo", "lora"):
         if table in data and not isinstance(data[table], dict):
             raise RagrpoError(f"config file {path}: [{table}] must be a table of settings")
+    check_types(data, RunConfig, f"config file {path}: ")
+    if data.get("grpo"):
+        from trl import GRPOConfig
+
+        check_types(data["grpo"], GRPOConfig, f"config file {path}: [grpo] ", owner="trl.GRPOConfig")
+    if data.get("lora"):
+        from peft import LoraConfig
+
+        check_types(data["lora"], LoraConfig, f"config file {path}: [lora] ", owner="peft.LoraConfig")
     return data
+
+
+# ---- value checks ---------------------------------------------------------------------------------
+# TOML values arrive untyped as far as the dataclasses are concerned: `seed = "abc"` would only fail
+# (or silently misbehave) once a model is loaded. Each value is matched against its field's annotation.
+
+
+def check_types(values: dict, cls, prefix: str = "", *, owner: str | None = None) -> None:
+    """Raise RagrpoError for the first value whose type does not fit `cls`'s annotation of that field.
+    Keys that are not fields of `cls` are skipped (reported elsewhere, with the list of known ones)."""
+    hints = _field_hints(cls)
+    for key, value in values.items():
+        if key in hints and not _fits(value, hints[key]):
+            where = f" (a field of {owner})" if owner else ""
+            raise RagrpoError(f"{prefix}{key} = {value!r}: expected {_describe(hints[key])}{where}")
+
+
+def _field_hints(cls) -> dict:
+    try:
+        return typing.get_type_hints(cls)
+    except Exception:  # an annotation that does not resolve here: check the fields whose annotation does
+        return {f.name: f.type for f in fields(cls) if not isinstance(f.type, str)}
+
+
+def _members(hint) -> tuple:
+    origin = typing.get_origin(hint)
+    return typing.get_args(hint) if origin in (typing.Union, types.UnionType) else (hint,)
+
+
+def _fits(value, hint) -> bool:
+    """Whether `value` (as TOML or a click option gives it) fits the annotation `hint`. Classes other than
+    the builtin types and enums cannot be judged from a TOML value and pass (the library checks them)."""
+    if hint is typing.Any:
+        return True
+    if hint is type(None) or hint is None:
+        return value is None
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_fits(value, arg) for arg in args)
+    if origin is typing.Literal:
+        # PEFT documents one pattern inside a Literal: 'pissa_niter_[number of iters]'
+        return value in args or any(isinstance(a, str) and "[" in a and isinstance(value, str)
+                                    and value.startswith(a.split("[")[0]) for a in args)
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    if hint is str:
+        return isinstance(value, str)
+    if origin in (list, tuple, set) or hint in (list, tuple, set):
+        if not isinstance(value, list | tuple):
+            return False
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            return len(value) == len(args) and all(_fits(v, a) for v, a in zip(value, args))
+        return not args or all(_fits(v, args[0]) for v in value)
+    if origin is dict or hint is dict:
+        return isinstance(value, dict) and (len(args) != 2 or all(_fits(v, args[1]) for v in value.values()))
+    if isinstance(hint, type) and issubclass(hint, enum.Enum):
+        return isinstance(value, hint) or value in {m.value for m in hint}
+    return True
+
+
+def _describe(hint) -> str:
+    names = []
+    for member in _members(hint):
+        origin, args = typing.get_origin(member), typing.get_args(member)
+        if member is type(None) or member is None:
+            continue  # TOML has no null; a value left out keeps the default
+        if origin is typing.Literal:
+            names.append("one of " + ", ".join(repr(a) for a in args))
+        elif isinstance(member, type) and issubclass(member, enum.Enum):
+            names.append("one of " + ", ".join(repr(m.value) for m in member))
+        elif member is bool:
+            names.append("true or false")
+        elif member is int:
+            names.append("an integer")
+        elif member is float:
+            names.append("a number")
+        elif member is str:
+            names.append("a string")
+        elif origin in (list, tuple, set) or member in (list, tuple, set):
+            names.append(f"a list of {_describe(args[0]).removeprefix('a ').removeprefix('an ')}s"
+                         if args and args[-1] is not Ellipsis and origin is not tuple else "a list")
+        elif origin is dict or member is dict:
+            names.append("a table")
+        else:
+            names.append(getattr(member, "__name__", str(member)))
+    return " or ".join(names) or "nothing"
+
+
+# GRPOConfig fields that count something and must be positive: transformers reads max_steps <= 0 as
+# "train num_train_epochs epochs instead", and a zero or negative count elsewhere trains nothing, saves
+# nothing, or divides by zero inside TRL.
+POSITIVE_GRPO = (
+    "max_steps", "save_steps", "logging_steps", "eval_steps", "num_train_epochs", "save_total_limit",
+    "per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
+    "num_generations", "num_generations_eval", "generation_batch_size", "steps_per_generation",
+    "num_iterations", "max_completion_length",
+)
+
+
+def check_positive(grpo: dict, given: dict[str, str]) -> None:
+    """Raise RagrpoError for a count in `grpo` that is zero or negative; `given` names where each key came
+    from (a flag or a config file), for the message."""
+    for key in POSITIVE_GRPO:
+        value = grpo.get(key)
+        if isinstance(value, int | float) and not isinstance(value, bool) and value <= 0:
+            least = "at least 1" if isinstance(value, int) else "greater than 0"
+            raise RagrpoError(f"{given.get(key, key)} must be {least}, got {value}")
 
 
 def build_run_config(config_file: str | Path | None = None, **overrides) -> RunConfig:
@@ -181,6 +306,7 @@ def build_run_config(config_file: str | Path | None = None, **overrides) -> RunC
     `lora=` dicts are merged over the file's tables.
     """
     data = load_config_file(config_file) if config_file else {}
+    given = {key: f"config file {config_file}: [grpo] {key}" for key in data.get("grpo", {})}
     grpo = {**data.pop("grpo", {}), **(overrides.pop("grpo", None) or {})}
     lora = {**data.pop("lora", {}), **(overrides.pop("lora", None) or {})}
     for key, value in overrides.items():
@@ -190,6 +316,8 @@ def build_run_config(config_file: str | Path | None = None, **overrides) -> RunC
             data[key] = value
         else:
             grpo[key] = value
+            given[key] = f"--{key.replace('_', '-')}"
+    check_positive(grpo, given)
     try:
         return RunConfig(**data, grpo=grpo, lora=lora)
     except TypeError as exc:

@@ -370,9 +370,10 @@ def train_from_index(cfg: RunConfig, source: IndexSource, *, overwrite: bool = F
     """
     from ragrpo.models import load_model
     from ragrpo.reward_specs import resolve_rewards
-    from ragrpo.train import build_dataset, train
+    from ragrpo.train import build_dataset, check_output, train
 
     output = Path(cfg.output)
+    check_output(output)
     if output.exists() and any(output.iterdir()) and not overwrite:
         raise RagrpoError(f"output folder {output} is not empty; pass --overwrite or another --output")
     resolve_rewards(cfg.rewards)  # fail on an unknown reward before anything slow

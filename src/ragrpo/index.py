@@ -18,7 +18,9 @@ document that got shorter leaves no stale chunks. Documents absent from the new 
 Nothing is written until the data has been read, checked and embedded: the vectors are computed first
 and the table is created (or merged into) in one call, so a bad input or a failure while embedding
 leaves no table behind (and `--overwrite` never drops the old table before the new one is ready).
-Indexes are built afterwards (`build_indexes`); they only speed queries up.
+Indexes are built afterwards (`build_indexes`); they only speed queries up (but `--mode fts` and
+`hybrid` need the full-text one). An ingest killed between its commit and its index build leaves a
+complete table without them: a plain re-run of the same command then builds the missing indexes.
 """
 
 from __future__ import annotations
@@ -57,6 +59,7 @@ class IndexResult:
     upserted: bool = False
     indexes: list[str] | None = None
     precision: str = "float32"
+    repaired: bool = False  # an existing table only had its missing indexes built; no rows were written
 
 
 def parse_renames(pairs: list[str] | tuple[str, ...]) -> dict[str, str]:
@@ -237,8 +240,20 @@ def index(
     exists = Path(db).exists() and table in lancedb.connect(db).table_names()
     upsert = exists and id_column is not None and not overwrite
     if exists and not overwrite and not upsert:
-        raise RagrpoError(f"table {table!r} already exists in {db}; pass --overwrite to replace it, "
-                          "or --id-column to upsert into it")
+        # A table whose ingest was killed between its commit and its index build has all its rows but
+        # lacks indexes: a plain re-run builds them (and writes no rows) instead of refusing.
+        from ragrpo.retrieve import text_column as embedded_column
+
+        existing = lancedb.connect(db).open_table(table)
+        column = embedded_column(existing)
+        missing = missing_indexes(existing, column, index_threshold)
+        if not missing:
+            raise RagrpoError(f"table {table!r} already exists in {db}; pass --overwrite to replace it, "
+                              "or --id-column to upsert into it")
+        built = build_indexes(existing, column, index_threshold)
+        return IndexResult(table=table, db=str(db), rows=existing.count_rows(),
+                           columns=[c for c in existing.schema.names if c != VECTOR_COLUMN], text_column=column,
+                           embedder="", skipped_empty=0, indexes=built, repaired=True)
     if upsert:
         _check_upsert(lancedb.connect(db).open_table(table), frame, table)
 
@@ -298,35 +313,44 @@ def _scalar_index_type(table, column: str, rows: int) -> str | None:
     return None
 
 
-def build_indexes(table, text_column: str, threshold: int = INDEX_THRESHOLD, *, id_column=None) -> list[str]:
-    """A native full-text index on the text column always; from `threshold` rows on, an IVF_HNSW_SQ
-    vector index and a scalar index on every other filterable column. An existing index is brought
-    up to date with the new rows instead (`optimize`). Returns the names of the indexes built."""
+def missing_indexes(table, text_column: str, threshold: int = INDEX_THRESHOLD) -> list[tuple[str, str]]:
+    """(column, kind) of each index the table should have and lacks: the full-text index on the text column
+    always; from `threshold` rows on, the vector index and a scalar index on every other filterable column."""
     have = {ix.name for ix in table.list_indices()}
-    fts_name = f"{text_column}_idx"
-    built = []
-    if have:
-        table.optimize()  # adds rows written since the indexes were built
-    if fts_name not in have:
-        table.create_fts_index(text_column, use_tantivy=False, replace=True)
-        built.append(fts_name)
+    missing = [] if f"{text_column}_idx" in have else [(text_column, "FTS")]
     rows = table.count_rows()
     if rows < threshold:
-        return built
+        return missing
     if f"{VECTOR_COLUMN}_idx" not in have:
-        # Partitions of about sqrt(rows) vectors; HNSW inside each keeps recall high at few probes.
-        from lancedb.index import IvfHnswSq
-
-        partitions = max(1, int(rows**0.5) // 4)
-        table.create_index(VECTOR_COLUMN, config=IvfHnswSq(distance_type="l2", num_partitions=partitions))
-        built.append(f"{VECTOR_COLUMN}_idx")
+        missing.append((VECTOR_COLUMN, "IVF_HNSW_SQ"))
     for column in table.schema.names:
         if column in (VECTOR_COLUMN, text_column) or f"{column}_idx" in have:
             continue
         kind = _scalar_index_type(table, column, rows)
         if kind:
+            missing.append((column, kind))
+    return missing
+
+
+def build_indexes(table, text_column: str, threshold: int = INDEX_THRESHOLD, *, id_column=None) -> list[str]:
+    """A native full-text index on the text column always; from `threshold` rows on, an IVF_HNSW_SQ
+    vector index and a scalar index on every other filterable column. An existing index is brought
+    up to date with the new rows instead (`optimize`). Returns the names of the indexes built."""
+    if table.list_indices():
+        table.optimize()  # adds rows written since the indexes were built
+    built = []
+    for column, kind in missing_indexes(table, text_column, threshold):
+        if kind == "FTS":
+            table.create_fts_index(column, use_tantivy=False, replace=True)
+        elif column == VECTOR_COLUMN:
+            # Partitions of about sqrt(rows) vectors; HNSW inside each keeps recall high at few probes.
+            from lancedb.index import IvfHnswSq
+
+            partitions = max(1, int(table.count_rows()**0.5) // 4)
+            table.create_index(VECTOR_COLUMN, config=IvfHnswSq(distance_type="l2", num_partitions=partitions))
+        else:
             table.create_scalar_index(column, index_type=kind)
-            built.append(f"{column}_idx")
+        built.append(f"{column}_idx")
     return built
 
 

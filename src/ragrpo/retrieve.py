@@ -49,8 +49,41 @@ def _columns_hint(message: str) -> str:
     return ", ".join(f for f in fields if f != VECTOR_COLUMN)
 
 
+# LanceDB parses the first expression of a filter and drops whatever follows it, so these would be
+# ignored without a word: the query would run on a different filter than the one written.
+NOT_A_FILTER = (
+    (r";", "';' ends the filter there; give one condition (join conditions with AND / OR)"),
+    (r"--|/\*", "SQL comments are not allowed in a filter (the rest of it would be ignored)"),
+    (r"\blimit\b", "LIMIT is not part of a filter; use -k for the number of rows"),
+    (r"\boffset\b", "OFFSET is not part of a filter"),
+    (r"\border\s+by\b", "ORDER BY is not part of a filter; rows come back best match first"),
+    (r"\bgroup\s+by\b|\bhaving\b", "GROUP BY / HAVING are not part of a filter"),
+)
+
+
+def _outside_literals(where: str) -> str:
+    """`where` with every quoted string ('...'), identifier ("..." or `...`) blanked out."""
+    out, quote = [], None
+    for char in where:
+        if quote:
+            if char == quote:
+                quote = None  # a doubled quote ('it''s') closes and reopens, which blanks it just the same
+            out.append(" ")
+        elif char in "'\"`":
+            quote = char
+            out.append(" ")
+        else:
+            out.append(char)
+    return "".join(out)
+
+
 def check_where(table, where: str) -> None:
-    """Plan (without running) a scan with `where`: an unknown column or bad SQL raises RagrpoError."""
+    """Check that `where` is one filter expression, then plan (without running) a scan with it: an unknown
+    column, bad SQL, or a statement that is more than a filter raises RagrpoError."""
+    bare = _outside_literals(where)
+    for pattern, why in NOT_A_FILTER:
+        if re.search(pattern, bare, flags=re.IGNORECASE):
+            raise RagrpoError(f"invalid --where {where!r}: {why}")
     try:
         table.search().where(where).explain_plan()
     except Exception as exc:  # LanceDB raises RuntimeError/ValueError with DataFusion's message

@@ -18,15 +18,17 @@ Between tokens the server checks that the client is still there: one who hangs u
 waiting) stops its generation at the next token and frees its place.
 
 Errors follow OpenAI's shape, `{"error": {"message", "type", "param", "code"}}`: 400 for a bad body
-(message list, sizes, `max_tokens` bounds, a malformed `where`, an unknown `mode`), 401 without the API
-key when one is set, 404 for another model's name, 413 for a body over `MAX_BODY_BYTES`, 503 when the
-queue is full.
+(not UTF-8 JSON, a field of the wrong type, message list, sizes, `max_tokens` bounds, a malformed `where`,
+an unknown `mode`, text holding a lone UTF-16 surrogate), 401 without the API key when one is set, 404
+for another model's name, 413 for a body over `MAX_BODY_BYTES` (counted as it is read, so a chunked body
+without Content-Length is held to it too), 503 when the queue is full.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import re
 import secrets
 import time
 import uuid
@@ -42,6 +44,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from starlette.background import BackgroundTask
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ragrpo import RagrpoError
 
@@ -56,9 +59,45 @@ MAX_K = 20
 # pydantic checks types and bounds; its errors become one 400 line naming the field.
 
 
-class Message(BaseModel):
+SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _lone_surrogate(value) -> bool:
+    """Whether a string in `value` (a str, or lists and dicts of them) holds a lone UTF-16 surrogate: JSON's
+    "\\ud800" escape decodes to one, and no UTF-8 encoder (tokenizer, embedder, LanceDB) accepts it."""
+    if isinstance(value, str):
+        return SURROGATE.search(value) is not None
+    if isinstance(value, list | tuple):
+        return any(_lone_surrogate(v) for v in value)
+    if isinstance(value, dict):
+        return any(_lone_surrogate(k) or _lone_surrogate(v) for k, v in value.items())
+    return False
+
+
+class Body(BaseModel):
+    @field_validator("*", mode="before")
+    @classmethod
+    def _valid_text(cls, value):
+        # Checked before anything reads the text: LanceDB retries a failed query embedding for minutes.
+        if _lone_surrogate(value):
+            raise ValueError("the text holds a lone UTF-16 surrogate (such as \\ud800), which is not a character; "
+                             "send valid UTF-8 or complete surrogate pairs")
+        return value
+
+
+class Message(Body):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[dict] | None = None
+
+    @field_validator("content")
+    @classmethod
+    def _text_parts(cls, content):
+        for n, part in enumerate(content if isinstance(content, list) else []):
+            if not isinstance(part.get("type"), str):
+                raise ValueError(f"part {n} needs a string 'type' (e.g. \"text\")")  # noqa: TRY004 (pydantic wants ValueError)
+            if part["type"] == "text" and not isinstance(part.get("text"), str):
+                raise ValueError(f"part {n} is a text part without a string 'text'")
+        return content
 
     def text(self) -> str:
         """The content as plain text; a list of parts (OpenAI's newer shape) keeps its text parts."""
@@ -67,7 +106,7 @@ class Message(BaseModel):
         return self.content or ""
 
 
-class RetrievalFields(BaseModel):
+class RetrievalFields(Body):
     where: str | None = Field(default=None, max_length=2000)
     k: int = Field(default=5, ge=1, le=MAX_K)
     mode: Literal["vector", "fts", "hybrid"] = "vector"
@@ -86,7 +125,7 @@ class ChatRequest(RetrievalFields):
     stream: bool = False
     stream_options: dict | None = None
     n: int = Field(default=1, ge=1, le=1)
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=0, le=2**63 - 1)  # what torch's generator takes
     repetition_penalty: float | None = Field(default=None, gt=0.0, le=5.0)
     min_tokens: int = Field(default=0, ge=0)
 
@@ -240,45 +279,21 @@ def _sources(stream) -> list[dict]:
     return [{"label": source_label(row), **row} for row in stream.sources]
 
 
-class _BodyTooLarge(Exception):
-    pass
-
-
 class Guard:
-    """The API key and the body limit, as plain ASGI middleware. (Starlette's `BaseHTTPMiddleware` hides a
-    client's disconnect from the endpoint, which then generated on for nobody.) The limit counts the bytes
-    actually received, so a chunked body without `Content-Length` cannot pass it either."""
+    """The API key, as plain ASGI middleware. (Starlette's `BaseHTTPMiddleware` hides a client's disconnect
+    from the endpoint, which then generated on for nobody.) `BodyLimit` bounds the body."""
 
     def __init__(self, app, api_key: str | None):
         self.app, self.api_key = app, api_key
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        headers = dict(scope.get("headers") or [])
-        size = headers.get(b"content-length", b"").decode("latin-1")
-        if size.isdigit() and int(size) > MAX_BODY_BYTES:
-            return await _reply(send, ApiError(413, f"the request body is over {MAX_BODY_BYTES} bytes"))
-        if self.api_key and scope.get("path", "").startswith("/v1/"):
+        if scope["type"] == "http" and self.api_key and scope.get("path", "").startswith("/v1/"):
+            headers = dict(scope.get("headers") or [])
             scheme, _, token = headers.get(b"authorization", b"").decode("latin-1").partition(" ")
             if scheme.lower() != "bearer" or not secrets.compare_digest(token.strip(), self.api_key):
                 return await _reply(send, ApiError(401, "missing or wrong API key: send 'Authorization: Bearer KEY'",
                                                    code="invalid_api_key"))
-        received = 0
-
-        async def counted():
-            nonlocal received
-            message = await receive()
-            if message["type"] == "http.request":
-                received += len(message.get("body", b""))
-                if received > MAX_BODY_BYTES:
-                    raise _BodyTooLarge
-            return message
-
-        try:
-            await self.app(scope, counted, send)
-        except _BodyTooLarge:  # raised while the body is read: before any response has started
-            await _reply(send, ApiError(413, f"the request body is over {MAX_BODY_BYTES} bytes"))
+        return await self.app(scope, receive, send)
 
 
 async def _reply(send, error: ApiError) -> None:
@@ -298,6 +313,16 @@ def create_app(server: Server):
     @app.exception_handler(ApiError)
     async def _api_error(request, exc: ApiError):
         return JSONResponse(exc.body(), status_code=exc.status)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request, exc: StarletteHTTPException):
+        # FastAPI's own errors (a body it could not parse: not UTF-8, nested too deep; an unknown path) in
+        # the same OpenAI shape as ours.
+        message = str(exc.detail)
+        if message == "There was an error parsing the body":
+            message = "the request body could not be parsed as JSON (is it UTF-8?)"
+        return JSONResponse(ApiError(exc.status_code, message).body(), status_code=exc.status_code,
+                            headers=getattr(exc, "headers", None))
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request, exc: RequestValidationError):
@@ -396,6 +421,7 @@ def create_app(server: Server):
         return StreamingResponse(events(), media_type="text/event-stream", background=BackgroundTask(pieces.aclose),
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
+    app.add_middleware(BodyLimit, limit=MAX_BODY_BYTES)  # added last: outermost, before the API key check
     return app
 
 
@@ -498,6 +524,47 @@ def make_batcher(model, tokenizer, *, max_batch: int, max_waiting: int, max_toke
     capacity = min(context, 1536 + max_tokens)  # prompts of up to ~1.5k tokens (k=5 passages is about 1.1k)
     return Batcher(copy.model, projections, tokenizer, max_batch=max_batch, max_waiting=max_waiting,
                    capacity=capacity)
+
+
+class BodyLimit:
+    """ASGI middleware: 413 for a body over `limit` bytes, counted as they arrive. Content-Length alone
+    is not enough: a chunked body has none, so the body is read here (at most `limit` bytes are held) and
+    handed on whole; later `receive` calls (disconnect checks) go to the client as before."""
+
+    def __init__(self, app, limit: int):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope["headers"]).get(b"content-length", b"")
+        if declared.isdigit() and int(declared) > self.limit:
+            return await self._too_large(scope, receive, send)
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":  # the client left before sending the whole body
+                return await self.app(scope, _replay([message], receive), send)
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            if size > self.limit:
+                return await self._too_large(scope, receive, send)
+            if not message.get("more_body"):
+                break
+        whole = {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+        await self.app(scope, _replay([whole], receive), send)
+
+    async def _too_large(self, scope, receive, send):
+        response = JSONResponse(ApiError(413, f"the request body is over {self.limit} bytes").body(), status_code=413,
+                                headers={"Connection": "close"})  # the rest of the body is not read
+        await response(scope, receive, send)
+
+
+def _replay(messages: list, receive):
+    async def replayed():
+        return messages.pop(0) if messages else await receive()
+
+    return replayed
 
 
 def model_id_for(model: str | None) -> str:

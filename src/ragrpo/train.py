@@ -23,6 +23,8 @@ import hashlib
 import json
 import shutil
 import string
+import tempfile
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -255,13 +257,12 @@ def _float32_policy(peft_model, adapter: Path):
     return PeftModel.from_pretrained(float_base, adapter)
 
 
-def _write_config(cfg: RunConfig, trainer, output: Path) -> None:
-    record = {
-        "run": cfg.to_dict(),
-        "grpo": trainer.args.to_dict(),
-        "lora": trainer.model.peft_config["default"].to_dict(),
-    }
-    (output / "config.json").write_text(json.dumps(record, indent=2, default=str))
+def _write_config(cfg: RunConfig, trainer, work: Path, output: Path) -> None:
+    """config.json in `work`, naming the checkpoint folder where it will be once the run is at `output`."""
+    grpo = trainer.args.to_dict()
+    grpo["output_dir"] = str(output / "checkpoints")
+    record = {"run": cfg.to_dict(), "grpo": grpo, "lora": trainer.model.peft_config["default"].to_dict()}
+    (work / "config.json").write_text(json.dumps(record, indent=2, default=str))
 
 
 def load_run_config(output: str | Path) -> RunConfig:
@@ -287,13 +288,43 @@ def _truncate_metrics(path: Path, step: int) -> None:
         path.write_text("".join(line + "\n" for line in kept))
 
 
+def check_output(output: Path) -> None:
+    """A run folder must be a folder: fail before anything loads when it, or a folder above it, is a file."""
+    for path in (output, *output.parents):
+        if path.exists():
+            if not path.is_dir():
+                raise RagrpoError(f"--output {output}: {path} is a file, not a folder; name a folder")
+            return
+
+
+def _staging_folder(output: Path) -> Path:
+    """A new, empty folder beside `output` to train into while the old run stays where it is."""
+    output.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f"{output.name}.staging-", dir=output.parent))
+
+
+def _swap_in(staging: Path, output: Path) -> None:
+    """Put the finished run in `staging` at `output` and delete the run it replaces. Two renames on one
+    filesystem: the old run is moved aside first and moved back if the new one cannot take its place."""
+    old = output.with_name(f"{output.name}.replaced-{uuid.uuid4().hex[:8]}")
+    output.rename(old)
+    try:
+        staging.rename(output)
+    except BaseException:
+        old.rename(output)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
 def train(cfg: RunConfig, *, overwrite: bool = False, resume: bool = False, dataset=None,
           files: dict[str, str] | None = None) -> TrainResult:
     """Run GRPO as `cfg` says and write the run folder.
 
     `resume=True` continues the run in `cfg.output` from its last checkpoint, with the configuration it
     was started with. A run that fails before its first checkpoint leaves no folder behind; one that
-    fails later keeps its checkpoints, so that it can be resumed.
+    fails later keeps its checkpoints, so that it can be resumed. `overwrite=True` over an existing run
+    trains into a staging folder beside it and swaps it in only once the new run is saved: a run that
+    fails leaves the old one as it was (and its own staging folder is removed).
 
     `dataset` (a `datasets.Dataset`) replaces the one built from `cfg.dataset` on a fresh start, and
     `files` (relative path -> text) are written into the run folder next to config.json; the
@@ -302,7 +333,10 @@ def train(cfg: RunConfig, *, overwrite: bool = False, resume: bool = False, data
     from ragrpo.models import load_model
 
     output = Path(cfg.output)
+    check_output(output)
     checkpoint = None
+    if resume and overwrite:
+        raise RagrpoError("--resume continues the run in --output and --overwrite replaces it; pass one of them")
     if resume:
         cfg = load_run_config(output)
         cfg.output = str(output)
@@ -317,29 +351,35 @@ def train(cfg: RunConfig, *, overwrite: bool = False, resume: bool = False, data
     model, tokenizer = load_model(cfg.model)
     dataset = build_dataset(cfg, tokenizer) if dataset is None or resume else dataset
 
+    replacing = overwrite and output.exists() and any(output.iterdir())
     created = not output.exists()
-    if overwrite and output.exists():
-        shutil.rmtree(output)
-    output.mkdir(parents=True, exist_ok=True)
+    # `work` is where the trainer writes: the run folder itself, or a staging folder that replaces it at the end.
+    work = _staging_folder(output) if replacing else output
+    work.mkdir(parents=True, exist_ok=True)
     trainer = None
     try:
-        trainer = make_trainer(cfg, model, tokenizer, dataset, output)
+        trainer = make_trainer(cfg, model, tokenizer, dataset, work)
         if checkpoint is None:
-            _write_config(cfg, trainer, output)
+            _write_config(cfg, trainer, work, output)
             for name, text in (files or {}).items():
-                (output / name).parent.mkdir(parents=True, exist_ok=True)
-                (output / name).write_text(text)
+                (work / name).parent.mkdir(parents=True, exist_ok=True)
+                (work / name).write_text(text)
         else:
-            _truncate_metrics(output / "metrics.jsonl", int(checkpoint.name.rsplit("-", 1)[1]))
+            _truncate_metrics(work / "metrics.jsonl", int(checkpoint.name.rsplit("-", 1)[1]))
         trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
-        adapter, merged = save_run(trainer, tokenizer, output)
+        save_run(trainer, tokenizer, work)
+        checkpoints = work / "checkpoints"
+        if checkpoints.exists() and not any(checkpoints.glob("checkpoint-*")):
+            shutil.rmtree(checkpoints)  # TRL creates the folder even when no checkpoint was saved
+        if replacing:
+            _swap_in(work, output)
     except BaseException:
         for callback in trainer.callback_handler.callbacks if trainer else []:
             getattr(callback, "close", lambda: None)()
-        if (created or overwrite) and _latest_checkpoint(output) is None:
+        if replacing:
+            shutil.rmtree(work, ignore_errors=True)
+        elif (created or overwrite) and _latest_checkpoint(output) is None:
             shutil.rmtree(output, ignore_errors=True)
         raise
-    checkpoints = output / "checkpoints"
-    if checkpoints.exists() and not any(checkpoints.glob("checkpoint-*")):
-        shutil.rmtree(checkpoints)  # TRL creates the folder even when no checkpoint was saved
-    return TrainResult(output, adapter, merged, output / "metrics.jsonl", trainer.state.global_step)
+    return TrainResult(output, output / "adapter", output / "merged", output / "metrics.jsonl",
+                       trainer.state.global_step)
