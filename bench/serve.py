@@ -1,18 +1,20 @@
-"""Serving latency and throughput: `ragrpo serve` over HTTP against the library's own token loop, in one run.
+"""Serving latency and throughput: `ragrpo serve` over HTTP against the library's token loops, in one run.
 
 Every request asks a question about builtin:movies (k=5 passages by default, the write-up's prompt) and gets a
 64-token answer (`min_tokens` keeps the end-of-turn token out, so every answer has the same length).
 
-    library   rag.retrieve + rag.stream_answer in this process, one request after another: the floor
-              the server cannot beat (no HTTP, no queue)
-    server    `ragrpo serve` in a subprocess, driven by the official openai client with stream=True,
-              by 1, 4 and 16 concurrent clients
+    forward   rag.retrieve + rag.stream_answer in this process, one request after another, on the library's
+              previous token loop (transformers' forward with its cache, float32, batch 1; the fallback for
+              models the decode engine does not cover): the baseline of the issue that asked for batching
+    library   the same through the decode engine (`decode.Engine`, float32 weights packed for oneDNN)
+    server    `ragrpo serve` in a subprocess, driven by the official openai client with stream=True, by 1, 4
+              and 16 concurrent clients; its requests are rows of one continuously batched engine
 
 For each it reports time to first token (TTFT: request sent -> first piece of answer text) and full-
 answer latency, p50 and p95, plus requests and tokens per second and the number of failed requests
-(an exception, or an answer that is not exactly 64 tokens). The server runs one generation at a time,
-so with more clients throughput should stay level while latency grows with the queue. Prints a table and
-the ratios, and writes JSON.
+(an exception, or an answer that is not exactly 64 tokens). It also times the prefill of the first
+question's prompt alone (the server's weights, median of 5), the floor under TTFT. Prints a table and
+the ratios, and writes JSON with the CPU's flags and the hardware decisions.
 
     python bench/serve.py --out bench/results/serve.json
     python bench/serve.py --requests 40 --latency-requests 5      # a quick look
@@ -65,16 +67,27 @@ def summarize(name: str, clients: int, results: list[dict], wall: float) -> dict
             "wall_s": wall, "requests_per_s": len(ok) / wall, "tokens_per_s": tokens / wall}
 
 
-def run_library(db: Path, table_name: str, requests: int, k: int, threads: int | None) -> dict:
-    """The baseline: retrieval and the token loop in this process, no HTTP."""
-    import torch
+def run_library(db: Path, table_name: str, requests: int, k: int, threads: int | None, forward: bool = False) -> dict:
+    """Retrieval and a token loop in this process, no HTTP: the decode engine, or with `forward` the library's
+    previous loop (the engine is switched off for this side only, by making it cover no model)."""
+    import ragrpo.engine
+    from ragrpo import hardware
 
+    hardware.set_threads(threads)
+    covered = ragrpo.engine.fresh_projections
+    if forward:
+        ragrpo.engine.fresh_projections = lambda model: None
+    try:
+        return _library_requests(db, table_name, requests, k, "forward" if forward else "library")
+    finally:
+        ragrpo.engine.fresh_projections = covered
+
+
+def _library_requests(db: Path, table_name: str, requests: int, k: int, name: str) -> dict:
     from ragrpo.index import open_table
     from ragrpo.models import load_model
     from ragrpo.rag import retrieve, stream_answer
 
-    if threads:
-        torch.set_num_threads(threads)
     model, tokenizer = load_model(None)
     table = open_table(table_name, db)
     results = []
@@ -92,8 +105,33 @@ def run_library(db: Path, table_name: str, requests: int, k: int, threads: int |
         error = None if stream.completion_tokens == TOKENS else f"{stream.completion_tokens} tokens"
         results.append({"ttft": first - sent, "latency": done - sent, "tokens": stream.completion_tokens,
                         "error": error})
-        print(f"library: {i + 1}/{requests} requests, {done - sent:.1f} s", file=sys.stderr, flush=True)
-    return summarize("library", 1, results, time.perf_counter() - started)
+        print(f"{name}: {i + 1}/{requests} requests, {done - sent:.1f} s", file=sys.stderr, flush=True)
+    return summarize(name, 1, results, time.perf_counter() - started)
+
+
+def prefill_seconds(db: Path, table_name: str, k: int) -> dict:
+    """The prefill of the first question's prompt alone, on the weights the server decodes with (median of 5)."""
+    import torch
+
+    from ragrpo import hardware
+    from ragrpo.engine import SamplingCopy
+    from ragrpo.index import open_table
+    from ragrpo.models import load_model
+    from ragrpo.rag import build_prompt, retrieve
+
+    model, tokenizer = load_model(None)
+    hits, column = retrieve(open_table(table_name, db), QUESTIONS[0], k=k)
+    text = tokenizer.apply_chat_template([{"role": "user", "content": build_prompt(QUESTIONS[0], [h[column] for h in hits])}],
+                                         add_generation_prompt=True, tokenize=False)
+    ids = torch.tensor([tokenizer(text, add_special_tokens=False)["input_ids"]])
+    copy = SamplingCopy(model, dtype=torch.bfloat16 if hardware.bf16() else torch.float32)
+    times = []
+    with torch.inference_mode():
+        for _ in range(6):
+            started = time.perf_counter()
+            copy.model(input_ids=ids, use_cache=True, logits_to_keep=1)
+            times.append(time.perf_counter() - started)
+    return {"prompt_tokens": ids.size(1), "dtype": str(copy.dtype), "seconds": statistics.median(times[1:])}
 
 
 def one_request(client, model_id: str, i: int, k: int) -> dict:
@@ -164,14 +202,18 @@ def fmt(row: dict) -> str:
 
 def ratios(rows: list[dict]) -> dict:
     by = {(r["name"], r["clients"]): r for r in rows}
-    library, single = by.get(("library", 1)), by.get(("server", 1))
+    library, single, forward = by.get(("library", 1)), by.get(("server", 1)), by.get(("forward", 1))
     out = {}
+    if forward and single:
+        out["server_1_client_vs_forward_latency_p50"] = single["latency_s"]["p50"] / forward["latency_s"]["p50"]
     if library and single:
         out["server_1_client_vs_library_ttft_p50"] = single["ttft_s"]["p50"] / library["ttft_s"]["p50"]
         out["server_1_client_vs_library_latency_p50"] = single["latency_s"]["p50"] / library["latency_s"]["p50"]
     for clients in (4, 16):
         if single and ("server", clients) in by:
             out[f"throughput_{clients}_vs_1_client"] = by[("server", clients)]["tokens_per_s"] / single["tokens_per_s"]
+            out[f"latency_p50_{clients}_vs_1_client"] = (by[("server", clients)]["latency_s"]["p50"]
+                                                       / single["latency_s"]["p50"])
     return out
 
 
@@ -193,6 +235,7 @@ def main() -> None:
     os.environ.setdefault("LANCEDB_LOG", "error")
     import torch
 
+    from ragrpo import hardware
     from ragrpo.models import quiet_transformers
 
     quiet_transformers()
@@ -206,7 +249,7 @@ def main() -> None:
     result = {"benchmark": "serve", "tokens_per_answer": TOKENS, "k": args.k, "complete": False, "rows": [],
               "ratios": {}, "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
                                         "torch_threads": args.threads or torch.get_num_threads(),
-                                        "loadavg_before": os.getloadavg()},
+                                        "loadavg_before": os.getloadavg(), "hardware": hardware.summary()},
               "note": args.note, "command": " ".join(sys.argv)}
 
     def record(row: dict) -> None:
@@ -217,6 +260,10 @@ def main() -> None:
         out.write_text(json.dumps(result, indent=2) + "\n")
         print(fmt(row), flush=True)
 
+    result["prefill"] = prefill_seconds(db, args.table, args.k)
+    print(f"prefill of a {result['prefill']['prompt_tokens']}-token prompt: {result['prefill']['seconds']:.3f} s",
+          flush=True)
+    record(run_library(db, args.table, args.latency_requests, args.k, args.threads, forward=True))
     record(run_library(db, args.table, args.latency_requests, args.k, args.threads))
     process, url = start_server(db, args.table, args.threads)
     try:
@@ -235,6 +282,9 @@ def main() -> None:
           f"{'lat p95':>8} {'req/s':>8} {'tok/s':>8} {'errors':>6}")
     for row in result["rows"]:
         print(fmt(row))
+    single = next(r for r in result["rows"] if r["name"] == "server" and r["clients"] == 1)
+    result["ratios"]["server_1_client_ttft_vs_prefill"] = single["ttft_s"]["p50"] / result["prefill"]["seconds"]
+    out.write_text(json.dumps(result, indent=2) + "\n")
     print("\nratios: " + ", ".join(f"{name} {value:.3f}" for name, value in result["ratios"].items()))
     print(f"wrote {out}")
 

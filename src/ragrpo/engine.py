@@ -4,7 +4,7 @@ A plain TRL step on a small model on a CPU spends most of its time sampling: `ge
 LoRA-wrapped policy token by token, and every decode step pays for the adapter's extra matmuls, the
 float32 -> bf16 weight casts that autocast makes on every call, and the key/value cache growing by
 concatenation. The rest goes to forward and backward passes that run each prompt once per completion.
-Four changes remove most of that (54.0 -> 13.4 s per step of 6 x 128 tokens on 2 CPU cores,
+Four changes remove most of that (54.0 -> 13.4 s per step of 6 x 128 tokens on 2 cores of an AMX CPU,
 `bench/train_throughput.py`):
 
 1. The frozen base weights are kept in bf16 (where `hardware.bf16()` says bf16 pays). Under autocast the
