@@ -366,3 +366,108 @@ def test_fields_of_the_wrong_type_get_400_with_a_message(notes_server, raw, mess
     assert status == 400, answer
     assert message in answer["error"]["message"] and answer["error"]["type"] == "invalid_request_error"
     assert health(notes_server)["running"] == 0
+
+
+def start_server(db, base_model_dir, folder, *flags):
+    """`ragrpo serve` over the notes table with a tiny 2-layer model of an 8k context; (process, url)."""
+    import socket
+    import time
+    import urllib.request
+
+    from conftest import tiny_llama
+
+    if not (folder / "config.json").exists():
+        model, tokenizer = tiny_llama(base_model_dir, max_position_embeddings=8192)
+        model.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    process = subprocess.Popen([sys.executable, "-m", "ragrpo.cli", "serve", "--table", "notes", "--db", db,
+                                "--model", folder, "--port", str(port), *flags],
+                               env={**os.environ, "HF_HUB_OFFLINE": "1"}, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 300
+    while True:
+        try:
+            urllib.request.urlopen(f"{url}/healthz", timeout=5)
+            return process, url
+        except OSError:
+            assert process.poll() is None and time.monotonic() < deadline, "the server did not start"
+            time.sleep(0.3)
+
+
+LONG = {"messages": [{"role": "user", "content": "Tell me about the notes."}], "k": 1, "max_tokens": 4000,
+        "min_tokens": 4000}
+
+
+def open_request(url, body: dict):
+    """Send a chat request on a raw socket and return the socket (to hang up on it later)."""
+    import socket
+    from urllib.parse import urlsplit
+
+    address = urlsplit(url)
+    raw = json.dumps(body).encode()
+    sock = socket.create_connection((address.hostname, address.port), timeout=60)
+    sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: " + str(len(raw)).encode() + b"\r\n\r\n" + raw)
+    return sock
+
+
+def wait_for(condition, url, seconds: float) -> dict:
+    import time
+
+    deadline = time.monotonic() + seconds
+    while not condition(state := health(url)):
+        assert time.monotonic() < deadline, f"not within {seconds} s: {state}"
+        time.sleep(0.05)
+    return state
+
+
+def test_one_bounded_admission_for_search_and_chat_and_a_waiting_client_leaves_at_once(notes_db, base_model_dir,
+                                                                                       tmp_path):
+    """With one batch slot and one waiting place: a third request, search included, gets 503; a waiting
+    (streaming) client that hangs up frees its place at once; SIGTERM stops the server within seconds,
+    mid-answer."""
+    import time
+
+    process, url = start_server(notes_db, base_model_dir, tmp_path / "tiny-8k", "--max-batch", "1",
+                                "--max-waiting", "1", "--max-tokens", "4000")
+    try:
+        running = open_request(url, LONG)
+        wait_for(lambda s: s["running"] == 1, url, 30)
+        waiting = open_request(url, {**LONG, "stream": True})
+        wait_for(lambda s: s["waiting"] == 1, url, 30)
+        status, body = post(url, "/v1/search", json.dumps({"query": "notes", "k": 1}).encode())
+        assert status == 503 and "busy" in body["error"]["message"]
+        status, body = post(url, "/v1/chat/completions", json.dumps(LONG).encode())
+        assert status == 503 and body["error"]["code"] == "queue_full"
+        waiting.close()  # it never ran: its place in the queue is freed, not kept until the slot frees
+        state = wait_for(lambda s: s["waiting"] == 0 and s["in_progress"] == 1, url, 2)
+        assert state["running"] == 1 and state["served"] == 0 and state["errors"] == 0
+        assert post(url, "/v1/search", json.dumps({"query": "notes", "k": 1}).encode())[0] == 200
+        started = time.monotonic()
+        process.terminate()  # a generation of 4000 tokens is still running
+        process.wait(timeout=15)
+        assert time.monotonic() - started < 10
+        running.close()
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+
+def test_a_search_past_its_deadline_gets_504_in_seconds(notes_db, base_model_dir, tmp_path):
+    import time
+
+    process, url = start_server(notes_db, base_model_dir, tmp_path / "tiny-8k", "--retrieval-deadline", "0.001")
+    try:
+        started = time.monotonic()
+        status, body = post(url, "/v1/search", json.dumps({"query": "notes", "k": 1}).encode())
+        assert status == 504 and "retrieval took longer than 0.001 s" in body["error"]["message"]
+        assert time.monotonic() - started < 5
+        assert health(url)["in_progress"] == 0  # its admission was given back
+    finally:
+        process.terminate()
+        process.wait(timeout=30)

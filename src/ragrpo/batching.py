@@ -34,6 +34,7 @@ class Generation:
     pieces: queue.Queue = field(default_factory=queue.Queue)
     cancelled: bool = False
     error: str | None = None
+    on_cancel: object = None
 
     @property
     def prompt_tokens(self) -> int:
@@ -55,8 +56,10 @@ class Generation:
         return "stop" if self.detokenizer.stopped else self.row.finish_reason
 
     def cancel(self) -> None:
-        """The client left: the row's slot is freed at the next step."""
+        """The client left: a waiting request leaves the queue now, a running row frees its slot at the next step."""
         self.cancelled = True
+        if self.on_cancel is not None:
+            self.on_cancel(self)
 
 
 class Batcher:
@@ -77,13 +80,22 @@ class Batcher:
     def submit(self, prompt_ids: list[int], sampling: Sampling, eos: list[int], stop: list[str]) -> Generation:
         from ragrpo.rag import Detokenizer
 
-        generation = Generation(Row(prompt_ids, sampling, eos, self.engine.device), Detokenizer(self.tokenizer, stop))
+        generation = Generation(Row(prompt_ids, sampling, eos, self.engine.device), Detokenizer(self.tokenizer, stop),
+                                on_cancel=self._withdraw)
         with self.lock:  # the check and the append are one step: the bound holds under concurrent requests
             if len(self.waiting) >= self.max_waiting:
                 raise QueueFull(f"the server is busy ({len(self.waiting)} requests waiting); retry later")
             self.waiting.append(generation)
             self.lock.notify()
         return generation
+
+    def _withdraw(self, generation: Generation) -> None:
+        with self.lock:
+            if generation in self.waiting:
+                self.waiting.remove(generation)
+            else:
+                return
+        self._finish(generation)
 
     def health(self) -> dict:
         with self.lock:

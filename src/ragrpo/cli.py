@@ -292,11 +292,14 @@ def ask(query, table, model, db, where, k, max_new_tokens, temperature, repetiti
 @click.option("--repetition-penalty", type=float, default=1.2, show_default=True,
               help="Default for requests that do not send one (small models loop without it).")
 @click.option("--threads", type=int, default=None, help="torch CPU threads [default: torch's, one per core].")
+@click.option("--retrieval-deadline", type=float, default=10.0, show_default=True,
+              help="Seconds a search may take (embedding included) before the request gets 504.")
 @click.option("--max-batch", type=int, default=None,
               help="Requests decoded together in one batch [default: 8 per CPU core, at most 64; 64 on a GPU]. "
               "1 serves one request at a time.")
 @user_errors
-def serve(table, model, db, host, port, api_key, max_tokens, max_waiting, repetition_penalty, threads, max_batch):
+def serve(table, model, db, host, port, api_key, max_tokens, max_waiting, repetition_penalty, threads,
+          retrieval_deadline, max_batch):
     """Serve RAG answers over HTTP: an OpenAI-compatible API (/v1/chat/completions, /v1/models,
     /v1/search, /healthz) and a web page at /.
 
@@ -306,8 +309,11 @@ def serve(table, model, db, host, port, api_key, max_tokens, max_waiting, repeti
 
     if max_tokens < 1 or max_waiting < 0:
         raise RagrpoError("--max-tokens must be at least 1 and --max-waiting at least 0")
+    if not retrieval_deadline > 0:
+        raise RagrpoError(f"--retrieval-deadline must be above 0 seconds, got {retrieval_deadline}")
     run_server(table, model, db=db, host=host, port=port, api_key=api_key, max_tokens=max_tokens,
                max_waiting=max_waiting, repetition_penalty=repetition_penalty, threads=threads, max_batch=max_batch,
+               retrieval_deadline=retrieval_deadline,
                echo=lambda line: click.echo(line, err=True))
 
 

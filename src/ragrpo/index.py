@@ -115,7 +115,8 @@ def embedding_function(embedding_model: str | None = None):
     quiet_transformers()
     name = resolve_embedder(embedding_model)
     try:
-        return get_registry().get("sentence-transformers").create(name=name, device=device())
+        # a local embedder's error is not transient: no retries (LanceDB's default backs off for minutes)
+        return get_registry().get("sentence-transformers").create(name=name, device=device(), max_retries=0)
     except Exception as exc:
         raise RagrpoError(f"embedding model {embedding_model!r} could not be loaded: {exc}") from None
 

@@ -170,6 +170,8 @@ class Server:
     max_waiting: int = 64
     repetition_penalty: float = 1.2
     batcher: object = None  # `batching.Batcher` where the decode engine covers the model; else one at a time
+    retrieval_deadline: float = 10.0  # seconds a search (embedding included) may take before a 504
+    inflight: int = 0  # admitted requests: searching, waiting or generating
     turn: asyncio.Lock = field(default_factory=asyncio.Lock)  # FIFO: waiters are served in arrival order
     running: int = 0
     waiting: int = 0
@@ -177,12 +179,24 @@ class Server:
     cancelled: int = 0
     started: int = field(default_factory=lambda: int(time.time()))
 
+    def enter(self) -> None:
+        """Admit a request (search or chat) or answer 503: at most `max_waiting` beyond what the model runs at
+        once. The check and the count are one step of the event loop, so concurrent requests cannot pass it."""
+        limit = self.max_waiting + (self.batcher.max_batch if self.batcher else 1)
+        if self.inflight >= limit:
+            raise ApiError(503, f"the server is busy ({self.inflight} requests in progress); retry later",
+                           kind="server_error", code="queue_full")
+        self.inflight += 1
+
+    def leave(self) -> None:
+        self.inflight -= 1
+
     def health(self) -> dict:
         queue = self.batcher.health() if self.batcher else {
             "running": self.running, "waiting": self.waiting, "max_batch": 1, "served": self.served,
             "cancelled": self.cancelled, "errors": 0}
         return {"status": "ok", "model": self.model_id, "table": self.table.name, "rows": self.table.count_rows(),
-                **queue}
+                **queue, "in_progress": self.inflight}
 
 
 class ApiError(Exception):
@@ -337,9 +351,13 @@ def create_app(server: Server):
     app.add_middleware(Guard, api_key=server.api_key)
 
     async def find(query: str, fields: RetrievalFields):
+        search = asyncio.to_thread(partial(retrieve, server.table, query, where=fields.where, k=fields.k,
+                                           mode=fields.mode))
         try:
-            return await asyncio.to_thread(partial(retrieve, server.table, query, where=fields.where, k=fields.k,
-                                                   mode=fields.mode))
+            return await asyncio.wait_for(search, server.retrieval_deadline)
+        except TimeoutError:
+            raise ApiError(504, f"retrieval took longer than {server.retrieval_deadline:g} s; try a simpler where "
+                           "or fewer passages", kind="server_error", code="retrieval_timeout") from None
         except RagrpoError as exc:
             param = "where" if "where" in str(exc) else "mode" if "mode" in str(exc) else None
             raise ApiError(400, str(exc), param=param) from None
@@ -359,11 +377,37 @@ def create_app(server: Server):
 
     @app.post("/v1/search")
     async def search(body: SearchRequest):
-        hits, column = await find(body.query, body)
+        server.enter()
+        try:
+            hits, column = await find(body.query, body)
+        finally:
+            server.leave()
         return {"object": "list", "text_column": column, "data": hits}
 
     @app.post("/v1/chat/completions")
     async def chat(body: ChatRequest, request: Request):
+        server.enter()  # held until the answer is sent, or the client has left
+        try:
+            response = await answer(body, request)
+        except BaseException:
+            server.leave()
+            raise
+        if not isinstance(response, StreamingResponse):
+            server.leave()
+            return response
+        inner = response.background
+
+        async def sent():  # starlette runs it when the stream ends, also after a disconnect
+            try:
+                if inner is not None:
+                    await inner()
+            finally:
+                server.leave()
+
+        response.background = BackgroundTask(sent)
+        return response
+
+    async def answer(body: ChatRequest, request: Request):
         if body.model and body.model != server.model_id:
             raise ApiError(404, f"model {body.model!r} is not served here; this server serves {server.model_id!r}",
                            param="model", code="model_not_found")
@@ -630,7 +674,8 @@ def serve(table: str, model: str | None, *, db: str | Path = "lancedb", host: st
         echo(f"serving {server.model_id} over table {table!r} ({server.table.count_rows()} rows) at "
              f"http://{host}:{port}/" + (" (API key required)" if api_key else ""))
     try:
-        uvicorn.run(create_app(server), host=host, port=port, log_level=log_level)
+        # open streams get 3 s to finish on SIGTERM, then the server stops anyway
+        uvicorn.run(create_app(server), host=host, port=port, log_level=log_level, timeout_graceful_shutdown=3)
     finally:
         if server.batcher is not None:
             server.batcher.close()
