@@ -245,32 +245,8 @@ def test_rerun_repairs_a_table_left_without_its_full_text_index(tmp_path):
 @pytest.fixture(scope="module")
 def notes_server(notes_db, base_model_dir, tmp_path_factory):
     """`ragrpo serve` over the notes table with a tiny 2-layer model (requests here fail before it runs)."""
-    import socket
-    import time
-    import urllib.request
-
-    from conftest import tiny_llama
-
-    model, tokenizer = tiny_llama(base_model_dir)
-    folder = tmp_path_factory.mktemp("serve") / "tiny-model"
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    process = subprocess.Popen([sys.executable, "-m", "ragrpo.cli", "serve", "--table", "notes", "--db", notes_db,
-                                "--model", folder, "--port", str(port), "--max-tokens", "8"],
-                               env={**os.environ, "HF_HUB_OFFLINE": "1"}, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 300
-    while True:
-        try:
-            urllib.request.urlopen(f"{url}/healthz", timeout=5)
-            break
-        except OSError:
-            assert process.poll() is None and time.monotonic() < deadline, "the server did not start"
-            time.sleep(0.5)
+    process, url = start_server(notes_db, base_model_dir, tmp_path_factory.mktemp("serve") / "tiny-model",
+                                "--max-tokens", "8")
     yield url
     process.terminate()
     try:
