@@ -403,31 +403,31 @@ def wait_for(condition, url, seconds: float) -> dict:
 
 def test_one_bounded_admission_for_search_and_chat_and_a_waiting_client_leaves_at_once(notes_db, base_model_dir,
                                                                                        tmp_path):
-    """With one batch slot and one waiting place: a third request, search included, gets 503; a waiting
-    (streaming) client that hangs up frees its place at once; SIGTERM stops the server within seconds,
-    mid-answer."""
+    """Two batch slots and one waiting place: a fourth request, search included, gets 503; a waiting client that
+    hangs up (not streaming) gives its place back at once; SIGTERM stops the server within seconds, mid-answer."""
     import time
 
-    process, url = start_server(notes_db, base_model_dir, tmp_path / "tiny-8k", "--max-batch", "1",
+    process, url = start_server(notes_db, base_model_dir, tmp_path / "tiny-8k", "--max-batch", "2",
                                 "--max-waiting", "1", "--max-tokens", "4000")
     try:
-        running = open_request(url, LONG)
-        wait_for(lambda s: s["running"] == 1, url, 30)
-        waiting = open_request(url, {**LONG, "stream": True})
+        running = [open_request(url, LONG) for _ in range(2)]
+        wait_for(lambda s: s["running"] == 2, url, 30)
+        waiting = open_request(url, LONG)
         wait_for(lambda s: s["waiting"] == 1, url, 30)
         status, body = post(url, "/v1/search", json.dumps({"query": "notes", "k": 1}).encode())
         assert status == 503 and "busy" in body["error"]["message"]
         status, body = post(url, "/v1/chat/completions", json.dumps(LONG).encode())
         assert status == 503 and body["error"]["code"] == "queue_full"
-        waiting.close()  # it never ran: its place in the queue is freed, not kept until the slot frees
-        state = wait_for(lambda s: s["waiting"] == 0 and s["in_progress"] == 1, url, 2)
-        assert state["running"] == 1 and state["served"] == 0 and state["errors"] == 0
+        waiting.close()  # it never ran: its place in the queue is freed, not kept until a slot frees
+        state = wait_for(lambda s: s["waiting"] == 0 and s["in_progress"] == 2 and s["cancelled"] == 1, url, 2)
+        assert state["running"] == 2 and state["served"] == 0 and state["errors"] == 0
         assert post(url, "/v1/search", json.dumps({"query": "notes", "k": 1}).encode())[0] == 200
         started = time.monotonic()
-        process.terminate()  # a generation of 4000 tokens is still running
+        process.terminate()  # two generations of 4000 tokens are still running
         process.wait(timeout=15)
         assert time.monotonic() - started < 10
-        running.close()
+        for sock in running:
+            sock.close()
     finally:
         if process.poll() is None:
             process.kill()
