@@ -81,7 +81,7 @@ class Engine:
         self.dtype, self.device = model.get_input_embeddings().weight.dtype, model.device
         shape = (slots, self.kv_heads, capacity, self.head_dim)
         self.caches = [(torch.zeros(shape, dtype=self.dtype, device=self.device),
-                        torch.zeros(shape, dtype=self.dtype, device=self.device)) for _ in config_layers(model)]
+                        torch.zeros(shape, dtype=self.dtype, device=self.device)) for _ in model.model.layers]
         self.rows: list[Row] = []  # row i lives in slot i
         self.tokens = torch.zeros((slots, capacity), dtype=torch.long, device=self.device)  # for the penalty
         self.pending = None  # (rows, vocab) logits of each live row's next token
@@ -190,10 +190,6 @@ class Engine:
             gate, up = _project(layer.post_attention_layernorm(x), gate_up).chunk(2, dim=-1)
             x = x + _project(F.silu(gate) * up, down)
         return _project(body.norm(x)[:, 0], self.projections[-1]).float()  # (B, vocab)
-
-
-def config_layers(model) -> list:
-    return list(model.model.layers)
 
 
 def choose(logits, rows: list[Row], history):
