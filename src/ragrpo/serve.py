@@ -185,9 +185,14 @@ def _sse(payload) -> str:
 
 
 def _sources(stream) -> list[dict]:
+    return _labelled(stream.sources)
+
+
+def _labelled(rows: list[dict]) -> list[dict]:
+    """The rows an answer cites, each with its `label` ('Title (1987)')."""
     from ragrpo.rag import source_label
 
-    return [{"label": source_label(row), **row} for row in stream.sources]
+    return [{"label": source_label(row), **row} for row in rows]
 
 
 class Guard:
@@ -341,26 +346,7 @@ def create_app(server: Server):
                     "sources": _sources(stream)}
 
         pieces = generate_pieces(server, stream, request.is_disconnected)
-        chunk = {**meta, "object": "chat.completion.chunk"}
-
-        def delta(content: dict, finish=None) -> dict:
-            return {**chunk, "choices": [{"index": 0, "delta": content, "finish_reason": finish}]}
-
-        async def events():
-            yield _sse({**delta({"role": "assistant", "content": ""}), "sources": _sources(stream)})
-            async for piece in pieces:
-                yield _sse(delta({"content": piece}))
-            if stream.finish_reason is None:  # the client left; nobody reads what would follow
-                return
-            yield _sse(delta({}, stream.finish_reason))
-            if (body.stream_options or {}).get("include_usage"):
-                yield _sse({**chunk, "choices": [], "usage": usage()})
-            yield _sse("[DONE]")
-
-        # A client that hangs up cancels the response task, possibly while `events` waits at a yield;
-        # the background task (which starlette runs after a disconnect too) closes the pieces either way.
-        return StreamingResponse(events(), media_type="text/event-stream", background=BackgroundTask(pieces.aclose),
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        return _event_stream(meta, body, _sources(stream), pieces, lambda: stream.finish_reason, lambda: None, usage)
 
     app.add_middleware(BodyLimit, limit=MAX_BODY_BYTES)  # added last: outermost, before the API key check
     return app
@@ -389,7 +375,7 @@ async def batched_chat(server: Server, body: ChatRequest, request: Request, ques
         generation = batcher.submit(prompt_ids, sampling, eos, body.stop or [])
     except QueueFull as exc:
         raise ApiError(503, str(exc), kind="server_error", code="queue_full") from None
-    sources = [{"label": _label(row), **row} for row in answer_sources(hits, column)]
+    sources = _labelled(answer_sources(hits, column))
     meta = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": server.model_id}
 
     def usage():
@@ -408,6 +394,13 @@ async def batched_chat(server: Server, body: ChatRequest, request: Request, ques
         choice = {"index": 0, "message": {"role": "assistant", "content": generation.text},
                   "finish_reason": generation.finish_reason}
         return {**meta, "object": "chat.completion", "choices": [choice], "usage": usage(), "sources": sources}
+    return _event_stream(meta, body, sources, pieces, lambda: generation.finish_reason,
+                         lambda: failed().body() if generation.error else None, usage)
+
+
+def _event_stream(meta: dict, body: ChatRequest, sources: list[dict], pieces, finish_reason, error, usage):
+    """The streamed reply, as server-sent events: the role chunk with the sources, one chunk per piece, then
+    the finish reason (or the error), the usage if asked for, and [DONE]. Nothing follows a client that left."""
     chunk = {**meta, "object": "chat.completion.chunk"}
 
     def delta(content: dict, finish=None) -> dict:
@@ -417,24 +410,20 @@ async def batched_chat(server: Server, body: ChatRequest, request: Request, ques
         yield _sse({**delta({"role": "assistant", "content": ""}), "sources": sources})
         async for piece in pieces:
             yield _sse(delta({"content": piece}))
-        if generation.error:
-            yield _sse(failed().body())
+        if (failure := error()) is not None:
+            yield _sse(failure)
             return
-        if generation.finish_reason is None:  # the client left; nobody reads what would follow
+        if finish_reason() is None:  # the client left; nobody reads what would follow
             return
-        yield _sse(delta({}, generation.finish_reason))
+        yield _sse(delta({}, finish_reason()))
         if (body.stream_options or {}).get("include_usage"):
             yield _sse({**chunk, "choices": [], "usage": usage()})
         yield _sse("[DONE]")
 
+    # A client that hangs up cancels the response task, possibly while `events` waits at a yield;
+    # the background task (which starlette runs after a disconnect too) closes the pieces either way.
     return StreamingResponse(events(), media_type="text/event-stream", background=BackgroundTask(pieces.aclose),
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-
-
-def _label(row: dict) -> str:
-    from ragrpo.rag import source_label
-
-    return source_label(row)
 
 
 def default_max_batch() -> int:
