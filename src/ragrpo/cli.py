@@ -103,9 +103,14 @@ def main():
 @click.option("--cite/--no-cite", default=True, show_default=True, help="Prompts ask the model to cite the "
               "passage it answers from as [n], as `ask --cite` does (with --from-index).")
 @click.option("--max-documents", type=int, default=None, help="Use only the first N documents (with --from-index).")
+@click.option("--passage-header", default=None, help="Header of each passage in the prompt, from the table's "
+              "columns, e.g. '{title} ({release_year})' [default: the table's title and year columns] (with --from-index).")
+@click.option("--order", type=click.Choice(["balanced", "retrieved"]), default="balanced", show_default=True,
+              help="Passage order in training prompts: the source at each position equally often (seeded), or as "
+              "retrieved (with --from-index).")
 @user_errors
 def train(config_file, rewards, overwrite, resume, from_index, db, where, k, mode, questions, reasoning, cite,
-          max_documents, **options):
+          max_documents, passage_header, order, **options):
     """GRPO fine-tuning with a LoRA adapter; writes adapter/, merged/, config.json and metrics.jsonl.
 
     Example: ragrpo train --max-steps 20 --reward length --reward token_diversity=0.5 --output runs/demo
@@ -120,7 +125,8 @@ def train(config_file, rewards, overwrite, resume, from_index, db, where, k, mod
         from ragrpo.curriculum import IndexSource, from_index_config, train_from_index
 
         source = IndexSource(from_index, db, where=where, k=k, mode=mode, questions=questions, reasoning=reasoning,
-                             cite=cite, held_out=cfg.held_out, max_documents=max_documents)
+                             cite=cite, held_out=cfg.held_out, max_documents=max_documents, header=passage_header,
+                             order=order, order_seed=cfg.seed)
         result, curriculum = train_from_index(from_index_config(cfg, source, bool(rewards)), source,
                                               overwrite=overwrite)
         click.echo(f"{len(curriculum.examples)} training questions from {len(curriculum.train_ids)} documents; "
@@ -377,9 +383,13 @@ def rewards_score(specs, completion, context_file, query):
 @click.option("--db", default=None, help="LanceDB folder [default: the run's] (with --from-index).")
 @click.option("--seeds", default="0,1,2", show_default=True, help="Sampling seeds, comma-separated (with --from-index).")
 @click.option("--output", default=None, help="Report folder [default: MODEL/eval-index] (with --from-index).")
+@click.option("--qa", default=None, metavar="FILE.jsonl", help="Gold questions (question, answers, optional "
+              "source_id) [default: the packaged set of the run's corpus, if any] (with --from-index).")
+@click.option("--order", type=click.Choice(["balanced", "retrieved"]), default="balanced", show_default=True,
+              help="Passage order: the source at each position equally often, or as retrieved (with --from-index).")
 @user_errors
 def evaluate(model, base, dataset, prompt_template, rewards, samples, max_new_tokens, max_prompts, seed, as_json,
-             from_index, db, seeds, output):
+             from_index, db, seeds, output, qa, order):
     """Score MODEL and its base on held-out prompts: each reward's mean, side by side.
 
     MODEL is a run folder (its dataset, template, rewards and held-out split are reused) or a model
@@ -400,7 +410,7 @@ def evaluate(model, base, dataset, prompt_template, rewards, samples, max_new_to
             raise UserError(f"--seeds {seeds!r}: give integers separated by commas, e.g. 0,1,2") from None
         result = compare_from_index(model, from_index, base=base, db=db, seeds=seed_list,
                                     max_new_tokens=max_new_tokens, max_questions=max_prompts, output=output,
-                                    echo=lambda line: click.echo(line, err=True))
+                                    qa=qa, order=order, echo=lambda line: click.echo(line, err=True))
         click.echo(json.dumps(result.to_dict()) if as_json else result.table())
         return
 

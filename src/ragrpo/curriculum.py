@@ -31,6 +31,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import random
 import re
 import tempfile
 from collections import Counter
@@ -40,41 +41,17 @@ from pathlib import Path
 from ragrpo import RagrpoError
 from ragrpo.config import RunConfig
 from ragrpo.index import DEFAULT_DB, VECTOR_COLUMN, open_table
-from ragrpo.rag import build_prompt
+from ragrpo.prompts import TITLE_COLUMNS, YEAR_COLUMNS, PassageStyle, build_prompt, table_style
 from ragrpo.retrieve import MODES, text_column
 from ragrpo.rewards import STOP_WORDS, words
 
 ID_COLUMNS = ("id", "doc_id", "document_id")
-TITLE_COLUMNS = ("title", "name", "heading")
-YEAR_COLUMNS = ("release_year", "year")
+ORDERS = ("balanced", "retrieved")
 QUESTION_MODES = ("templates", "model")
-# The rewards of a from-index run, and how they are combined. Each reward is normalised within its group
-# of completions before the weighted sum (TRL's `multi_objective_aggregation="normalize_then_sum"`), so a
-# weight says how much a reward counts whatever its unit: the write-up's length reward is in characters
-# (-abs(50 - len), often -300 for a rambling answer) and, summed raw, it drowned groundedness and citation
-# (both within [-1, 1]). Measured on the built-in corpus (bench/results/from-index/NOTES.md):
-# - groundedness leaves out the question's own words: template questions are made of the source's words,
-#   and the first run learned to repeat the question;
-# - a citation earns only as much as the answer is grounded in the cited source: the second run (plain
-#   `source_citation`) learned to answer with bare passage names ("Movie- 2.");
-# - both runs, with raw sums, learned above all to be short (10 to 20 tokens), and the third (grounded
-#   citation, raw sum, length weight 0.003) stopped citing at all;
-# - with normalised rewards, groundedness rose far past the seed spread but citation did not (fourth
-#   and fifth runs): a reference to the source earned only the answer's grounded share, and a
-#   completion that both cited the source and said something grounded was too rare to learn from.
-#   The citation reward now asks only that the answer say something (five content words of its own)
-#   and groundedness, beside it, asks that it be grounded; a bare "Movie- 2." still earns nothing.
-# - with that reward (sixth run) the model cited more but mostly "[1][2]", which scored 0.5 whenever the
-#   source was one of the two. Making another passage cost -1 (`source_citation_only`, seventh run)
-#   taught it to stop citing. Heading each passage with its film's title (eighth run) taught it to
-#   answer with titles alone ("[1] The Ferryman's Ledger (1923)"), short enough to please the length
-#   reward.
-# - retrieving by vector, the source was passage 1 for only 59% of the questions, and the model could
-#   not tell which passage a title question was about. Hybrid search (the default `mode` here) puts it
-#   first for 75% of them (vector 61%, over all the built-in corpus's template questions). The citation
-#   reward is the evaluation's citation accuracy as a reward (`source_citation_exact`): only a reference
-#   to the source alone earns 1, and a wrong guess costs no more than citing nothing.
-DEFAULT_REWARDS = ["groundedness_beyond_question", "source_citation_exact=1.5", "length=0.5"]
+# The rewards of a from-index run, each normalised within its group of completions before the weighted sum
+# (TRL's `multi_objective_aggregation="normalize_then_sum"`), so that a weight says how much a reward counts
+# whatever its unit. How each was chosen, run by run: bench/results/from-index/NOTES.md.
+DEFAULT_REWARDS = ["groundedness_beyond_question", "source_citation_exact_1w=1.5", "answer_match=2", "length=0.5"]
 DEFAULT_AGGREGATION = "normalize_then_sum"
 REASONING_REWARDS = ["format=0.5"]
 # Written for this project: the model writes one question about a passage, in its own words.
@@ -96,6 +73,9 @@ class IndexSource:
     cite: bool = True
     held_out: float = 0.1
     max_documents: int | None = None
+    header: str | None = None  # the passage header template; None: from the table's columns
+    order: str = "balanced"  # passage order in a prompt: source position spread evenly over 1..k, or as retrieved
+    order_seed: int = 0
 
     def __post_init__(self):
         if self.questions not in QUESTION_MODES:
@@ -106,6 +86,8 @@ class IndexSource:
             raise RagrpoError(f"--mode {self.mode!r}: use one of {', '.join(MODES)}")
         if not 0 < self.held_out < 1:
             raise RagrpoError(f"held_out must be in (0, 1) for a from-index run, got {self.held_out}")
+        if self.order not in ORDERS:
+            raise RagrpoError(f"--order {self.order!r}: use one of {', '.join(ORDERS)}")
         if self.max_documents is not None and self.max_documents < 2:
             raise RagrpoError(f"--max-documents must be at least 2, got {self.max_documents}")
 
@@ -174,21 +156,58 @@ def _listing(items: list[str]) -> str:
     return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
 
 
+# A sentence that opens with a name ("Beppe Scarpa owes a fortune to ...") gives a "who" question
+# ("In The Glassblower's Debt, who owes a fortune to ...?") whose answer is the name.
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
+_NAMED_SUBJECT = re.compile(r"^((?:[A-Z][\w'’-]+ ){0,2}[A-Z][\w'’-]+) ([a-z][^.!?]{15,}?)[.!?]?$")
+
+
+def subject_questions(text: str, title: str | None, source: str, n: int = 2) -> list[Question]:
+    """Up to `n` "who" questions cut from sentences that open with a name: the name is the target."""
+    out = []
+    for sentence in _SENTENCE_END.split(text):
+        found = _NAMED_SUBJECT.match(sentence.strip())
+        if not found:
+            continue
+        name, rest = found.group(1), found.group(2).rstrip(",;: ")
+        verb = rest.split()[0]
+        # the name is a subject when a verb follows it ("Clara teams up", "Hassan drives"); a plot is in the
+        # present tense, so a verb ends in -s (not -ss) or -ed; "Thames ferryman ..." and "Jakob's search" are not
+        if (name.split()[0].lower() in STOP_WORDS | {"after", "when", "while", "once", "unable"} or name.endswith("'s")
+                or verb in STOP_WORDS or not (verb.endswith("ed") or (verb.endswith("s") and not verb.endswith("ss")))):
+            continue
+        place = f"In {title}, who" if title else "Who"
+        targets = list(dict.fromkeys([name, name.split()[-1]]))
+        out.append(Question(f"{place} {rest}?", "who", source, {"targets": targets}))
+        if len(out) == n:
+            break
+    return out
+
+
 def template_questions(row: dict, column: str, df: Counter, documents: int) -> list[Question]:
-    """Up to four questions that `row` answers, from its title, year and most distinctive words."""
+    """Questions that `row` answers, from its title, year, most distinctive words and named subjects.
+
+    Questions that ask for a field (the title, the year) or a name cut from the text carry it in
+    `meta["targets"]`, for the `answer_match` reward; the others (what happens, a summary) have none.
+    """
     source = document_id(row, column)
     title, year = _first(row, TITLE_COLUMNS), _first(row, YEAR_COLUMNS)
     noun = "film" if "movie" in column or "plot" in column else "document"
     words_ = keywords(str(row[column]), df, documents)
+    named = {"targets": [str(title)]} if title else {}
     out = []
     if title:
-        out.append(Question(f"What happens in {title}?", "what", source))
+        asked = f"What happens in {title}?" if noun == "film" else f"What does {title} explain?"
+        out.append(Question(asked, "what", source))
     if year is not None and len(words_) >= 3:
-        out.append(Question(f"Which {year} {noun} is about {_listing(words_[:3])}?", "year", source))
+        out.append(Question(f"Which {year} {noun} is about {_listing(words_[:3])}?", "year", source, dict(named)))
+        out.append(Question(f"In what year was the {noun} about {_listing(words_[3:6] or words_[:3])} released?",
+                            "when", source, {"targets": [str(year)]}))
     if len(words_) >= 6:
-        out.append(Question(f"Which {noun} involves {_listing(words_[3:6])}?", "keyword", source))
+        out.append(Question(f"Which {noun} involves {_listing(words_[3:6])}?", "keyword", source, dict(named)))
     elif len(words_) >= 2:
-        out.append(Question(f"Which {noun} involves {_listing(words_[:2])}?", "keyword", source))
+        out.append(Question(f"Which {noun} involves {_listing(words_[:2])}?", "keyword", source, dict(named)))
+    out += subject_questions(str(row[column]), title, source)
     if title:
         out.append(Question(f"Summarize the story of {title} in two sentences.", "summary", source))
     elif words_:
@@ -237,20 +256,53 @@ def make_questions(rows: list[dict], column: str, mode: str, model=None, tokeniz
     return [q for row in rows for q in template_questions(row, column, df, len(rows))]
 
 
-def rag_example(question: Question, hits: list[dict], column: str, *, reasoning: bool, cite: bool = False) -> dict:
-    """One training row: the prompt `ask` would build from `hits`, and what rewards need to know."""
-    ids = [document_id(hit, column) for hit in hits]
-    texts = [str(hit[column]) for hit in hits]
-    prompt = build_prompt(question.query, texts, reasoning=reasoning, cite=cite)
+def rag_example(question: Question, hits: list[dict], column: str, *, reasoning: bool, cite: bool = False,
+                style: PassageStyle | None = None, order: list[int] | None = None) -> dict:
+    """One training row: the prompt `ask` would build from `hits` (shown in `order`, indices into the hits;
+    default as retrieved), and what rewards need to know. `retrieved_order` gives each shown passage's
+    rank in the retrieval, `source_rank` the source's position in the prompt (0: not retrieved)."""
+    style = style or PassageStyle()
+    order = list(range(len(hits))) if order is None else order
+    shown = [style.passage(hits[i], column) for i in order]
+    ids = [document_id(hits[i], column) for i in order]
+    prompt = build_prompt(question.query, shown, reasoning=reasoning, cite=cite, label=style.label)
     return {
         "prompt": [{"role": "user", "content": prompt}],
         "query": question.query,
-        "context": texts,
+        "context": [p.context() for p in shown],
         "context_ids": ids,
         "source_id": question.source_id,
         "source_rank": ids.index(question.source_id) + 1 if question.source_id in ids else 0,
+        "retrieved_order": [i + 1 for i in order],
         "kind": question.kind,
+        "targets": list(question.meta.get("targets", [])),
     }
+
+
+def balanced_orders(hit_ids: list[list[str]], sources: list[str], seed: int) -> list[list[int]]:
+    """A passage order per question that puts the source at each position 1..k equally often.
+
+    The retriever ranks the source first for most questions, so a model trained on retrieved order can
+    score by always citing [1] (a measured run did: bench/results/from-index/NOTES.md). Positions are
+    dealt from shuffled blocks of 1..k, so over any k questions holding their source each position comes
+    up once; the other passages are shuffled around it. Seeded, so a run's prompts can be rebuilt.
+    """
+    rng = random.Random(seed)
+    block: list[int] = []
+    out = []
+    for ids, source in zip(hit_ids, sources, strict=True):
+        first = ids.index(source) if source in ids else None  # a second chunk of the source counts as another
+        others = [i for i in range(len(ids)) if i != first]
+        rng.shuffle(others)
+        if first is None:
+            out.append(others)
+            continue
+        if not block:
+            block = list(range(len(ids)))
+            rng.shuffle(block)
+        position = min(block.pop(), len(others))
+        out.append(others[:position] + [first] + others[position:])
+    return out
 
 
 def retrieve_all(table, queries: list[str], *, where: str | None, k: int, mode: str = "vector") -> list[list[dict]]:
@@ -287,9 +339,16 @@ def retrieve_all(table, queries: list[str], *, where: str | None, k: int, mode: 
 
 
 def rag_examples(table, questions: list[Question], column: str, source: IndexSource) -> list[dict]:
+    """A prompt row per question: retrieved as `ask` retrieves, headed in the table's style, in `source.order`."""
+    style = table_style(table, source.header)
     hits = retrieve_all(table, [q.query for q in questions], where=source.where, k=source.k, mode=source.mode)
-    return [rag_example(q, h, column, reasoning=source.reasoning, cite=source.cite)
-            for q, h in zip(questions, hits, strict=True)]
+    if source.order == "balanced":
+        ids = [[document_id(hit, column) for hit in h] for h in hits]
+        orders = balanced_orders(ids, [q.source_id for q in questions], source.order_seed)
+    else:
+        orders = [None] * len(hits)
+    return [rag_example(q, h, column, reasoning=source.reasoning, cite=source.cite, style=style, order=o)
+            for q, h, o in zip(questions, hits, orders, strict=True)]
 
 
 @dataclass

@@ -1,10 +1,19 @@
 """`ragrpo eval --from-index`: base and tuned models on the held-out documents of a from-index run.
 
-The held-out questions (recorded in the run's `curriculum/heldout.jsonl`) are retrieved for again in
-the table, with the run's k, filter and prompt, so hit@k says how often the retriever puts the
-source document in front of the model at all; it does not depend on the model. Each model then
+The questions are a gold set's (`--qa FILE.jsonl`, or the packaged set of the corpus whose held-out
+documents they are about, e.g. `builtin:movies`), kept to the documents the run held out; without
+one, the run's own template questions on those documents (`curriculum/heldout.jsonl`), which have no
+gold answers. They are retrieved for again in the table with the run's k, filter, mode and passage
+headers, so hit@k says how often the retriever puts the source document in front of the model at all;
+it does not depend on the model. The passages are shown in balanced order by default (the source at
+each position 1..k equally often, as in training; `order="retrieved"` keeps the retriever's), so
+citation accuracy by position tells reading the passages from a habit of citing [1]. Each model then
 answers every question once per sampling seed (temperature 1, as in training; the same seeds for
 both models), and every seed gives one value of each figure:
+
+    answer accuracy    share of answers holding a gold answer as a run of whole words, after SQuAD's
+                       normalisation (`ragrpo.gold`); also by question kind and by source position
+    token F1           SQuAD's token F1 against the best gold answer
 
     groundedness       share of the answer's content words found in the retrieved passages
     groundedness beyond question   the same over the answer's words that are not in the question
@@ -13,8 +22,9 @@ both models), and every seed gives one value of each figure:
                        answer's content words (beyond the question) found in the source passage
     cites source only  citation accuracy: share of answers that refer to the source document's passage
                        and to no other (naming every passage does not count)
-    ... source not passage 1   the same over the questions whose source was retrieved below the top:
+    ... source not passage 1   the same over the questions whose source is shown below the top:
                        always citing [1] scores 0 there, so it tells reading the passages from a habit
+    ... source at passage p    the same for each position
     answer length      characters of the answer (the <answer> section with --reasoning)
     token diversity    the write-up's within-answer diversity (unique / total words, in %)
     distinct-2         unique word bigrams / all word bigrams over the seed's answers (across answers)
@@ -34,8 +44,8 @@ from pathlib import Path
 
 from ragrpo import RagrpoError
 
-HEADLINE = ("groundedness", "groundedness beyond question", "source_citation", "source_citation_grounded",
-            "cites source only")
+HEADLINE = ("answer accuracy", "token F1", "cites source only", "cites source only, source not passage 1",
+            "groundedness", "distinct-2")
 
 
 @dataclass
@@ -44,6 +54,7 @@ class SeedScores:
     figures: dict[str, float]
     latency_ms: dict[str, float]
     per_answer: dict[str, list[float]] = field(default_factory=dict)
+    counts: dict[str, int] = field(default_factory=dict)  # answers behind each figure
 
 
 @dataclass
@@ -58,6 +69,8 @@ class IndexComparison:
     base: list[SeedScores]
     tuned: list[SeedScores]
     seconds: float = 0.0
+    gold: str | None = None  # the gold set the questions came from; None: the run's template questions
+    order: str = "retrieved"
 
     def summary(self, side: str) -> dict[str, dict]:
         runs = getattr(self, side)
@@ -73,7 +86,7 @@ class IndexComparison:
                        "spread": max(base[name]["spread"], tuned[name]["spread"]),
                        "exceeds_spread": tuned[name]["mean"] - base[name]["mean"]
                        > max(base[name]["spread"], tuned[name]["spread"])}
-                for name in HEADLINE}
+                for name in HEADLINE if name in base}
 
     def table(self) -> str:
         base, tuned = self.summary("base"), self.summary("tuned")
@@ -85,6 +98,7 @@ class IndexComparison:
 
     def to_dict(self) -> dict:
         return {"run": self.run_dir, "table": self.table_name, "questions": self.questions, "k": self.k,
+                "gold": self.gold, "order": self.order, "counts": self.base[0].counts,
                 "hit_at_k": self.hit_at_k, "source_first": self.source_first, "seeds": self.seeds, "seconds": self.seconds,
                 "base": self.summary("base"), "tuned": self.summary("tuned"), "verdicts": self.verdicts(),
                 "latency_ms": {"base": [r.latency_ms for r in self.base], "tuned": [r.latency_ms for r in self.tuned]}}
@@ -121,11 +135,27 @@ def score_answers(completions: list[str], rows: list[dict], reward_specs: list[s
     only_below = [o for r, o in zip(rows, only) if r["source_rank"] > 1]
     lengths = [float(len(a)) for a in answers]
     diversity = token_diversity(answers)
-    figures = {"groundedness": grounded, "groundedness beyond question": grounded_new, "source_citation": cites,
+    figures = {}
+    if all("answers" in r for r in rows):
+        from ragrpo.gold import answer_accuracy, token_f1
+
+        correct = [answer_accuracy(a, r["answers"]) for a, r in zip(answers, rows)]
+        figures["answer accuracy"] = correct
+        figures["token F1"] = [token_f1(a, r["answers"]) for a, r in zip(answers, rows)]
+        for kind in sorted({r["kind"] for r in rows}):
+            figures[f"answer accuracy, kind {kind}"] = [c for c, r in zip(correct, rows) if r["kind"] == kind]
+        for position in sorted({r["source_rank"] for r in rows}):
+            where = f"source at passage {position}" if position else "source not retrieved"
+            figures[f"answer accuracy, {where}"] = [c for c, r in zip(correct, rows) if r["source_rank"] == position]
+    figures |= {"groundedness": grounded, "groundedness beyond question": grounded_new, "source_citation": cites,
                "source_citation_grounded": cites_grounded, "cites source only": only,
                "cites source only, source not passage 1": only_below,
                "answer length, chars": lengths, "token diversity": diversity}
+    for position in sorted({r["source_rank"] for r in rows} - {0}):
+        figures[f"cites source only, source at passage {position}"] = [
+            o for r, o in zip(rows, only) if r["source_rank"] == position]
     means = {name: sum(v) / len(v) if v else 0.0 for name, v in figures.items()}
+    counts = {name: len(v) for name, v in figures.items()}
     means["distinct-2"] = distinct_2(answers)
     latency = {}
     funcs, weights = resolve_rewards(reward_specs)
@@ -138,7 +168,7 @@ def score_answers(completions: list[str], rows: list[dict], reward_specs: list[s
         total = [t + weight * v for t, v in zip(total, values)]
     # the raw weighted sum; a run that normalises each reward within its group first trains on something else
     means["weighted reward sum, raw"] = sum(total) / len(total)
-    return SeedScores(0, means, latency, per_answer=figures)
+    return SeedScores(0, means, latency, per_answer=figures, counts=counts)
 
 
 def answer_all(model, tokenizer, rows: list[dict], *, seed: int, max_new_tokens: int, batch_size: int = 12,
@@ -205,11 +235,33 @@ def cached_answers(folder: Path, side: str, name: str | None, rows: list[dict], 
     return completions
 
 
+def gold_questions(split: dict, qa: str | Path | None) -> tuple[str | None, list]:
+    """The gold questions about the run's held-out documents: from `qa`, else from the packaged set
+    that has any (None when none does). A question without a `source_id` is kept; one about a
+    document the run trained on is not."""
+    from ragrpo.curriculum import Question
+    from ragrpo.gold import BUILTIN_GOLD, load_gold
+
+    held = set(split["held_out_documents"])
+    candidates = [qa] if qa else list(BUILTIN_GOLD)
+    for name in candidates:
+        golds = load_gold(name)
+        kept = [g for g in golds if g.source_id is None or g.source_id in held]
+        if kept:
+            return str(name), [Question(g.question, g.kind or "gold", g.source_id or "", {"answers": list(g.answers)})
+                               for g in kept]
+    if qa:
+        raise RagrpoError(f"--qa {qa}: none of its questions is about a document the run held out (their "
+                          "source_id must be a held-out document's id, or absent)")
+    return None, []
+
+
 def compare_from_index(run_dir: str | Path, table: str | None = None, *, base: str | None = None,
                        db: str | None = None, seeds: list[int] = (0, 1, 2), max_new_tokens: int | None = None,
-                       max_questions: int | None = None, output: str | Path | None = None,
-                       echo=lambda line: None) -> IndexComparison:
-    """Score the run's merged model and `base` on the run's held-out questions; write report and plots."""
+                       max_questions: int | None = None, output: str | Path | None = None, qa: str | Path | None = None,
+                       order: str = "balanced", echo=lambda line: None) -> IndexComparison:
+    """Score the run's merged model and `base` on questions about the run's held-out documents; write
+    report and plots. The questions are a gold set's when there is one (`qa`, or a packaged set)."""
     from ragrpo.config import PRESETS
     from ragrpo.curriculum import IndexSource, rag_examples, read_curriculum
     from ragrpo.index import open_table
@@ -222,6 +274,8 @@ def compare_from_index(run_dir: str | Path, table: str | None = None, *, base: s
         raise RagrpoError(f"{run_dir} has no merged/ model; did its training finish?")
     if not seeds:
         raise RagrpoError("give at least one seed")
+    gold_name, golds = gold_questions(split, qa)
+    questions = golds or questions
     source = split["source"]
     table_name = table or source["table"]
     handle = open_table(table_name, db or source["db"])
@@ -230,10 +284,15 @@ def compare_from_index(run_dir: str | Path, table: str | None = None, *, base: s
     questions = questions[:max_questions] if max_questions else questions
     if not questions:
         raise RagrpoError(f"{run_dir}: the run has no held-out questions")
-    # runs recorded before `mode` was a setting retrieved by vector
-    rows = rag_examples(handle, questions, split["text_column"], IndexSource(**{"mode": "vector", **source}))
+    # runs recorded before `mode` and `order` were settings retrieved by vector, in retrieved order
+    setting = IndexSource(**{"mode": "vector", **source, "order": order, "order_seed": 0})
+    rows = rag_examples(handle, questions, split["text_column"], setting)
+    for row, question in zip(rows, questions, strict=True):
+        if "answers" in question.meta:
+            row["answers"] = question.meta["answers"]
     hit = sum(r["source_rank"] > 0 for r in rows) / len(rows)
-    echo(f"{len(rows)} held-out questions; hit@{source['k']} of the source document {hit:.3f}")
+    echo(f"{len(rows)} held-out questions ({gold_name or 'the run's templates'}), passages in {order} order; "
+         f"hit@{source['k']} of the source document {hit:.3f}")
     folder = Path(output) if output else run_dir / "eval-index"
     sides, loaded = {}, {}
     for side, name in (("tuned", str(run_dir / "merged")), ("base", base)):
@@ -244,12 +303,13 @@ def compare_from_index(run_dir: str | Path, table: str | None = None, *, base: s
             scores = score_answers(completions, rows, cfg.rewards)
             scores.seed = seed
             sides[side].append(scores)
-            echo(f"{side} seed {seed}: groundedness {scores.figures['groundedness']:.3f}, source_citation "
-                 f"{scores.figures['source_citation']:.3f} ({time.time() - clock:.0f} s)")
+            shown = "answer accuracy" if "answer accuracy" in scores.figures else "groundedness"
+            echo(f"{side} seed {seed}: {shown} {scores.figures[shown]:.3f}, cites source only "
+                 f"{scores.figures['cites source only']:.3f} ({time.time() - clock:.0f} s)")
     loaded.clear()
     first = sum(r["source_rank"] == 1 for r in rows) / len(rows)
     result = IndexComparison(str(run_dir), table_name, len(rows), hit, source["k"], first, list(seeds),
-                             sides["base"], sides["tuned"], time.time() - started)
+                             sides["base"], sides["tuned"], time.time() - started, gold=gold_name, order=order)
     write_report(result, folder)
     return result
 
@@ -288,20 +348,23 @@ def write_report(result: IndexComparison, folder: Path) -> Path:
     (folder / "results.json").write_text(json.dumps(result.to_dict(), indent=2))
     base, tuned = result.summary("base"), result.summary("tuned")
     lines = [f"# Held-out evaluation of {Path(result.run_dir).name} on table `{result.table_name}`", "",
-             (f"{result.questions} held-out questions (documents never trained on), {len(result.seeds)} sampling "
+             (f"{result.questions} held-out questions (documents never trained on; "
+              f"{'gold set ' + result.gold if result.gold else 'the run template questions, no gold answers'}), "
+              f"passages in {result.order} order, {len(result.seeds)} sampling "
               f"seeds per model ({', '.join(map(str, result.seeds))}), temperature 1. hit@{result.k} of the "
               f"source document: **{result.hit_at_k:.3f}** (the retriever's, the same for both models); the "
               f"source is passage 1 for {result.source_first:.3f} of the questions, so always citing [1] would "
               f"score about that much on `cites source only`. "
               f"This evaluation call took {result.seconds / 60:.1f} min (answers already in answers/ for the same "
               f"model, questions and token budget are reused, not generated again)."), "",
-             "| figure | base mean | base spread | tuned mean | tuned spread | base per seed | tuned per seed |",
-             "|---|---|---|---|---|---|---|"]
+             "| figure | answers | base mean | base spread | tuned mean | tuned spread | base per seed | tuned per seed |",
+             "|---|---|---|---|---|---|---|---|"]
     fmt = lambda values: ", ".join(f"{v:.3f}" for v in values)
+    counts = result.base[0].counts
     for name in base:
         b, t = base[name], tuned[name]
-        lines.append(f"| {name} | {b['mean']:.3f} | {b['spread']:.3f} | {t['mean']:.3f} | {t['spread']:.3f} | "
-                     f"{fmt(b['seeds'])} | {fmt(t['seeds'])} |")
+        lines.append(f"| {name} | {counts.get(name, result.questions)} | {b['mean']:.3f} | {b['spread']:.3f} | "
+                     f"{t['mean']:.3f} | {t['spread']:.3f} | {fmt(b['seeds'])} | {fmt(t['seeds'])} |")
     lines += ["", "Spread is max - min over the seeds.", "", "## Gain against seed spread", ""]
     for name, verdict in result.verdicts().items():
         word = "exceeds" if verdict["exceeds_spread"] else "does NOT exceed"

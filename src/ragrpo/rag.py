@@ -1,17 +1,4 @@
-"""Retrieval-augmented answers: retrieve, build the write-up's prompt, generate through the chat template.
-
-The prompt is the write-up's, word for word, with one newline added after `#Context` (the write-up
-glued the first passage's header to it):
-
-    Given the Query: {query}
-
-    And the context
-    #Context
-    ## Movie- 1:
-    {text of hit 1}
-    ...
-    Answer concisely but creatively
-"""
+"""Retrieval-augmented answers: retrieve, build the prompt (`ragrpo.prompts`), generate through the chat template."""
 
 from __future__ import annotations
 
@@ -20,18 +7,8 @@ from pathlib import Path
 
 from ragrpo import RagrpoError
 from ragrpo.index import DEFAULT_DB, open_table
+from ragrpo.prompts import DEFAULT_QUERY, PassageStyle, build_prompt, source_label, table_style  # noqa: F401
 from ragrpo.retrieve import search, text_column
-
-PROMPT_TEMPLATE = "Given the Query: {query}\n\nAnd the context\n#Context\n{context}\n\nAnswer concisely but creatively"
-PASSAGE_TEMPLATE = "## Movie- {n}:\n{text}"
-# `--reasoning` (ask and train --from-index) appends this to the prompt; written for this project.
-REASONING_INSTRUCTION = ("First reason about the context inside <think> </think>, then give only the answer "
-                         "inside <answer> </answer>.")
-# `--cite` appends this: the write-up's prompt never asks for sources, so a model has no reason to name one.
-# It lists every passage's number. An earlier single example ("e.g. [2] for Movie- 2") pulled the 135M
-# model's citations to [2], whatever the source (bench/results/from-index/NOTES.md).
-CITE_INSTRUCTION = "After the answer, cite the movie it comes from by its number: {numbers}."
-DEFAULT_QUERY = "What's common in movies where the protagonist turns out to be the bad guy"
 
 
 @dataclass
@@ -41,31 +18,6 @@ class Answer:
     sources: list[dict] = field(default_factory=list)
     prompt: str = ""
     raw: str = ""  # the whole completion; with reasoning, `text` is its <answer> section only
-
-
-def cite_instruction(passages: int) -> str:
-    """'After the answer, cite ...: [1] for Movie- 1, [2] for Movie- 2.' for two passages."""
-    return CITE_INSTRUCTION.format(numbers=", ".join(f"[{n}] for Movie- {n}" for n in range(1, passages + 1)))
-
-
-def build_prompt(query: str, passages: list[str], reasoning: bool = False, cite: bool = False) -> str:
-    """The write-up's prompt; `cite` and `reasoning` each append one sentence of instructions."""
-    context = "\n\n".join(PASSAGE_TEMPLATE.format(n=i + 1, text=text) for i, text in enumerate(passages))
-    prompt = PROMPT_TEMPLATE.format(query=query, context=context)
-    prompt = f"{prompt}\n\n{cite_instruction(len(passages))}" if cite else prompt
-    return f"{prompt}\n\n{REASONING_INSTRUCTION}" if reasoning else prompt
-
-
-def source_label(row: dict) -> str:
-    """'Title (1987)' when the row has a title and a year, else its id or first short field."""
-    title = row.get("title")
-    year = row.get("release_year", row.get("year"))
-    if title:
-        return f"{title} ({year})" if year is not None else str(title)
-    for key, value in row.items():
-        if not key.startswith("_") and isinstance(value, (int, str)) and len(str(value)) <= 80:
-            return f"{key}={value}"
-    return "(untitled)"
 
 
 def generate(
@@ -113,10 +65,11 @@ def retrieve(table, query: str, *, where: str | None = None, k: int = 5, mode: s
 
 def answer_from_hits(model, tokenizer, query: str, hits: list[dict], column: str, *,
                      max_new_tokens: int = 128, temperature: float = 0.0, repetition_penalty: float = 1.0,
-                     reasoning: bool = False, cite: bool = False) -> Answer:
+                     reasoning: bool = False, cite: bool = False, style: PassageStyle | None = None) -> Answer:
     from ragrpo.rewards import answer_text
 
-    prompt = build_prompt(query, [hit[column] for hit in hits], reasoning=reasoning, cite=cite)
+    style = style or PassageStyle()
+    prompt = build_prompt(query, style.passages(hits, column), reasoning=reasoning, cite=cite, label=style.label)
     [text] = generate(model, tokenizer, [[{"role": "user", "content": prompt}]], max_new_tokens=max_new_tokens,
                       temperature=temperature, repetition_penalty=repetition_penalty)
     sources = [{key: value for key, value in hit.items() if key != column} for hit in hits]
@@ -126,18 +79,21 @@ def answer_from_hits(model, tokenizer, query: str, hits: list[dict], column: str
 
 def ask(query: str, table: str, model: str | None, *, db: str | Path = DEFAULT_DB, where: str | None = None,
         k: int = 5, max_new_tokens: int = 128, temperature: float = 0.0, repetition_penalty: float = 1.0,
-        mode: str = "vector", rerank: str | None = None, reasoning: bool = False, cite: bool = False) -> Answer:
+        mode: str = "vector", rerank: str | None = None, reasoning: bool = False, cite: bool = False,
+        header: str | None = None) -> Answer:
     """Retrieve `k` passages for `query` (prefiltered by `where`), then answer from them with `model`.
 
     Retrieval runs first, so a bad table or filter fails before the model is loaded.
     """
     from ragrpo.models import load_model
 
-    hits, column = retrieve(open_table(table, db), query, where=where, k=k, mode=mode, rerank=rerank)
+    handle = open_table(table, db)
+    style = table_style(handle, header)
+    hits, column = retrieve(handle, query, where=where, k=k, mode=mode, rerank=rerank)
     lm, tokenizer = load_model(model)
     return answer_from_hits(lm, tokenizer, query, hits, column, max_new_tokens=max_new_tokens,
                             temperature=temperature, repetition_penalty=repetition_penalty, reasoning=reasoning,
-                            cite=cite)
+                            cite=cite, style=style)
 
 
 # --- Streaming -------------------------------------------------------------------------------------
@@ -339,21 +295,24 @@ def answer_sources(hits: list[dict], column: str) -> list[dict]:
 
 
 def stream_answer(model, tokenizer, query: str, hits: list[dict], column: str, *, history: list[dict] = (),
-                  cite: bool = False, **options) -> TextStream:
+                  cite: bool = False, style: PassageStyle | None = None, **options) -> TextStream:
     """A `TextStream` answering `query` from `hits` with the write-up's prompt, after the chat `history`
     (earlier turns, if any); `options` are `TextStream`'s. The stream carries the sources."""
-    prompt = build_prompt(query, [hit[column] for hit in hits], cite=cite)
+    style = style or PassageStyle()
+    prompt = build_prompt(query, style.passages(hits, column), cite=cite, label=style.label)
     conversation = [*history, {"role": "user", "content": prompt}]
     return TextStream(model, tokenizer, conversation, sources=answer_sources(hits, column), **options)
 
 
 def ask_stream(query: str, table: str, model: str | None, *, db: str | Path = DEFAULT_DB, where: str | None = None,
                k: int = 5, mode: str = "vector", rerank: str | None = None, cite: bool = False,
-               **options) -> TextStream:
+               header: str | None = None, **options) -> TextStream:
     """`ask`, streamed: retrieval first (a bad table or filter fails before the model loads), then a
     `TextStream` of the answer with its sources."""
     from ragrpo.models import load_model
 
-    hits, column = retrieve(open_table(table, db), query, where=where, k=k, mode=mode, rerank=rerank)
+    handle = open_table(table, db)
+    style = table_style(handle, header)
+    hits, column = retrieve(handle, query, where=where, k=k, mode=mode, rerank=rerank)
     lm, tokenizer = load_model(model)
-    return stream_answer(lm, tokenizer, query, hits, column, cite=cite, **options)
+    return stream_answer(lm, tokenizer, query, hits, column, cite=cite, style=style, **options)

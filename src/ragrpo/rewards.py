@@ -10,7 +10,7 @@ The built-ins are in `REWARDS` (`ragrpo rewards list` prints them, the README ha
 
 Conventions for retrieval-augmented rewards. TRL hands every dataset column to every reward, one
 value per completion. `context` holds a sample's retrieved passages: a list of strings, or one string
-whose passages are separated by blank lines (the layout of `ragrpo.rag.build_prompt`); citations `[n]`
+whose passages are separated by blank lines (the layout of `ragrpo.prompts.build_prompt`); citations `[n]`
 count passages from 1. `query` holds the question. A reward that needs a column the dataset lacks
 fails with one line naming the column. When the completion has an `<answer>` section, these rewards
 score that section only, so the reasoning in `<think>` neither earns nor loses support. Words are
@@ -27,6 +27,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from ragrpo import RagrpoError
+from ragrpo.prompts import CITATION, cited_passages, without_references  # noqa: F401  (cited_passages: re-exported)
 
 
 class RewardError(RagrpoError):
@@ -253,14 +254,9 @@ def get_repetition_reward(ngram: int = 3) -> Callable:
 # ---- grounding in the retrieved context ---------------------------------------------------------
 
 
-_CITATION = re.compile(r"\[(\d+(?:\s*,\s*\d+)*)\]")
-# `ragrpo.rag` heads passage n with "## Movie- n:"; an answer naming "Movie 2" (or "movie-2") refers to it.
-_PASSAGE_NAME = re.compile(r"\bmovie\s*-?\s*(\d+)\b", re.IGNORECASE)
-
-
-def _without_references(text: str) -> str:
-    """`text` without its references to passages ("[1]", "Movie- 2"): a reference is no claim."""
-    return _PASSAGE_NAME.sub(" ", _CITATION.sub(" ", text))
+# The citation syntax and its parser are the prompt protocol's (`ragrpo.prompts`).
+_CITATION = CITATION
+_without_references = without_references
 
 
 def _share(units: list, support: set) -> float:
@@ -349,12 +345,6 @@ def citation(completions, context=None, **kwargs) -> list[float]:
     return scores
 
 
-def cited_passages(text: str) -> list[int]:
-    """Every passage an answer refers to, in order: `[n]` marks (`[1, 2]` too) and "Movie n" names."""
-    marks = [int(n) for group in _CITATION.findall(text) for n in group.split(",")]
-    return marks + [int(n) for n in _PASSAGE_NAME.findall(text)]
-
-
 def get_source_citation_reward(grounded: bool = False, min_words: int = 0, others: float = 0.0,
                                exclusive: bool = False) -> Callable:
     """Citing the question's source document: per passage referred to, 1 / 0 / -1, averaged, in [-1, 1].
@@ -436,7 +426,8 @@ def get_source_citation_reward(grounded: bool = False, min_words: int = 0, other
                                    f"{min_words} content words of its own, in [-1, 1].")
         if exclusive:
             source_citation.__doc__ += " Every passage referred to must be the source's: the worst one counts."
-            return _named(source_citation, "source_citation_exact")
+            return _named(source_citation, "source_citation_exact" if min_words == 5 else
+                          f"source_citation_exact_{min_words}w")
         if others:
             source_citation.__doc__ += f" Another retrieved passage cited counts {others:g}."
             return _named(source_citation, "source_citation_only")
@@ -449,6 +440,35 @@ def get_source_citation_reward(grounded: bool = False, min_words: int = 0, other
 source_citation = get_source_citation_reward()
 
 
+class AnswerMatch:
+    """1 when the answer holds one of the row's `targets` as a run of whole words (after SQuAD's
+    normalisation, `ragrpo.gold`), else 0; 0 for a row without targets.
+
+    The targets are not labels anyone wrote: a from-index question made from a document's own fields
+    carries the field it asks for (the title a "which film" question asks for, the year of a "what year"
+    one, the name a "who ..." question was cut from), so the reward is label-free in the sense the
+    curriculum is. A row without targets (a summary request) scores 0 for every completion of its group,
+    which gives no advantage either way. A class, not a closure, so that it pickles.
+
+    >>> AnswerMatch()(["It is Inspector Hale [2].", "Nobody."], targets=[["Hale"], ["Hale"]])
+    [1.0, 0.0]
+    """
+
+    __name__ = "answer_match"
+
+    def __call__(self, completions, targets=None, **kwargs) -> list[float]:
+        """1 when the answer names what its question asks for (the 'targets' column), else 0."""
+        from ragrpo.gold import answer_accuracy
+
+        if targets is None:
+            raise RagrpoError("needs a 'targets' column (what each question asks for); `ragrpo train --from-index` "
+                              "builds it")
+        return [answer_accuracy(answer_text(c), t) if t else 0.0 for c, t in zip(completions, targets, strict=True)]
+
+
+answer_match = AnswerMatch()
+
+
 # ---- rewards that run a model -------------------------------------------------------------------
 
 
@@ -456,7 +476,7 @@ def get_context_reliance_reward(model=None) -> Callable:
     """How much the retrieved context explains the answer, without labels: the answer's mean token
     log-likelihood given the query and the `context` passages, minus given the query alone (nats).
 
-    Both prompts are `ragrpo.rag.build_prompt(query, passages)` in a user turn of the chat template,
+    Both prompts are `ragrpo.prompts.build_prompt(query, passages)` in a user turn of the chat template,
     the second with no passages, so the passages are the only difference. Positive: the context
     makes the answer likelier (it draws on it); near 0 or negative: the answer would be said anyway.
     The `query` column is optional (an empty query without it). An empty answer scores 0.
@@ -476,7 +496,7 @@ def get_context_reliance_reward(model=None) -> Callable:
     def context_reliance(completions, context=None, query=None, **kwargs) -> list[float]:
         """Answer log-likelihood with the 'context' minus without it, under the base model (nats)."""
         from ragrpo.models import answer_logprobs, load_model
-        from ragrpo.rag import build_prompt
+        from ragrpo.prompts import build_prompt
 
         contexts = _column(context, "context")
         queries = [completion_text(q) for q in query] if query is not None else [""] * len(completions)
@@ -553,6 +573,8 @@ REWARDS: dict[str, Callable] = {
     "source_citation_answered": get_source_citation_reward(min_words=5),
     "source_citation_only": get_source_citation_reward(min_words=5, others=-1.0),
     "source_citation_exact": get_source_citation_reward(min_words=5, exclusive=True),
+    "source_citation_exact_1w": get_source_citation_reward(min_words=1, exclusive=True),
+    "answer_match": answer_match,
     "context_reliance": get_context_reliance_reward(),
     "relevance": get_relevance_reward(),
     "repetition": get_repetition_reward(),

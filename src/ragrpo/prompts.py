@@ -1,0 +1,181 @@
+"""The prompt protocol: how retrieved passages are shown to the model, and how its citations are read.
+
+Everything that builds a RAG prompt (`ask`, `serve`, training from an index, evaluation) or reads one
+back (the citation and groundedness rewards) imports it from here, so the layout and its parser cannot
+drift apart. The prompt is the write-up's, with one newline after `#Context` (the write-up glued the
+first passage's header to it) and a header line per passage that names it:
+
+    Given the Query: {query}
+
+    And the context
+    #Context
+    ## Movie [1]: The Ferryman's Ledger (1923)
+    {text of hit 1}
+
+    ## Movie [2]: ...
+    ...
+    Answer concisely but creatively
+
+The label word ("Movie") comes from the table's name, singular; the header from its metadata columns
+(`{title} ({release_year})` for the built-in movies), or from `--passage-header`. A passage is cited by
+its number in brackets, `[1]`, the same mark its header shows; "Movie 1" in an answer also counts.
+"""
+
+from __future__ import annotations
+
+import re
+import string
+from dataclasses import dataclass
+
+from ragrpo import RagrpoError
+
+PROMPT_TEMPLATE = "Given the Query: {query}\n\nAnd the context\n#Context\n{context}\n\nAnswer concisely but creatively"
+# `--reasoning` (ask and train --from-index) appends this to the prompt; written for this project.
+REASONING_INSTRUCTION = ("First reason about the context inside <think> </think>, then give only the answer "
+                         "inside <answer> </answer>.")
+# `--cite` appends this: the write-up's prompt never asks for sources, so a model has no reason to name one.
+# It lists every passage's number; a single example ("e.g. [2]") pulled the 135M model's citations to [2]
+# whatever the source (bench/results/from-index/NOTES.md).
+CITE_INSTRUCTION = "After the answer, cite the {label} it comes from by its number: {numbers}."
+DEFAULT_QUERY = "What's common in movies where the protagonist turns out to be the bad guy"
+DEFAULT_LABEL = "Passage"
+
+TITLE_COLUMNS = ("title", "name", "heading", "topic")
+YEAR_COLUMNS = ("release_year", "year")
+
+CITATION = re.compile(r"\[(\d+(?:\s*,\s*\d+)*)\]")
+# "Movie 2", "movie-2", "Movie- 2": the built-in corpus's label followed by a number also refers to a passage.
+PASSAGE_NAME = re.compile(r"\bmovie\s*-?\s*(\d+)\b", re.IGNORECASE)
+
+
+@dataclass(frozen=True)
+class Passage:
+    """One retrieved passage as the prompt shows it: a header naming it (may be empty) and its text."""
+
+    header: str
+    text: str
+
+    def context(self) -> str:
+        """What rewards read as this passage: the header is part of it, so a title in an answer is grounded."""
+        return f"{self.header}\n{self.text}" if self.header else self.text
+
+
+@dataclass(frozen=True)
+class PassageStyle:
+    """How a table's rows are headed in a prompt: a label word and a header template over its columns."""
+
+    label: str = DEFAULT_LABEL
+    header: str = ""
+
+    def __post_init__(self):
+        try:
+            fields = [name for _, name, _, _ in string.Formatter().parse(self.header) if name is not None]
+        except ValueError as exc:
+            raise RagrpoError(f"--passage-header {self.header!r} is not a valid template ({exc}); "
+                              "write column names in braces, e.g. '{title} ({release_year})'") from None
+        if any(not name.isidentifier() for name in fields):
+            raise RagrpoError(f"--passage-header {self.header!r}: fields must be plain column names in braces")
+
+    def fields(self) -> list[str]:
+        return [name for _, name, _, _ in string.Formatter().parse(self.header) if name]
+
+    def check(self, columns: list[str]) -> None:
+        """One line naming a header field the table does not have."""
+        missing = [name for name in self.fields() if name not in columns]
+        if missing:
+            raise RagrpoError(f"--passage-header uses {', '.join(map(repr, missing))}, which the table does not "
+                              f"have; columns are: {', '.join(columns)}")
+
+    def passage(self, row: dict, column: str) -> Passage:
+        header = self.header.format_map({k: "" if v is None else v for k, v in row.items()}) if self.header else ""
+        return Passage(" ".join(header.split()), str(row[column]))
+
+    def passages(self, hits: list[dict], column: str) -> list[Passage]:
+        return [self.passage(hit, column) for hit in hits]
+
+    def to_dict(self) -> dict:
+        return {"label": self.label, "header": self.header}
+
+
+def default_header(columns: list[str]) -> str:
+    """`{title} ({release_year})` from the first title-like and year-like columns the table has."""
+    title = next((c for c in TITLE_COLUMNS if c in columns), None)
+    year = next((c for c in YEAR_COLUMNS if c in columns), None)
+    if title and year:
+        return f"{{{title}}} ({{{year}}})"
+    return f"{{{title}}}" if title else ""
+
+
+def label_for(table_name: str) -> str:
+    """The table's name as a label word: 'movies' -> 'Movie', 'support_notes' -> 'Support note'."""
+    name = " ".join(re.split(r"[_\-\s]+", table_name.strip())).strip()
+    if not name or not name[0].isalpha():
+        return DEFAULT_LABEL
+    if name.endswith(("vies", "kies", "bies")):  # movies, cookies, zombies
+        name = name[:-1]
+    elif name.endswith("ies") and len(name) > 4:  # stories
+        name = name[:-3] + "y"
+    elif name.endswith("s") and not name.endswith("ss") and len(name) > 3:
+        name = name[:-1]
+    return name[0].upper() + name[1:].lower()
+
+
+def style_for(table_name: str, columns: list[str], header: str | None = None, label: str | None = None) -> PassageStyle:
+    """The default style of a table (label from its name, header from its columns); `header` overrides."""
+    style = PassageStyle(label or label_for(table_name), default_header(columns) if header is None else header)
+    style.check(columns)
+    return style
+
+
+def table_style(table, header: str | None = None, label: str | None = None) -> PassageStyle:
+    """`style_for` a LanceDB table handle."""
+    return style_for(table.name, list(table.schema.names), header, label)
+
+
+# ---- building -------------------------------------------------------------------------------------
+
+
+def _as_passage(item) -> Passage:
+    return item if isinstance(item, Passage) else Passage("", str(item))
+
+
+def cite_instruction(passages: int, label: str = DEFAULT_LABEL) -> str:
+    """'After the answer, cite the movie it comes from by its number: [1], [2].' for two passages."""
+    return CITE_INSTRUCTION.format(label=label.lower(), numbers=", ".join(f"[{n}]" for n in range(1, passages + 1)))
+
+
+def build_prompt(query: str, passages: list, reasoning: bool = False, cite: bool = False,
+                 label: str = DEFAULT_LABEL) -> str:
+    """The write-up's prompt over `passages` (`Passage`s, or plain strings without a header); `cite`
+    and `reasoning` each append one sentence of instructions."""
+    shown = [_as_passage(p) for p in passages]
+    context = "\n\n".join(f"## {label} [{n}]: {p.header}".rstrip() + f"\n{p.text}" for n, p in enumerate(shown, 1))
+    prompt = PROMPT_TEMPLATE.format(query=query, context=context)
+    prompt = f"{prompt}\n\n{cite_instruction(len(shown), label)}" if cite else prompt
+    return f"{prompt}\n\n{REASONING_INSTRUCTION}" if reasoning else prompt
+
+
+def source_label(row: dict) -> str:
+    """'Title (1987)' when the row has a title and a year, else its id or first short field."""
+    title = next((row[c] for c in TITLE_COLUMNS if row.get(c)), None)
+    year = next((row[c] for c in YEAR_COLUMNS if row.get(c) is not None), None)
+    if title:
+        return f"{title} ({year})" if year is not None else str(title)
+    for key, value in row.items():
+        if not key.startswith("_") and isinstance(value, (int, str)) and len(str(value)) <= 80:
+            return f"{key}={value}"
+    return "(untitled)"
+
+
+# ---- reading --------------------------------------------------------------------------------------
+
+
+def cited_passages(text: str) -> list[int]:
+    """Every passage an answer refers to, in order: `[n]` marks (`[1, 2]` too) and "Movie n" names."""
+    marks = [int(n) for group in CITATION.findall(text) for n in group.split(",")]
+    return marks + [int(n) for n in PASSAGE_NAME.findall(text)]
+
+
+def without_references(text: str) -> str:
+    """`text` without its references to passages ("[1]", "Movie- 2"): a reference is no claim."""
+    return PASSAGE_NAME.sub(" ", CITATION.sub(" ", text))
