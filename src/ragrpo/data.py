@@ -1,19 +1,24 @@
 """Reading documents and prompts: local CSV/JSONL/Parquet files, folders of .txt/.md files, Hugging Face
-datasets, and builtin:movies.
+datasets, builtin:movies and builtin:pydocs.
 
 Everything arrives as a pandas DataFrame. `builtin:movies` is the corpus shipped in `ragrpo/data/`:
 original synopses written for this project, in the column layout of the wiki movie-plots CSV
 (`Release Year`, `Title`, `Origin/Ethnicity`, `Director`, `Cast`, `Genre`, `Wiki Page`, `Plot`).
+`builtin:pydocs` is not shipped: it is read from the running Python's `pydoc_data.topics` (the
+language-reference topics behind `help("assert")`), one row per topic: `id` (the topic key),
+`heading` and `text`. Its wording therefore follows the Python version that reads it.
 """
 
 from __future__ import annotations
 
+import re
 from importlib import resources
 from pathlib import Path
 
 from ragrpo import RagrpoError
 
-BUILTIN = {"builtin:movies": "movies.csv"}
+BUILTIN = {"builtin:movies": "movies.csv"}  # corpora shipped as files in ragrpo/data/
+PYDOCS = "builtin:pydocs"  # built from the running Python's own help topics
 _SUFFIXES = {".csv", ".jsonl", ".json", ".parquet"}
 
 
@@ -29,12 +34,16 @@ def read_records(source: str):
     """Rows of `source` as a DataFrame; a missing file, unknown format or empty table is a RagrpoError."""
     import pandas as pd
 
+    if source == PYDOCS:
+        return read_pydoc_topics()
     if source in BUILTIN:
         path = builtin_path(source)
     elif Path(source).expanduser().exists():
         path = Path(source).expanduser()
     elif _looks_like_path(source):
         raise RagrpoError(f"input file {source} does not exist")
+    elif source.startswith("builtin:"):
+        raise RagrpoError(f"no built-in corpus {source!r}; built-in corpora: {', '.join([*BUILTIN, PYDOCS])}")
     else:
         return _read_hub_dataset(source)
     if path.is_dir():
@@ -83,6 +92,31 @@ def read_text_folder(folder: Path):
         heading = next((line[2:].strip() for line in text.splitlines() if line.startswith("# ")), None)
         title = heading if file.suffix.lower() == ".md" and heading else file.stem
         rows.append({"path": file.relative_to(folder).as_posix(), "title": title, "text": text})
+    return pd.DataFrame(rows)
+
+
+# A topic opens with its heading underlined by a row of `*` (or `=` for a section); the body follows.
+_TOPIC_HEADING = re.compile(r"(?P<heading>[^\n]+)\n[*=]{3,}[ \t]*\n")
+
+
+def read_pydoc_topics():
+    """One row per topic of `pydoc_data.topics`: `id` (the key, "assert"), `heading` ('The "assert"
+    statement', the underline dropped) and `text` (the rest, verbatim but for the outer whitespace).
+
+    A topic without an underlined first line keeps its whole text and takes its key as heading."""
+    import pandas as pd
+
+    try:
+        from pydoc_data.topics import topics
+    except ImportError:
+        raise RagrpoError(f"{PYDOCS} needs the standard library's pydoc_data module, which this Python lacks "
+                          "(some Linux distributions package it separately)") from None
+    rows = []
+    for key, topic in sorted(topics.items()):
+        topic = topic.strip()
+        match = _TOPIC_HEADING.match(topic)
+        heading, text = (match["heading"].strip(), topic[match.end():]) if match else (key, topic)
+        rows.append({"id": key, "heading": heading, "text": text.strip()})
     return pd.DataFrame(rows)
 
 

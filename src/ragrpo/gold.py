@@ -9,7 +9,10 @@ the answer comes from, as `ragrpo.curriculum.document_id` computes it) and `kind
 packaged for the built-in corpus (`ragrpo/data/movies_gold.jsonl`): questions written by hand about
 the films that a from-index run holds out at `held_out` 0.2 (and so at the default 0.1), every answer
 found in its film's plot or metadata. It lives beside the corpus but nothing that builds training
-prompts reads it: the curriculum reads only the indexed table.
+prompts reads it: the curriculum reads only the indexed table. `builtin:pydocs`
+(`ragrpo/data/pydocs_gold.jsonl`) is the same for the Python help topics: questions written by hand
+about the topics held out at 0.2, `source_id` the topic key, every answer found verbatim in its
+topic's text in Python 3.11 to 3.13.
 
 Scoring follows SQuAD's evaluation script: both sides are normalised (lowercase, punctuation removed,
 the articles a/an/the dropped, whitespace folded). `answer_accuracy` asks that a gold answer appear
@@ -30,8 +33,9 @@ from pathlib import Path
 
 from ragrpo import RagrpoError
 
-BUILTIN_GOLD = {"builtin:movies": "movies_gold.jsonl"}
+BUILTIN_GOLD = {"builtin:movies": "movies_gold.jsonl", "builtin:pydocs": "pydocs_gold.jsonl"}
 KINDS = ("title", "year", "person", "place", "object", "other")
+PYDOCS_KINDS = ("keyword", "exception", "operator", "value", "name", "other")
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
 
 
