@@ -86,17 +86,19 @@ def run_library(db: Path, table_name: str, requests: int, k: int, threads: int |
 def _library_requests(db: Path, table_name: str, requests: int, k: int, name: str) -> dict:
     from ragrpo.index import open_table
     from ragrpo.models import load_model
+    from ragrpo.prompts import table_style
     from ragrpo.rag import retrieve, stream_answer
 
     model, tokenizer = load_model(None)
     table = open_table(table_name, db)
+    style = table_style(table)  # the server's prompts, passage for passage
     results = []
     started = time.perf_counter()
     for i in range(requests):
         sent = time.perf_counter()
         question = QUESTIONS[i % len(QUESTIONS)]
         hits, column = retrieve(table, question, k=k)
-        stream = stream_answer(model, tokenizer, question, hits, column, max_new_tokens=TOKENS,
+        stream = stream_answer(model, tokenizer, question, hits, column, style=style, max_new_tokens=TOKENS,
                                min_new_tokens=TOKENS, repetition_penalty=1.2)
         first = None
         for _ in stream:
@@ -117,12 +119,16 @@ def prefill_seconds(db: Path, table_name: str, k: int) -> dict:
     from ragrpo.engine import SamplingCopy
     from ragrpo.index import open_table
     from ragrpo.models import load_model
-    from ragrpo.rag import build_prompt, retrieve
+    from ragrpo.prompts import build_prompt, table_style
+    from ragrpo.rag import retrieve
 
     model, tokenizer = load_model(None)
-    hits, column = retrieve(open_table(table_name, db), QUESTIONS[0], k=k)
-    text = tokenizer.apply_chat_template([{"role": "user", "content": build_prompt(QUESTIONS[0], [h[column] for h in hits])}],
-                                         add_generation_prompt=True, tokenize=False)
+    table = open_table(table_name, db)
+    style = table_style(table)  # as the server heads passages
+    hits, column = retrieve(table, QUESTIONS[0], k=k)
+    prompt = build_prompt(QUESTIONS[0], style.passages(hits, column), label=style.label)
+    text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                         tokenize=False)
     ids = torch.tensor([tokenizer(text, add_special_tokens=False)["input_ids"]])
     copy = SamplingCopy(model, dtype=torch.bfloat16 if hardware.bf16() else torch.float32)
     times = []

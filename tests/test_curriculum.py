@@ -16,7 +16,8 @@ from ragrpo.curriculum import (
     keywords,
     template_questions,
 )
-from ragrpo.rag import REASONING_INSTRUCTION, build_prompt, cite_instruction, retrieve
+from ragrpo.prompts import REASONING_INSTRUCTION, build_prompt, cite_instruction, table_style
+from ragrpo.rag import retrieve
 from ragrpo.reward_specs import guarded
 from ragrpo.rewards import REWARDS, cited_passages, get_source_citation_reward, source_citation
 
@@ -34,14 +35,51 @@ def test_keywords_prefer_words_distinctive_to_the_document():
     assert all(len(w) >= 4 and w.isalpha() for w in found)
 
 
-def test_template_questions_use_title_year_and_keywords():
+def test_template_questions_ask_for_the_title_the_year_and_names_in_the_text():
     texts = [ROW["movie_plot"], OTHER["movie_plot"]]
     questions = template_questions(ROW, "movie_plot", document_frequencies(texts), 2)
-    by_kind = {q.kind: q.query for q in questions}
-    assert by_kind["what"] == "What happens in The Ferryman's Ledger?"
-    assert by_kind["year"].startswith("Which 1923 film is about ledger, ")
-    assert by_kind["summary"] == "Summarize the story of The Ferryman's Ledger in two sentences."
+    by_kind = {q.kind: q for q in questions}
+    assert by_kind["keyword"].query.startswith("Which film involves ledger, ")
+    assert by_kind["keyword"].meta["targets"] == ["The Ferryman's Ledger"]
+    assert by_kind["when"].query.startswith("In what year was the film about ") and by_kind["when"].query.endswith(
+        " released?") and by_kind["when"].meta["targets"] == ["1923"]
     assert {q.source_id for q in questions} == {document_id(ROW, "movie_plot")}
+    assert all(q.meta.get("targets") for q in questions)  # every question asks for something it can check
+
+
+def test_a_row_with_nothing_to_ask_for_gets_the_open_questions():
+    row = {"title": "Salt", "movie_plot": "a widow waits."}  # too few distinctive words, no name
+    assert [q.kind for q in template_questions(row, "movie_plot", Counter(), 1)] == ["what", "summary"]
+
+
+def test_blank_questions_take_a_name_from_inside_a_sentence():
+    from ragrpo.curriculum import blank_questions
+
+    text = ("In a Utah salt-mining town, the widow Clara Voss inherits a broken clock tower. Short one here. "
+            "Mine owner Ezra Pike wants the tower torn down so he can dig.")
+    found = [(q.query, q.meta["targets"]) for q in blank_questions(text, "The Salt Clock", "s1")]
+    assert found == [
+        ('In The Salt Clock, which name fills the blank in "In a ___ salt-mining town, the widow Clara Voss inherits a '
+         'broken clock tower."?', ["Utah"]),  # the first name of the sentence: a place here
+        ('In The Salt Clock, which name fills the blank in "Mine owner ___ wants the tower torn down so he can dig."?',
+         ["Ezra Pike", "Pike"])]
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("The widow Clara Voss inherits a clock. Clara teams up with a deaf watch repairer named Samuel.",
+     ("In Salt, who teams up with a deaf watch repairer named Samuel?", ["Clara"])),
+    ("Mine owner Ezra Pike arrives. Ezra Pike wants the tower torn down so he can dig.",
+     ("In Salt, who wants the tower torn down so he can dig?", ["Ezra Pike", "Pike"])),
+    ("Copper kettles whistle louder when the harbour freezes over.", None),  # a capital because the sentence begins
+    ("Thames ferryman Walter Crouch keeps a careful ledger of every passenger.", None),  # no verb after the name
+    ("Jakob's search leads him to the landlady in the cellar.", None),
+    ("After Beppe burns his hands, his daughter does the work.", None),
+])
+def test_who_questions_are_cut_from_sentences_that_open_with_a_name(text, expected):
+    from ragrpo.curriculum import subject_questions
+
+    found = [(q.query, q.meta["targets"]) for q in subject_questions(text, "Salt", "s1")]
+    assert found == ([expected] if expected else [])
 
 
 def test_template_questions_without_title_or_year_still_ask_about_the_text():
@@ -49,6 +87,9 @@ def test_template_questions_without_title_or_year_still_ask_about_the_text():
     questions = template_questions(row, "text", Counter(), 1)
     assert [q.kind for q in questions] == ["keyword", "summary"]
     assert "document" in questions[0].query
+    titled = template_questions({"heading": "The assert statement", "text": "it checks."},
+                                "text", Counter(), 1)
+    assert titled[0].query == "What does The assert statement explain?"
 
 
 def test_document_ids_and_split_are_stable():
@@ -67,8 +108,8 @@ def test_reasoning_and_cite_prompts_extend_the_ask_prompt():
     assert build_prompt("Who lied?", ["Finch lied."], reasoning=True, cite=True) == \
         f"{plain}\n\n{cite_instruction(1)}\n\n{REASONING_INSTRUCTION}"
     # every passage's number is listed, none singled out as the example
-    assert build_prompt("Who lied?", ["Finch lied.", "Gulls."], cite=True).endswith(
-        "by its number: [1] for Movie- 1, [2] for Movie- 2.")
+    assert build_prompt("Who lied?", ["Finch lied.", "Gulls."], cite=True, label="Movie").endswith(
+        "cite the movie it comes from by its number: [1], [2].")
 
 
 @pytest.mark.parametrize("completion, expected", [
@@ -168,6 +209,19 @@ def test_exact_source_citation(completion, expected):
         get_source_citation_reward(grounded=True, exclusive=True)
 
 
+@pytest.mark.parametrize("completion, expected", [
+    ("Inspector Hale [2].", 1.0),  # a short answer naming what was asked is an answer
+    ("Hale [2][3].", 0.0),
+    ("[2]", 0.0),  # a bare reference says nothing
+    ("The ferryman [2].", 0.0),  # only the question's words
+])
+def test_exact_source_citation_of_a_short_answer(completion, expected):
+    reward = REWARDS["source_citation_exact_1w"]
+    assert reward.__name__ == "source_citation_exact_1w"
+    assert reward([completion], context_ids=[["a", "b", "c"]], source_id=["b"],
+                  query=["Which inspector does the ferryman help?"]) == [expected]
+
+
 def test_source_citation_needs_its_columns():
     with pytest.raises(RagrpoError, match="context_ids"):
         guarded(source_citation)(prompts=["q"], completions=["x [1]"])
@@ -192,13 +246,21 @@ def test_curriculum_rows_are_what_ask_would_see(movie_db, mode):
     assert {q.source_id for q in curriculum.held_questions} <= set(curriculum.held_ids)
     table = open_table("movies", movie_db)
     years = {document_id(r, "movie_plot"): r["release_year"] for r in table.to_pandas().to_dict("records")}
+    style = table_style(table)
     for example in curriculum.examples[:12]:
         hits, column = retrieve(table, example["query"], where="release_year < 1990", k=3, mode=mode)
-        assert example["context"] == [h[column] for h in hits]
-        assert example["prompt"][0]["content"] == build_prompt(example["query"], example["context"], cite=True)
+        shown = [style.passage(hits[n - 1], column) for n in example["retrieved_order"]]  # the same hits, reordered
+        assert sorted(example["retrieved_order"]) == list(range(1, len(hits) + 1))
+        assert example["context"] == [p.context() for p in shown]
+        assert example["context"][0].startswith(f"{hits[example['retrieved_order'][0] - 1]['title']} (")
+        assert example["prompt"][0]["content"] == build_prompt(example["query"], shown, cite=True, label="Movie")
+        assert "## Movie [1]: " in example["prompt"][0]["content"]
         assert all(years[i] < 1990 for i in example["context_ids"])
         rank = example["source_rank"]
         assert rank == 0 or example["context_ids"][rank - 1] == example["source_id"]
+    # the source is shown at every position about equally often, whatever the retriever ranked first
+    positions = Counter(e["source_rank"] for e in curriculum.examples if e["source_rank"])
+    assert max(positions.values()) - min(positions.values()) <= 1 and set(positions) == {1, 2, 3}
     # "What happens in TITLE?" finds its own film nearly always
     what = [e for e in curriculum.examples if e["kind"] == "what"]
     assert sum(e["source_rank"] > 0 for e in what) / len(what) > 0.8
@@ -253,11 +315,10 @@ def test_from_index_run_records_its_split_and_trains_on_its_rewards(index_run):
     assert all(REASONING_INSTRUCTION in r["prompt"][0]["content"] for r in rows)
     config = json.loads((run / "config.json").read_text())["run"]
     assert config["dataset"] == str(run / "curriculum" / "train.jsonl") and config["held_out"] == 0.0
-    assert config["rewards"] == ["groundedness_beyond_question", "source_citation_exact=1.5", "length=0.5",
-                                 "format=0.5"]
+    assert config["rewards"] == ["answer_match=2", "source_citation_exact_1w", "length=0.5", "format=0.5"]
     assert config["grpo"]["multi_objective_aggregation"] == "normalize_then_sum"  # weights apply to normalised rewards
     logged = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert any("rewards/source_citation_exact/mean" in r for r in logged)
+    assert any("rewards/source_citation_exact_1w/mean" in r and "rewards/answer_match/mean" in r for r in logged)
     assert result.steps == 2
 
 
@@ -275,16 +336,18 @@ def test_eval_from_index_scores_both_models_per_seed(index_run, tiny_model_dir, 
                                     max_questions=4, output=tmp_path / "report")
     assert comparison.questions == 4 and [s.seed for s in comparison.base] == [0, 1]
     assert 0 <= comparison.hit_at_k <= 1
+    # the run held out films that the packaged gold set asks about: its questions, not the run's templates
+    assert comparison.gold == "builtin:movies" and comparison.order == "balanced"
     summary = comparison.summary("tuned")
-    for name in ("groundedness", "groundedness beyond question", "source_citation", "source_citation_grounded",
-                 "cites source only", "distinct-2",
-                 "reward format"):
+    for name in ("answer accuracy", "token F1", "groundedness", "groundedness beyond question", "source_citation",
+                 "source_citation_grounded", "cites source only", "distinct-2", "reward format"):
         values = summary[name]["seeds"]
         assert len(values) == 2 and summary[name]["spread"] == max(values) - min(values)
     report = (tmp_path / "report" / "report.md").read_text()
     assert "hit@2" in report and "| groundedness |" in report and "Gain against seed spread" in report
-    for name in ("curves.png", "histograms.png", "results.json"):
+    for name in ("curves.png", "histograms.png", "by-position.png", "results.json"):
         assert (tmp_path / "report" / name).stat().st_size > 0
+    assert "| answer accuracy | 4 |" in report  # each figure says how many answers it is over
     # with packing forced on, both models are sampled through the float32 decode loop, and the cache says so
     recorded = json.loads((tmp_path / "report" / "answers" / "base-seed0.json").read_text())
     assert recorded["sampler"] == "decode loop, float32"
@@ -304,6 +367,96 @@ def test_citation_accuracy_counts_the_source_alone_and_separates_lower_ranked_so
     figures = score_answers(answers, rows, ["length"]).figures
     assert figures["cites source only"] == 2 / 5  # rows 1 and 4; naming both passages does not count
     assert figures["cites source only, source not passage 1"] == 1 / 2  # over the two rank-2 rows only
+
+
+def test_answer_accuracy_by_kind_and_source_position():
+    from ragrpo.index_eval import score_answers
+
+    def row(rank, kind, answers):
+        ids = {0: ["x", "y"], 1: ["s", "y"], 2: ["x", "s"]}[rank]
+        return {"context": PASSAGES[:2], "context_ids": ids, "source_id": "s", "query": "Who?", "prompt": "Who?",
+                "source_rank": rank, "kind": kind, "answers": answers}
+
+    rows = [row(1, "person", ["Hale"]), row(2, "person", ["Hale"]), row(2, "year", ["1923"]), row(0, "year", ["1923"])]
+    answers = ["Inspector Hale [1].", "Sorrell [2].", "In 1923 [2].", "1923"]
+    scores = score_answers(answers, rows, ["length"])
+    figures = scores.figures
+    assert figures["answer accuracy"] == 3 / 4 and figures["answer accuracy, kind person"] == 1 / 2
+    assert figures["answer accuracy, kind year"] == 1.0
+    assert figures["answer accuracy, source at passage 2"] == 1 / 2
+    assert figures["answer accuracy, source not retrieved"] == 1.0
+    assert figures["cites source only, source at passage 2"] == 1.0 and figures["cites source only, source at passage 1"] == 1.0
+    assert scores.counts["answer accuracy, source at passage 2"] == 2 and scores.counts["answer accuracy"] == 4
+    assert 0 < figures["token F1"] < 1
+
+
+@pytest.mark.integration
+def test_eval_from_index_takes_the_users_gold_file(index_run, tmp_path):
+    from ragrpo.gold import load_gold
+    from ragrpo.index_eval import gold_questions
+
+    result, curriculum = index_run
+    split = json.loads((result.output / "curriculum" / "split.json").read_text())
+    trained, held = curriculum.train_ids[0], curriculum.held_ids[0]
+    qa = tmp_path / "qa.jsonl"
+    qa.write_text(json.dumps({"question": "Who?", "answers": ["Hale"], "source_id": held}) + "\n"
+                  + json.dumps({"question": "Where?", "answers": ["Kent"], "source_id": trained}) + "\n"
+                  + json.dumps({"question": "When?", "answers": "1923"}) + "\n")
+    name, questions = gold_questions(split, qa)
+    # a question about a document the run trained on is no held-out question; one without a source is kept
+    assert name == str(qa) and [q.query for q in questions] == ["Who?", "When?"]
+    assert questions[0].meta["answers"] == ["Hale"] and questions[0].source_id == held
+    qa.write_text(json.dumps({"question": "Where?", "answers": ["Kent"], "source_id": trained}) + "\n")
+    with pytest.raises(RagrpoError, match="none of its questions is about a document the run held out"):
+        gold_questions(split, qa)
+    assert load_gold("builtin:movies")  # and without --qa the packaged set of the corpus is found
+
+
+@pytest.mark.integration
+def test_ask_on_a_from_index_model_retrieves_and_prompts_as_the_run_trained(index_run, movie_db, monkeypatch):
+    from click.testing import CliRunner
+
+    from ragrpo import rag
+    from ragrpo.answer_settings import AnswerSettings, saved_settings
+    from ragrpo.cli import main
+    from ragrpo.index import open_table
+
+    result, curriculum = index_run
+    merged = result.output / "merged"
+    assert saved_settings(merged) == AnswerSettings(mode="hybrid", k=2, cite=True, reasoning=True)
+    seen = []
+    monkeypatch.setattr(rag, "generate", lambda model, tokenizer, conversations, **kw: seen.append(
+        conversations[0][0]["content"]) or ["<answer>x</answer>"])
+    row = curriculum.examples[0]
+    outcome = CliRunner().invoke(main, ["ask", row["query"], "--table", "movies", "--db", str(movie_db),
+                                        "--model", str(merged)])
+    assert outcome.exit_code == 0, outcome.output
+    table = open_table("movies", movie_db)
+    hits, column = retrieve(table, row["query"], k=2, mode="hybrid")
+    expected = build_prompt(row["query"], table_style(table).passages(hits, column), reasoning=True, cite=True,
+                            label="Movie")
+    assert seen == [expected]
+    # the training prompt showed the same passages, headed the same way (in its balanced order)
+    assert sorted(row["context"]) == sorted(p.context() for p in table_style(table).passages(hits, column))
+    # an explicit flag still wins, with a notice
+    outcome = CliRunner().invoke(main, ["ask", row["query"], "--table", "movies", "--db", str(movie_db),
+                                        "--model", str(merged), "-k", "3"])
+    assert outcome.exit_code == 0 and "was trained with k=2; answering with k=3" in outcome.output
+    assert seen[-1].count("## Movie [") == 3
+
+
+@pytest.mark.integration
+def test_serve_on_a_from_index_model_answers_with_its_settings(index_run, movie_db):
+    from ragrpo.answer_settings import AnswerSettings
+    from ragrpo.request_bodies import ChatRequest
+    from ragrpo.serve import load_server
+
+    result, _ = index_run
+    server = load_server("movies", str(result.output / "merged"), db=movie_db, max_batch=1)
+    assert server.answering == AnswerSettings(mode="hybrid", k=2, cite=True, reasoning=True)
+    assert server.style.label == "Movie" and server.style.header == "{title} ({release_year})"
+    asked = ChatRequest(messages=[{"role": "user", "content": "Who?"}])
+    assert server.cites(asked) and not server.cites(ChatRequest(messages=asked.messages, cite=False))
 
 
 def test_eval_answers_are_reused_only_for_the_same_prompts(tmp_path, monkeypatch):
@@ -440,5 +593,5 @@ def test_killed_from_index_run_resumes_on_its_own_curriculum(movie_db, tiny_mode
     records = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in records if "reward" in r]
     assert [r["step"] for r in steps] == [1, 2, 3, 4]  # each step logged once
-    assert all("rewards/source_citation_exact/mean" in r for r in steps)
+    assert all("rewards/source_citation_exact_1w/mean" in r for r in steps)
     assert (output / "merged" / "config.json").exists()

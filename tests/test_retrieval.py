@@ -79,12 +79,3 @@ def test_ask_prints_an_answer_and_its_sources(movie_db, tiny_run):
     assert len(lines) == 5
     years = [int(line.rsplit("(", 1)[1].rstrip(")")) for line in lines]
     assert all(year < 1990 for year in years)
-
-
-def test_prompt_is_the_write_ups():
-    from ragrpo.rag import build_prompt
-
-    prompt = build_prompt("Why?", ["First plot.", "Second plot."])
-    assert prompt.startswith("Given the Query: Why?\n\nAnd the context\n#Context\n## Movie- 1:\nFirst plot.")
-    assert "## Movie- 2:\nSecond plot." in prompt
-    assert prompt.endswith("Answer concisely but creatively")

@@ -1,5 +1,6 @@
 import math
 import os
+import pickle
 import subprocess
 import sys
 
@@ -293,11 +294,34 @@ def test_factory_names_say_their_parameters():
 def test_registry_names_are_metric_keys_with_one_line_descriptions():
     assert list(REWARDS) == ["length", "token_diversity", "format", "groundedness", "groundedness_beyond_question",
                              "citation", "source_citation", "source_citation_grounded", "source_citation_answered",
-                             "source_citation_only", "source_citation_exact", "context_reliance", "relevance", "repetition"]
+                             "source_citation_only", "source_citation_exact", "source_citation_exact_1w", "answer_match",
+                             "context_reliance", "relevance", "repetition"]
     funcs, _ = resolve_rewards(list(REWARDS))
     assert [f.__name__ for f in funcs] == list(REWARDS)
     for func in REWARDS.values():
         assert describe(func) and "\n" not in describe(func)
+
+
+@pytest.mark.parametrize("completion, targets, expected", [
+    ("Inspector Hale [2].", ["Hale", "Inspector Hale"], 1.0),
+    ("It was the inspector.", ["Hale"], 0.0),
+    ("Hales of the river.", ["Hale"], 0.0),  # whole words only
+    ("<think>Hale?</think><answer>Sorrell</answer>", ["Hale"], 0.0),  # the answer section is what counts
+    ("Released in 1923.", ["1923"], 1.0),
+    ("The Ferryman's Ledger!", ["The Ferryman's Ledger"], 1.0),  # SQuAD normalisation on both sides
+    ("Anything at all.", [], 0.0),  # a question without a target pays nothing
+])
+def test_answer_match(completion, targets, expected):
+    from ragrpo.rewards import AnswerMatch
+
+    assert REWARDS["answer_match"]([completion], targets=[targets]) == [expected]
+    assert REWARDS["answer_match"].__name__ == "answer_match"
+    assert pickle.loads(pickle.dumps(AnswerMatch()))([completion], targets=[targets]) == [expected]
+
+
+def test_answer_match_needs_its_column():
+    with pytest.raises(RagrpoError, match="targets"):
+        guarded(REWARDS["answer_match"])(prompts=["q"], completions=["x"])
 
 
 def test_registry_loads_no_model_until_a_model_reward_is_called():
@@ -341,8 +365,8 @@ def test_answer_text(completion, answer):
 
 def test_passages_from_a_list_or_a_string():
     assert passages(["a", "b"]) == ["a", "b"]
-    text = "## Movie- 1:\nfirst\n\n## Movie- 2:\nsecond\n"
-    assert passages(text) == ["## Movie- 1:\nfirst", "## Movie- 2:\nsecond"]
+    text = "## Movie [1]: A\nfirst\n\n## Movie [2]: B\nsecond\n"
+    assert passages(text) == ["## Movie [1]: A\nfirst", "## Movie [2]: B\nsecond"]
     assert passages(None) == []
 
 

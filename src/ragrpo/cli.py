@@ -216,7 +216,7 @@ def search(query, table, db, where, k, as_json, mode, rerank):
     Example: ragrpo search "a detective who is the killer" --table movies --where "release_year < 1990"
     --mode hybrid
     """
-    from ragrpo.rag import source_label
+    from ragrpo.prompts import source_label
     from ragrpo.retrieve import score_of, search_table
 
     for n, row in enumerate(search_table(table, query, db=db, where=where, k=k, mode=mode, rerank=rerank), 1):
@@ -233,39 +233,52 @@ def search(query, table, db, where, k, as_json, mode, rerank):
 @click.option("--model", default=None, help="Model folder, e.g. runs/demo/merged [default: packaged base model].")
 @DB_OPTION
 @click.option("--where", default=None, help='SQL prefilter, e.g. "release_year < 1990".')
-@click.option("-k", "k", type=int, default=5, show_default=True)
+@click.option("-k", "k", type=int, default=None, help="Passages to answer from [default: the model's training "
+              "setting (MODEL/ragrpo.json), else 5].")
 @click.option("--max-new-tokens", type=int, default=128, show_default=True)
 @click.option("--temperature", type=float, default=0.0, show_default=True, help="0 means greedy decoding.")
 @click.option("--repetition-penalty", type=float, default=1.0, show_default=True,
               help="Above 1 discourages repeating tokens (keeps small models out of loops).")
-@MODE_OPTION
+@click.option("--mode", type=click.Choice(["vector", "fts", "hybrid"]), default=None,
+              help="Search mode [default: the model's training setting, else vector].")
 @RERANK_OPTION
-@click.option("--reasoning", is_flag=True, help="Ask for <think> reasoning first; print only the <answer>.")
-@click.option("--cite", is_flag=True, help="Ask the model to cite the passage it answers from as [n].")
+@click.option("--reasoning/--no-reasoning", default=None, help="Ask for <think> reasoning first; print only the "
+              "<answer> [default: the model's training setting, else off].")
+@click.option("--cite/--no-cite", default=None, help="Ask the model to cite the passage it answers from as [n] "
+              "[default: the model's training setting, else off].")
+@click.option("--passage-header", default=None, help="Header of each passage, from the table's columns, e.g. "
+              "'{title} ({release_year})' [default: the model's training setting, else the table's title and year].")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object (answer, sources, token counts) "
               "at the end instead of streaming text.")
 @user_errors
 def ask(query, table, model, db, where, k, max_new_tokens, temperature, repetition_penalty, mode, rerank,
-        reasoning, cite, as_json):
+        reasoning, cite, passage_header, as_json):
     """Retrieve K passages for QUERY, answer from them with the model (streamed as it is written), and list
     the sources. With --reasoning the answer is shown once complete, without its <think> part.
 
     Example: ragrpo ask "What's common in movies where the protagonist is the bad guy" --table movies
     --where "release_year < 1990" --model runs/demo/merged
     """
-    from ragrpo.rag import ask_stream, source_label
+    from ragrpo.answer_settings import resolve_settings
+    from ragrpo.prompts import source_label
+    from ragrpo.rag import ask_stream
 
+    settings, notices = resolve_settings(model, mode=mode, k=k, cite=cite, reasoning=reasoning, header=passage_header)
+    for notice in notices:
+        click.echo(notice, err=True)
+    mode, k, cite, reasoning, passage_header = (settings.mode, settings.k, settings.cite, settings.reasoning,
+                                                settings.header)
     if reasoning:  # the <think> part is not shown, so there is nothing to stream before the answer
         from ragrpo.rag import ask as run_ask
 
         result = run_ask(query, table, model, db=db, where=where, k=k, max_new_tokens=max_new_tokens,
                          temperature=temperature, repetition_penalty=repetition_penalty, mode=mode, rerank=rerank,
-                         reasoning=True, cite=cite)
+                         reasoning=True, cite=cite, header=passage_header)
         answer, sources = result.text, result.sources
         record = {"query": query, "answer": answer, "reasoning": result.raw}
     else:
         stream = ask_stream(query, table, model, db=db, where=where, k=k, mode=mode, rerank=rerank, cite=cite,
-                            max_new_tokens=max_new_tokens, temperature=temperature,
+                            header=passage_header, max_new_tokens=max_new_tokens, temperature=temperature,
                             repetition_penalty=repetition_penalty)
         if not as_json:
             for piece in stream:
@@ -438,16 +451,18 @@ def plot(run_dir, output):
 
 @main.command()
 @click.option("--workdir", default="runs/quickstart", show_default=True, help="Where the table and the run go.")
-@click.option("--max-steps", type=int, default=None, help="GRPO steps [default: QUICKSTART_GRPO in ragrpo.quickstart].")
+@click.option("--max-steps", type=int, default=None, help="GRPO steps [default: QUICKSTART_STEPS in ragrpo.quickstart].")
+@click.option("--max-questions", type=int, default=None, help="Ask only the first N gold questions [default: all].")
 @user_errors
-def quickstart(workdir, max_steps):
-    """The whole pipeline on built-in data: index, GRPO-train, merge, and answer with base and tuned models.
+def quickstart(workdir, max_steps, max_questions):
+    """The whole pipeline on built-in data: index, GRPO-train on questions from the table, merge, and
+    score base and tuned models on held-out gold questions, with answers side by side.
 
     Example: ragrpo quickstart --workdir runs/quickstart
     """
     from ragrpo.quickstart import report, run
 
-    result = run(workdir, max_steps=max_steps, echo=lambda line: click.echo(line, err=True))
+    result = run(workdir, max_steps=max_steps, max_questions=max_questions, echo=lambda line: click.echo(line, err=True))
     click.echo(report(result))
 
 

@@ -125,6 +125,8 @@ def score_answers(completions: list[str], rows: list[dict], reward_specs: list[s
     )
 
     columns = {name: [r[name] for r in rows] for name in ("context", "context_ids", "source_id", "query")}
+    # a gold question's answers are what `answer_match` pays for, as a template question's targets are in training
+    columns["targets"] = [r.get("answers") or r.get("targets") or [] for r in rows]
     prompts = [r["prompt"] for r in rows]
     answers = [answer_text(c) for c in completions]
     grounded = get_groundedness_reward()(completions, **columns)
@@ -291,7 +293,7 @@ def compare_from_index(run_dir: str | Path, table: str | None = None, *, base: s
         if "answers" in question.meta:
             row["answers"] = question.meta["answers"]
     hit = sum(r["source_rank"] > 0 for r in rows) / len(rows)
-    echo(f"{len(rows)} held-out questions ({gold_name or 'the run's templates'}), passages in {order} order; "
+    echo(f"{len(rows)} held-out questions ({gold_name or 'the run template questions'}), passages in {order} order; "
          f"hit@{source['k']} of the source document {hit:.3f}")
     folder = Path(output) if output else run_dir / "eval-index"
     sides, loaded = {}, {}
@@ -338,13 +340,47 @@ def plot_histograms(result: IndexComparison, target: Path) -> Path:
     return target
 
 
+def plot_by_position(result: IndexComparison, target: Path) -> Path:
+    """Answer accuracy and citation accuracy by the source's position in the prompt, base and tuned
+    (bars: the mean over seeds; whiskers: min to max): a position habit shows as a tall bar at 1 only."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    base, tuned = result.summary("base"), result.summary("tuned")
+    panels = [(title, sorted(n for n in base if n.startswith(prefix)))
+              for title, prefix in (("answer accuracy", "answer accuracy, source at passage "),
+                                    ("cites source only", "cites source only, source at passage "))]
+    panels = [(title, names) for title, names in panels if names]
+    figure, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.4), squeeze=False)
+    for axis, (title, names) in zip(axes[0], panels):
+        positions = [int(n.rsplit(" ", 1)[1]) for n in names]
+        for offset, (side, summary, color) in enumerate((("base", base, "tab:gray"), ("tuned", tuned, "tab:blue"))):
+            means = [summary[n]["mean"] for n in names]
+            low = [summary[n]["mean"] - min(summary[n]["seeds"]) for n in names]
+            high = [max(summary[n]["seeds"]) - summary[n]["mean"] for n in names]
+            axis.bar([p + (offset - 0.5) * 0.38 for p in positions], means, width=0.38, color=color, label=side,
+                     yerr=[low, high], capsize=3)
+        axis.set_xticks(positions)
+        axis.set_xlabel("source shown as passage")
+        axis.set_title(title)
+        axis.legend(fontsize=8)
+    figure.suptitle(f"by source position, {len(result.seeds)} seeds ({result.order} order)")
+    figure.tight_layout()
+    figure.savefig(target, dpi=100)
+    plt.close(figure)
+    return target
+
+
 def write_report(result: IndexComparison, folder: Path) -> Path:
-    """report.md, results.json, curves.png (the run's log) and histograms.png in `folder`."""
+    """report.md, results.json, curves.png (the run's log), histograms.png and by-position.png in `folder`."""
     from ragrpo.evaluate import plot_run
 
     folder.mkdir(parents=True, exist_ok=True)
     plot_run(result.run_dir, folder / "curves.png")
     plot_histograms(result, folder / "histograms.png")
+    plot_by_position(result, folder / "by-position.png")
     (folder / "results.json").write_text(json.dumps(result.to_dict(), indent=2))
     base, tuned = result.summary("base"), result.summary("tuned")
     lines = [f"# Held-out evaluation of {Path(result.run_dir).name} on table `{result.table_name}`", "",
@@ -375,6 +411,7 @@ def write_report(result: IndexComparison, folder: Path) -> Path:
     for name in result.base[0].latency_ms:
         base_ms, tuned_ms = (sum(r.latency_ms[name] for r in runs) / len(runs) for runs in (result.base, result.tuned))
         lines.append(f"| {name} | {base_ms:.3f} | {tuned_ms:.3f} |")
-    lines += ["", "![training curves](curves.png)", "", "![held-out histograms](histograms.png)", ""]
+    lines += ["", "![training curves](curves.png)", "", "![held-out histograms](histograms.png)", "",
+              "![by source position](by-position.png)", ""]
     (folder / "report.md").write_text("\n".join(lines))
     return folder / "report.md"

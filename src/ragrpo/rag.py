@@ -7,7 +7,7 @@ from pathlib import Path
 
 from ragrpo import RagrpoError
 from ragrpo.index import DEFAULT_DB, open_table
-from ragrpo.prompts import DEFAULT_QUERY, PassageStyle, build_prompt, source_label, table_style  # noqa: F401
+from ragrpo.prompts import PassageStyle, build_prompt, table_style
 from ragrpo.retrieve import search, text_column
 
 

@@ -62,8 +62,8 @@ class Message(Body):
 
 class RetrievalFields(Body):
     where: str | None = Field(default=None, max_length=2000)
-    k: int = Field(default=5, ge=1, le=MAX_K)
-    mode: Literal["vector", "fts", "hybrid"] = "vector"
+    k: int | None = Field(default=None, ge=1, le=MAX_K)  # None: the server's (the model's training setting, else 5)
+    mode: Literal["vector", "fts", "hybrid"] | None = None
 
 
 class ChatRequest(RetrievalFields):
@@ -82,6 +82,7 @@ class ChatRequest(RetrievalFields):
     seed: int | None = Field(default=None, ge=0, le=2**63 - 1)  # what torch's generator takes
     repetition_penalty: float | None = Field(default=None, gt=0.0, le=5.0)
     min_tokens: int = Field(default=0, ge=0)
+    cite: bool | None = None  # ask for [n] citations; None: the server's setting
 
     @field_validator("messages")
     @classmethod

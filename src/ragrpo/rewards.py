@@ -27,7 +27,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from ragrpo import RagrpoError
-from ragrpo.prompts import CITATION, cited_passages, without_references  # noqa: F401  (cited_passages: re-exported)
+from ragrpo.prompts import CITATION, cited_passages, without_references
 
 
 class RewardError(RagrpoError):

@@ -44,6 +44,8 @@ from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ragrpo import RagrpoError
+from ragrpo.answer_settings import AnswerSettings
+from ragrpo.prompts import PassageStyle
 from ragrpo.request_bodies import ChatRequest, RetrievalFields, SearchRequest
 
 API_KEY_ENV = "RAGRPO_API_KEY"
@@ -67,6 +69,8 @@ class Server:
     max_waiting: int = 64
     repetition_penalty: float = 1.2
     batcher: object = None  # `batching.Batcher` where the decode engine covers the model; else one at a time
+    answering: AnswerSettings = field(default_factory=AnswerSettings)  # k, mode and cite unless a request says
+    style: PassageStyle = field(default_factory=PassageStyle)  # how passages are headed in prompts
     retrieval_deadline: float = 10.0  # seconds a search (embedding included) may take before a 504
     inflight: int = 0  # admitted requests: searching, waiting or generating
     turn: asyncio.Lock = field(default_factory=asyncio.Lock)  # FIFO: waiters are served in arrival order
@@ -75,6 +79,9 @@ class Server:
     served: int = 0
     cancelled: int = 0
     started: int = field(default_factory=lambda: int(time.time()))
+
+    def cites(self, body) -> bool:
+        return self.answering.cite if body.cite is None else body.cite
 
     def enter(self) -> None:
         """Admit a request (search or chat) or answer 503: at most `max_waiting` beyond what the model runs at
@@ -190,7 +197,7 @@ def _sources(stream) -> list[dict]:
 
 def _labelled(rows: list[dict]) -> list[dict]:
     """The rows an answer cites, each with its `label` ('Title (1987)')."""
-    from ragrpo.rag import source_label
+    from ragrpo.prompts import source_label
 
     return [{"label": source_label(row), **row} for row in rows]
 
@@ -253,8 +260,8 @@ def create_app(server: Server):
     app.add_middleware(Guard, api_key=server.api_key)
 
     async def find(query: str, fields: RetrievalFields):
-        search = asyncio.to_thread(partial(retrieve, server.table, query, where=fields.where, k=fields.k,
-                                           mode=fields.mode))
+        search = asyncio.to_thread(partial(retrieve, server.table, query, where=fields.where,
+                                           k=fields.k or server.answering.k, mode=fields.mode or server.answering.mode))
         try:
             return await asyncio.wait_for(search, server.retrieval_deadline)
         except TimeoutError:
@@ -326,7 +333,7 @@ def create_app(server: Server):
             return await batched_chat(server, body, request, question, hits, column, history, max_tokens, penalty)
         try:
             stream = stream_answer(server.model, server.tokenizer, question, hits, column, history=history,
-                                   max_new_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p,
+                                   cite=server.cites(body), style=server.style, max_new_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p,
                                    repetition_penalty=penalty, stop=body.stop or [], seed=body.seed,
                                    min_new_tokens=min(body.min_tokens, max_tokens))
         except RagrpoError as exc:
@@ -357,10 +364,12 @@ async def batched_chat(server: Server, body: ChatRequest, request: Request, ques
     """The chat endpoint's answer as one row of the running batch (`batching.Batcher`)."""
     from ragrpo.batching import QueueFull
     from ragrpo.decode import Sampling
-    from ragrpo.rag import answer_sources, build_prompt
+    from ragrpo.prompts import build_prompt
+    from ragrpo.rag import answer_sources
 
-    tokenizer, batcher = server.tokenizer, server.batcher
-    conversation = [*history, {"role": "user", "content": build_prompt(question, [h[column] for h in hits])}]
+    tokenizer, batcher, style = server.tokenizer, server.batcher, server.style
+    prompt = build_prompt(question, style.passages(hits, column), cite=server.cites(body), label=style.label)
+    conversation = [*history, {"role": "user", "content": prompt}]
     text = tokenizer.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
     prompt_ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     if len(prompt_ids) + max_tokens > batcher.engine.capacity:
@@ -511,15 +520,20 @@ def load_server(table: str, model: str | None, *, db: str | Path = "lancedb", th
     intra-op threads once (on a shared CPU, 1 thread can be several times faster than spinning on 2).
     `max_batch` rows decode together (`default_max_batch()` if None; 1 serves one request at a time)."""
     from ragrpo import hardware
+    from ragrpo.answer_settings import saved_settings
     from ragrpo.index import open_table
     from ragrpo.models import load_model
+    from ragrpo.prompts import table_style
     from ragrpo.retrieve import text_column
 
     lance_table = open_table(table, db)
     column = text_column(lance_table)
+    answering = saved_settings(model) or AnswerSettings()
+    style = table_style(lance_table, answering.header)
     hardware.set_threads(threads)
     lm, tokenizer = load_model(model)
-    server = Server(lm, tokenizer, lance_table, column, model_id_for(model), **settings)
+    server = Server(lm, tokenizer, lance_table, column, model_id_for(model), answering=answering, style=style,
+                    **settings)
     max_batch = default_max_batch() if max_batch is None else max_batch
     if max_batch > 1:
         server.batcher = make_batcher(lm, tokenizer, max_batch=max_batch, max_waiting=server.max_waiting,
