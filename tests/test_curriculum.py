@@ -59,8 +59,8 @@ def test_blank_questions_take_a_name_from_inside_a_sentence():
             "Mine owner Ezra Pike wants the tower torn down so he can dig.")
     found = [(q.query, q.meta["targets"]) for q in blank_questions(text, "The Salt Clock", "s1")]
     assert found == [
-        ('In The Salt Clock, which name fills the blank in "In a ___ salt-mining town, the widow Clara Voss inherits a '
-         'broken clock tower."?', ["Utah"]),  # the first name of the sentence: a place here
+        (('In The Salt Clock, which name fills the blank in "In a ___ salt-mining town, the widow Clara Voss inherits a '
+          'broken clock tower."?'), ["Utah"]),  # the first name of the sentence: a place here
         ('In The Salt Clock, which name fills the blank in "Mine owner ___ wants the tower torn down so he can dig."?',
          ["Ezra Pike", "Pike"])]
 
