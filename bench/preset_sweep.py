@@ -22,8 +22,8 @@ from pathlib import Path
 
 def run_point(lr: float, seed: int, steps: int, workdir: Path, samples: int) -> dict:
     from ragrpo.config import build_run_config
-    from ragrpo.evaluate import compare_run
-    from ragrpo.train import train
+    from ragrpo.evaluation.evaluate import compare_run
+    from ragrpo.tuning.train import train
 
     output = workdir / f"lr{lr:g}-seed{seed}"
     cfg = build_run_config(output=str(output), learning_rate=lr, seed=seed, max_steps=steps,

@@ -1,21 +1,23 @@
 """Retrieval benchmark, one process: ingest speed, query latency and index recall, and hit@5 by mode.
 
-1. hit@5 on the built-in corpus: builtin:movies is indexed by `ragrpo.index.index`; for every movie a
-   question is generated from one of its sentences (not the first) with the character names replaced
-   by "someone", and each mode (vector, fts, hybrid) is scored on whether the movie is in its top 5.
+1. hit@5 on the built-in corpus: builtin:movies is indexed by `ragrpo.retrieval.index.index`; for
+   every movie a question is generated from one of its sentences (not the first) with the character
+   names replaced by "someone", and each mode (vector, fts, hybrid) is scored on whether the movie is
+   in its top 5.
 2. ingest: the same generated documents (default 5,000; plot-like paragraphs composed from the
    built-in corpus's sentences, with metadata drawn from its columns) go in
        baseline  the write-up's way: a LanceModel schema through the registry, then `table.add(df)`,
                  which embeds with sentence-transformers' float32 `encode`
-       ragrpo    `ragrpo.index.index` on the same data written to a CSV (reading, chunking, the fast
-                 embedding path and the full-text index included)
+       ragrpo    `ragrpo.retrieval.index.index` on the same data written to a CSV (reading, chunking,
+                 the fast embedding path and the full-text index included)
    Both embedders are loaded before the clock starts for the baseline; ragrpo's timing includes
    loading its own. The largest 1 - cosine between the two sides' vectors is reported too.
 3. query latency and recall: tables of 10k and 100k rows. Embedding 100k texts is out of reach on
    2 cores, so rows past the real documents are SYNTHESIZED: a real document's metadata with a new
    year, and a noisy copy of its real vector (unit noise of norm 0.5, renormalised). Indexes are built
-   by `ragrpo.index.build_indexes` (IVF_HNSW_SQ, scalar, FTS). Latency is `ragrpo.retrieve.search`
-   end to end (query embedding plus prefiltered search, k=5, `release_year < 1990`). Recall@10 of the
+   by `ragrpo.retrieval.index.build_indexes` (IVF_HNSW_SQ, scalar, FTS). Latency is
+   `ragrpo.retrieval.search.search` end to end (query embedding plus prefiltered search, k=5,
+   `release_year < 1990`). Recall@10 of the
    vector index is measured against exact search (`bypass_vector_index`), with and without the filter.
 
     python bench/retrieval.py --out bench/results/retrieval-cpu-2core.json
@@ -89,8 +91,8 @@ def question_for(plot: str, rng: random.Random) -> str:
 # -- 1. hit@5 -----------------------------------------------------------------------------------------
 
 def hit_at_5(workdir: Path) -> dict:
-    from ragrpo.index import index, open_table
-    from ragrpo.retrieve import search
+    from ragrpo.retrieval.index import index, open_table
+    from ragrpo.retrieval.search import search
 
     index("builtin:movies", "movies", workdir / "hits")
     table = open_table("movies", workdir / "hits")
@@ -110,8 +112,8 @@ def ingest(docs, workdir: Path) -> tuple[dict, np.ndarray]:
     from lancedb.embeddings import get_registry
     from lancedb.pydantic import LanceModel, Vector
 
-    from ragrpo.index import index, open_table
     from ragrpo.models import resolve_embedder
+    from ragrpo.retrieval.index import index, open_table
 
     func = get_registry().get("sentence-transformers").create(name=resolve_embedder(None), device="cpu")
 
@@ -161,7 +163,7 @@ def synthetic_table(docs, vectors: np.ndarray, rows: int, workdir: Path):
     import lancedb
     import pandas as pd
 
-    from ragrpo.index import build_schema, embedding_function
+    from ragrpo.retrieval.index import build_schema, embedding_function
 
     rng = np.random.default_rng(rows)
     pick = np.arange(rows) % len(docs)
@@ -183,8 +185,8 @@ def synthetic_table(docs, vectors: np.ndarray, rows: int, workdir: Path):
 
 
 def latency_and_recall(docs, vectors, rows: int, queries: list[str], workdir: Path) -> dict:
-    from ragrpo.index import build_indexes
-    from ragrpo.retrieve import NPROBES, REFINE_FACTOR, search
+    from ragrpo.retrieval.index import build_indexes
+    from ragrpo.retrieval.search import NPROBES, REFINE_FACTOR, search
 
     table, func = synthetic_table(docs, vectors, rows, workdir)
     started = time.perf_counter()

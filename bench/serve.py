@@ -70,24 +70,24 @@ def summarize(name: str, clients: int, results: list[dict], wall: float) -> dict
 def run_library(db: Path, table_name: str, requests: int, k: int, threads: int | None, forward: bool = False) -> dict:
     """Retrieval and a token loop in this process, no HTTP: the decode engine, or with `forward` the library's
     previous loop (the engine is switched off for this side only, by making it cover no model)."""
-    import ragrpo.engine
+    import ragrpo.generation.engine
     from ragrpo import hardware
 
     hardware.set_threads(threads)
-    covered = ragrpo.engine.fresh_projections
+    covered = ragrpo.generation.engine.fresh_projections
     if forward:
-        ragrpo.engine.fresh_projections = lambda model: None
+        ragrpo.generation.engine.fresh_projections = lambda model: None
     try:
         return _library_requests(db, table_name, requests, k, "forward" if forward else "library")
     finally:
-        ragrpo.engine.fresh_projections = covered
+        ragrpo.generation.engine.fresh_projections = covered
 
 
 def _library_requests(db: Path, table_name: str, requests: int, k: int, name: str) -> dict:
-    from ragrpo.index import open_table
+    from ragrpo.generation.rag import retrieve, stream_answer
     from ragrpo.models import load_model
     from ragrpo.prompts import table_style
-    from ragrpo.rag import retrieve, stream_answer
+    from ragrpo.retrieval.index import open_table
 
     model, tokenizer = load_model(None)
     table = open_table(table_name, db)
@@ -116,11 +116,11 @@ def prefill_seconds(db: Path, table_name: str, k: int) -> dict:
     import torch
 
     from ragrpo import hardware
-    from ragrpo.engine import SamplingCopy
-    from ragrpo.index import open_table
+    from ragrpo.generation.engine import SamplingCopy
+    from ragrpo.generation.rag import retrieve
     from ragrpo.models import load_model
     from ragrpo.prompts import build_prompt, table_style
-    from ragrpo.rag import retrieve
+    from ragrpo.retrieval.index import open_table
 
     model, tokenizer = load_model(None)
     table = open_table(table_name, db)
@@ -247,7 +247,7 @@ def main() -> None:
     quiet_transformers()
     db = Path(args.db) if args.db else Path(tempfile.mkdtemp(prefix="ragrpo-bench-")) / "lancedb"
     if not args.db:
-        from ragrpo.index import index
+        from ragrpo.retrieval.index import index
 
         index("builtin:movies", args.table, db)
     out = Path(args.out)

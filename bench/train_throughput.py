@@ -9,8 +9,8 @@ adapter-free model, per-sequence `grpo` aggregation). Only how the work is done 
               default), adamw_torch (the CPU fallback for paged_adamw_8bit)
     bf16      plain TRL with ragrpo's GRPOConfig engine settings only (`engine_settings`: bf16 autocast
               where the hardware has fast bf16, no gradient checkpointing); the lever of the first version
-    ragrpo    ragrpo's fast engine (`ragrpo.engine`): those settings, the frozen base held in bf16, and
-              sampling on a merged copy of the policy with a static key/value cache
+    ragrpo    ragrpo's fast engine (`ragrpo.generation.engine`): those settings, the frozen base held in
+              bf16, and sampling on a merged copy of the policy with a static key/value cache
 
 So that every side does the same work, completions are held at exactly 128 tokens (`min_new_tokens`):
 6 x 128 = 768 completion tokens per step on every side. The first step of each side is a warm-up and is
@@ -69,7 +69,7 @@ def run_side(name: str, steps: int, workdir: Path, tokens: int = TOKENS) -> dict
 
     from ragrpo.config import build_run_config, engine_settings
     from ragrpo.models import load_model
-    from ragrpo.train import build_dataset, make_trainer
+    from ragrpo.tuning.train import build_dataset, make_trainer
 
     engine, extra = SIDES[name]
     extra = engine_settings() if extra == "engine_settings" else extra

@@ -38,7 +38,7 @@ def base_model(base_model_dir):
 @pytest.fixture(scope="session")
 def movie_db(tmp_path_factory):
     """builtin:movies indexed once into a LanceDB folder; returns the folder."""
-    from ragrpo.index import index
+    from ragrpo.retrieval.index import index
 
     db = tmp_path_factory.mktemp("lancedb")
     index("builtin:movies", "movies", db)
@@ -99,7 +99,7 @@ TINY_RUN = {
 def tiny_run(tmp_path_factory, base_model_dir):
     """A real 2-step GRPO run of the packaged model on builtin:movies; returns its TrainResult."""
     from ragrpo.config import build_run_config
-    from ragrpo.train import train
+    from ragrpo.tuning.train import train
 
     output = tmp_path_factory.mktemp("runs") / "tiny"
     return train(build_run_config(output=str(output), **TINY_RUN))

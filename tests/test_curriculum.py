@@ -7,7 +7,11 @@ from collections import Counter
 import pytest
 
 from ragrpo import RagrpoError
-from ragrpo.curriculum import (
+from ragrpo.generation.rag import retrieve
+from ragrpo.prompts import REASONING_INSTRUCTION, build_prompt, cite_instruction, table_style
+from ragrpo.rewards.builtin import REWARDS, cited_passages, get_source_citation_reward, source_citation
+from ragrpo.rewards.registry import guarded
+from ragrpo.tuning.curriculum import (
     IndexSource,
     build_curriculum,
     document_frequencies,
@@ -16,10 +20,6 @@ from ragrpo.curriculum import (
     keywords,
     template_questions,
 )
-from ragrpo.prompts import REASONING_INSTRUCTION, build_prompt, cite_instruction, table_style
-from ragrpo.rag import retrieve
-from ragrpo.reward_specs import guarded
-from ragrpo.rewards import REWARDS, cited_passages, get_source_citation_reward, source_citation
 
 ROW = {"title": "The Ferryman's Ledger", "release_year": 1923,
        "movie_plot": "Thames ferryman Walter Crouch keeps a ledger. The ledger lists every passenger; "
@@ -53,7 +53,7 @@ def test_a_row_with_nothing_to_ask_for_gets_the_open_questions():
 
 
 def test_blank_questions_take_a_name_from_inside_a_sentence():
-    from ragrpo.curriculum import blank_questions
+    from ragrpo.tuning.curriculum import blank_questions
 
     text = ("In a Utah salt-mining town, the widow Clara Voss inherits a broken clock tower. Short one here. "
             "Mine owner Ezra Pike wants the tower torn down so he can dig.")
@@ -76,7 +76,7 @@ def test_blank_questions_take_a_name_from_inside_a_sentence():
     ("After Beppe burns his hands, his daughter does the work.", None),
 ])
 def test_who_questions_are_cut_from_sentences_that_open_with_a_name(text, expected):
-    from ragrpo.curriculum import subject_questions
+    from ragrpo.tuning.curriculum import subject_questions
 
     found = [(q.query, q.meta["targets"]) for q in subject_questions(text, "Salt", "s1")]
     assert found == ([expected] if expected else [])
@@ -237,7 +237,7 @@ def test_cited_passages_reads_marks_and_names():
 @pytest.mark.integration
 @pytest.mark.parametrize("mode", ["hybrid", "vector"])  # hybrid is the default; vector embeds in one batch
 def test_curriculum_rows_are_what_ask_would_see(movie_db, mode):
-    from ragrpo.index import open_table
+    from ragrpo.retrieval.index import open_table
 
     source = IndexSource("movies", str(movie_db), where="release_year < 1990", k=3, mode=mode, max_documents=40)
     curriculum = build_curriculum(source)
@@ -269,8 +269,8 @@ def test_curriculum_rows_are_what_ask_would_see(movie_db, mode):
 @pytest.mark.integration
 @pytest.mark.parametrize("where", ["release_yr < 1990", "release_year <<< 1990"])
 def test_bad_filter_fails_with_one_line(movie_db, where):
-    from ragrpo.curriculum import retrieve_all
-    from ragrpo.index import open_table
+    from ragrpo.retrieval.index import open_table
+    from ragrpo.tuning.curriculum import retrieve_all
 
     with pytest.raises(RagrpoError, match="invalid --where") as error:
         build_curriculum(IndexSource("movies", str(movie_db), where=where))
@@ -294,7 +294,7 @@ def tiny_model_dir(tmp_path_factory, base_model_dir):
 @pytest.fixture(scope="module")
 def index_run(tmp_path_factory, movie_db, tiny_model_dir):
     from ragrpo.config import build_run_config
-    from ragrpo.curriculum import from_index_config, train_from_index
+    from ragrpo.tuning.curriculum import from_index_config, train_from_index
 
     source = IndexSource("movies", str(movie_db), k=2, reasoning=True, held_out=0.2, max_documents=30)
     cfg = build_run_config(output=str(tmp_path_factory.mktemp("runs") / "rag"), model=str(tiny_model_dir),
@@ -327,7 +327,7 @@ def test_eval_from_index_scores_both_models_per_seed(index_run, tiny_model_dir, 
     import torch
     from conftest import needs_packing
 
-    from ragrpo.index_eval import compare_from_index
+    from ragrpo.evaluation.from_index import compare_from_index
 
     needs_packing(torch.float32)
     force_hardware(BF16="0", PACK="1")
@@ -355,7 +355,7 @@ def test_eval_from_index_scores_both_models_per_seed(index_run, tiny_model_dir, 
 
 
 def test_citation_accuracy_counts_the_source_alone_and_separates_lower_ranked_sources():
-    from ragrpo.index_eval import score_answers
+    from ragrpo.evaluation.from_index import score_answers
 
     def row(rank):  # the source is passage `rank` of two (0: not retrieved)
         ids = {0: ["x", "y"], 1: ["s", "y"], 2: ["x", "s"]}[rank]
@@ -370,7 +370,7 @@ def test_citation_accuracy_counts_the_source_alone_and_separates_lower_ranked_so
 
 
 def test_answer_accuracy_by_kind_and_source_position():
-    from ragrpo.index_eval import score_answers
+    from ragrpo.evaluation.from_index import score_answers
 
     def row(rank, kind, answers):
         ids = {0: ["x", "y"], 1: ["s", "y"], 2: ["x", "s"]}[rank]
@@ -392,8 +392,8 @@ def test_answer_accuracy_by_kind_and_source_position():
 
 @pytest.mark.integration
 def test_eval_from_index_takes_the_users_gold_file(index_run, tmp_path):
-    from ragrpo.gold import load_gold
-    from ragrpo.index_eval import gold_questions
+    from ragrpo.evaluation.from_index import gold_questions
+    from ragrpo.evaluation.gold import load_gold
 
     result, curriculum = index_run
     split = json.loads((result.output / "curriculum" / "split.json").read_text())
@@ -416,10 +416,10 @@ def test_eval_from_index_takes_the_users_gold_file(index_run, tmp_path):
 def test_ask_on_a_from_index_model_retrieves_and_prompts_as_the_run_trained(index_run, movie_db, monkeypatch):
     from click.testing import CliRunner
 
-    from ragrpo import rag
     from ragrpo.answer_settings import AnswerSettings, saved_settings
     from ragrpo.cli import main
-    from ragrpo.index import open_table
+    from ragrpo.generation import rag
+    from ragrpo.retrieval.index import open_table
 
     result, curriculum = index_run
     merged = result.output / "merged"
@@ -448,8 +448,8 @@ def test_ask_on_a_from_index_model_retrieves_and_prompts_as_the_run_trained(inde
 @pytest.mark.integration
 def test_serve_on_a_from_index_model_answers_with_its_settings(index_run, movie_db):
     from ragrpo.answer_settings import AnswerSettings
-    from ragrpo.request_bodies import ChatRequest
-    from ragrpo.serve import load_server
+    from ragrpo.serving.request_bodies import ChatRequest
+    from ragrpo.serving.server import load_server
 
     result, _ = index_run
     server = load_server("movies", str(result.output / "merged"), db=movie_db, max_batch=1)
@@ -460,7 +460,7 @@ def test_serve_on_a_from_index_model_answers_with_its_settings(index_run, movie_
 
 
 def test_eval_answers_are_reused_only_for_the_same_prompts(tmp_path, monkeypatch):
-    from ragrpo import index_eval
+    from ragrpo.evaluation import from_index
 
     calls = []
 
@@ -468,12 +468,12 @@ def test_eval_answers_are_reused_only_for_the_same_prompts(tmp_path, monkeypatch
         calls.append([r["prompt"] for r in rows])
         return [f"answer {len(calls)}" for _ in rows]
 
-    monkeypatch.setattr(index_eval, "answer_all", fake_answer_all)
+    monkeypatch.setattr(from_index, "answer_all", fake_answer_all)
     rows = [{"query": "What happens in Ledger?", "prompt": "Query ... cite e.g. [2]"}]
     loaded = {"base": (None, None, None)}  # model, tokenizer and sampler already in memory: nothing to load
 
     def answers(prompt_rows):
-        return index_eval.cached_answers(tmp_path, "base", None, prompt_rows, seed=0, max_new_tokens=8,
+        return from_index.cached_answers(tmp_path, "base", None, prompt_rows, seed=0, max_new_tokens=8,
                                          loaded=loaded)
 
     assert answers(rows) == ["answer 1"]
@@ -484,7 +484,7 @@ def test_eval_answers_are_reused_only_for_the_same_prompts(tmp_path, monkeypatch
 
 
 def test_eval_from_index_needs_a_from_index_run(tmp_path):
-    from ragrpo.index_eval import compare_from_index
+    from ragrpo.evaluation.from_index import compare_from_index
 
     with pytest.raises(RagrpoError, match="not a from-index run folder"):
         compare_from_index(tmp_path)
@@ -501,7 +501,7 @@ def test_cli_from_index_errors_are_one_line(tmp_path):
 
 
 def test_ask_with_reasoning_shows_only_the_answer(monkeypatch):
-    from ragrpo import rag
+    from ragrpo.generation import rag
 
     seen = {}
 
@@ -522,8 +522,8 @@ def test_ask_with_reasoning_shows_only_the_answer(monkeypatch):
 
 
 def test_model_questions_take_the_question_line_and_fall_back_to_keywords(monkeypatch):
-    from ragrpo import rag
-    from ragrpo.curriculum import QUESTION_PROMPT, model_questions
+    from ragrpo.generation import rag
+    from ragrpo.tuning.curriculum import QUESTION_PROMPT, model_questions
 
     seen = []
 
@@ -543,8 +543,8 @@ def test_model_questions_take_the_question_line_and_fall_back_to_keywords(monkey
 
 @pytest.mark.integration
 def test_packaged_model_writes_one_question_per_document(movie_db, base_model):
-    from ragrpo.curriculum import make_questions, read_documents
-    from ragrpo.index import open_table
+    from ragrpo.retrieval.index import open_table
+    from ragrpo.tuning.curriculum import make_questions, read_documents
 
     rows = read_documents(open_table("movies", movie_db))[:4]
     model, tokenizer = base_model

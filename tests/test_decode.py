@@ -1,11 +1,11 @@
-"""The one decode engine (ragrpo.decode): rows at their own positions share steps without changing what
-each row would have produced alone."""
+"""The one decode engine (ragrpo.generation.decode): rows at their own positions share steps without
+changing what each row would have produced alone."""
 
 import pytest
 import torch
 
-from ragrpo.decode import Engine, Row, Sampling, choose
-from ragrpo.engine import SamplingCopy, _projections
+from ragrpo.generation.decode import Engine, Row, Sampling, choose
+from ragrpo.generation.engine import SamplingCopy, _projections
 
 
 def _engine(model, slots=4, capacity=64, pack=False):
@@ -143,7 +143,7 @@ def test_staggered_greedy_rows_on_the_packaged_model(base_model, force_hardware)
 def test_the_batcher_bounds_its_queue_and_frees_a_cancelled_row(tiny_causal_lm):
     import time
 
-    from ragrpo.batching import Batcher, QueueFull
+    from ragrpo.generation.batching import Batcher, QueueFull
 
     model, tokenizer = tiny_causal_lm
     copy = SamplingCopy(model, dtype=torch.float32)

@@ -1,9 +1,9 @@
-"""The fast engine samples from the same policy the trainer optimises (ragrpo.engine)."""
+"""The fast engine samples from the same policy the trainer optimises (ragrpo.generation.engine)."""
 
 import pytest
 import torch
 
-from ragrpo.engine import SamplingCopy, fast_trainer_class
+from ragrpo.generation.engine import SamplingCopy, fast_trainer_class
 
 
 @pytest.fixture()
@@ -77,7 +77,7 @@ def test_fast_trainer_trains_the_adapter_and_samples_from_the_copy(tiny_causal_l
     from datasets import Dataset
 
     from ragrpo.config import build_run_config
-    from ragrpo.train import make_trainer
+    from ragrpo.tuning.train import make_trainer
 
     model, tokenizer = tiny_causal_lm
     cfg = build_run_config(engine="fast", num_generations=2, max_completion_length=8, learning_rate=1e-2,
@@ -103,7 +103,7 @@ def test_trl_engine_is_plain_grpo_trainer(tiny_causal_lm, tmp_path):
     from trl import GRPOTrainer
 
     from ragrpo.config import build_run_config
-    from ragrpo.train import make_trainer
+    from ragrpo.tuning.train import make_trainer
 
     model, tokenizer = tiny_causal_lm
     cfg = build_run_config(engine="trl", output=str(tmp_path), grpo={"bf16": False})
@@ -133,7 +133,7 @@ def test_shared_prompt_logps_equal_the_full_forward_and_its_gradients(tiny_causa
     from peft import LoraConfig, get_peft_model
     from trl.trainer.utils import add_fused_lm_head
 
-    from ragrpo.engine import shared_prompt_logps
+    from ragrpo.generation.engine import shared_prompt_logps
 
     model, _ = tiny_causal_lm
     add_fused_lm_head(model, temperature=0.7, outputs=("log_probs", "entropy"))
@@ -166,7 +166,7 @@ def test_shared_prompt_logps_equal_the_full_forward_and_its_gradients(tiny_causa
 def test_shared_prompt_logps_steps_aside_when_no_prompt_repeats(tiny_causal_lm):
     import contextlib
 
-    from ragrpo.engine import shared_prompt_logps
+    from ragrpo.generation.engine import shared_prompt_logps
 
     model, _ = tiny_causal_lm
     input_ids, mask, width = _trl_batch()
@@ -223,7 +223,7 @@ def test_decode_loop_honours_min_new_tokens_and_top_k(policy):
 def test_settings_beyond_the_loop_fall_back_to_generate():
     from transformers import GenerationConfig
 
-    from ragrpo.engine import _loop_settings
+    from ragrpo.generation.engine import _loop_settings
 
     defaults = GenerationConfig()
     settings = _loop_settings(GenerationConfig(max_new_tokens=5, do_sample=True), defaults)
@@ -235,7 +235,7 @@ def test_settings_beyond_the_loop_fall_back_to_generate():
 
 
 def test_inverse_cdf_sampling_draws_from_the_distribution():
-    from ragrpo.decode import Row, Sampling, choose
+    from ragrpo.generation.decode import Row, Sampling, choose
 
     torch.manual_seed(0)
     probs = torch.tensor([0.0, 0.5, 0.0, 0.2, 0.3, 0.0])
@@ -249,8 +249,8 @@ def test_inverse_cdf_sampling_draws_from_the_distribution():
 def _loop_tracks_the_forward(copy, prompt, continuation, max_gap, mean_gap, top_gap):
     """Along `continuation`, the loop's per-step logits stay within `max_gap` (largest) and `mean_gap` (mean) of
     transformers' full forward, and the loop's pick is within `top_gap` of the forward's best logit."""
-    from ragrpo.decode import Engine, Row, Sampling
-    from ragrpo.engine import _projections
+    from ragrpo.generation.decode import Engine, Row, Sampling
+    from ragrpo.generation.engine import _projections
 
     sequence = torch.tensor([prompt + continuation])
     projections = copy.packed or _projections(copy.model, copy.fused, pack=False)
@@ -327,7 +327,7 @@ def test_a_plain_model_is_sampled_as_it_is(tiny_causal_lm, force_hardware):
     where bf16 pays and oneDNN packs it, else in float32."""
     from conftest import needs_packing
 
-    from ragrpo.engine import evaluation_sampler
+    from ragrpo.generation.engine import evaluation_sampler
 
     model, _ = tiny_causal_lm
     copy = SamplingCopy(model, dtype=torch.float32)

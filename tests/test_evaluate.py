@@ -9,7 +9,7 @@ import pytest
 
 from ragrpo import RagrpoError
 from ragrpo.config import build_run_config
-from ragrpo.evaluate import plot_run
+from ragrpo.evaluation.evaluate import plot_run
 
 
 def ragrpo(*args):
@@ -37,7 +37,7 @@ def test_plot_of_a_folder_without_metrics_is_a_user_error(tmp_path):
 def test_held_out_split_is_stable_and_disjoint(base_model_dir):
     from transformers import AutoTokenizer
 
-    from ragrpo.train import split_prompts
+    from ragrpo.tuning.train import split_prompts
 
     tokenizer = AutoTokenizer.from_pretrained(base_model_dir)
     frame, train, held = split_prompts(build_run_config(), tokenizer)

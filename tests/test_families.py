@@ -7,7 +7,7 @@ import contextlib
 import pytest
 import torch
 
-from ragrpo.engine import SamplingCopy, loop_family, shared_prompt_logps
+from ragrpo.generation.engine import SamplingCopy, loop_family, shared_prompt_logps
 
 VOCAB = 1024
 SHAPE = {"vocab_size": VOCAB, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
@@ -135,7 +135,7 @@ def test_two_grpo_steps_on_the_packaged_gemma3(tmp_path):
 
     from ragrpo.config import build_run_config
     from ragrpo.models import GEMMA3_MODEL, load_model
-    from ragrpo.train import build_dataset, make_trainer
+    from ragrpo.tuning.train import build_dataset, make_trainer
 
     model, tokenizer = load_model(GEMMA3_MODEL)
     assert model.config.model_type == "gemma3_text" and loop_family(model.config) is None

@@ -179,7 +179,7 @@ def write_notes(path):
 
 @pytest.fixture(scope="module")
 def notes_db(tmp_path_factory):
-    from ragrpo.index import index
+    from ragrpo.retrieval.index import index
 
     folder = tmp_path_factory.mktemp("notes")
     index(str(write_notes(folder / "notes.csv")), "notes", folder / "db")
@@ -220,7 +220,8 @@ def test_rerun_repairs_a_table_left_without_its_full_text_index(tmp_path):
     source, db = write_notes(tmp_path / "notes.csv"), tmp_path / "db"
     args = ["index", source, "--table", "notes", "--db", db]
     # Killed right after the table's commit, before its indexes were built.
-    killed = ragrpo(*args, code="import os, ragrpo.index\nragrpo.index.build_indexes = lambda *a, **k: os._exit(9)")
+    killed = ragrpo(*args, code="import os, ragrpo.retrieval.index\n"
+                                "ragrpo.retrieval.index.build_indexes = lambda *a, **k: os._exit(9)")
     assert killed.returncode == 9, killed.stderr[-3000:]
     table = lancedb.connect(db).open_table("notes")
     assert table.count_rows() == 3 and table.list_indices() == []

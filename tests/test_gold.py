@@ -6,8 +6,8 @@ from collections import Counter
 import pytest
 
 from ragrpo import RagrpoError
-from ragrpo.curriculum import document_id, is_held_out
-from ragrpo.gold import KINDS, answer_accuracy, load_gold, normalize, token_f1
+from ragrpo.evaluation.gold import KINDS, answer_accuracy, load_gold, normalize, token_f1
+from ragrpo.tuning.curriculum import document_id, is_held_out
 
 # (answer, golds, accuracy, F1)
 SCORES = [
@@ -92,7 +92,7 @@ def movies():
 
     Every plot is one chunk (checked against a real index in `test_ids_match_an_indexed_table`), so a
     document's id is the curriculum's `document_id` of its row."""
-    from ragrpo.index import prepare_frame
+    from ragrpo.retrieval.index import prepare_frame
 
     frame, column, _ = prepare_frame("builtin:movies", None, {})
     rows = frame.to_dict("records")
@@ -138,9 +138,9 @@ def test_packaged_file_is_package_data():
 @pytest.mark.integration
 def test_ids_match_an_indexed_table(movie_db, movies):
     """The ids the curriculum reads from a real index of builtin:movies are the gold set's."""
-    from ragrpo.curriculum import IndexSource, read_documents
-    from ragrpo.index import open_table
-    from ragrpo.retrieve import text_column
+    from ragrpo.retrieval.index import open_table
+    from ragrpo.retrieval.search import text_column
+    from ragrpo.tuning.curriculum import IndexSource, read_documents
 
     table = open_table("movies", movie_db)
     column = text_column(table)

@@ -30,8 +30,8 @@ def one_error_line(result, *fragments):
 
 @pytest.fixture(scope="session")
 def embedder():
-    from ragrpo.embed import Embedder
     from ragrpo.models import resolve_embedder
+    from ragrpo.retrieval.embed import Embedder
 
     return Embedder.load(resolve_embedder(None), precision="bfloat16")
 
@@ -109,7 +109,7 @@ def test_fast_embedding_stays_within_1e3_cosine_of_float32_sentence_transformers
 def test_embedder_without_a_fast_path_uses_sentence_transformers(embedder):
     from sentence_transformers import SentenceTransformer
 
-    from ragrpo.embed import Embedder
+    from ragrpo.retrieval.embed import Embedder
 
     model = SentenceTransformer(embedder.name, device="cpu")
     fallback = Embedder(embedder.name, model.tokenizer, model.max_seq_length, fallback=model)
@@ -124,7 +124,7 @@ def test_packed_linears_compute_what_the_plain_bf16_bert_does():
     from conftest import needs_packing
     from transformers import BertConfig, BertModel
 
-    from ragrpo.embed import pack_linears
+    from ragrpo.retrieval.embed import pack_linears
 
     torch.manual_seed(0)
     config = BertConfig(vocab_size=100, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
@@ -151,7 +151,7 @@ def test_packed_linears_compute_what_the_plain_bf16_bert_does():
 def test_id_column_upsert_is_idempotent_and_drops_stale_chunks(tmp_path):
     import lancedb
 
-    from ragrpo.index import index
+    from ragrpo.retrieval.index import index
 
     docs, db = tmp_path / "docs", tmp_path / "db"
     docs.mkdir()
@@ -212,7 +212,7 @@ def test_indexes_built_from_the_threshold_and_filters_still_hold(tmp_path):
     import pandas as pd
     import pyarrow as pa
 
-    from ragrpo.index import build_indexes
+    from ragrpo.retrieval.index import build_indexes
 
     rng = np.random.default_rng(0)
     n = 1200
@@ -244,8 +244,8 @@ def test_indexes_built_from_the_threshold_and_filters_still_hold(tmp_path):
 @pytest.mark.integration
 @pytest.mark.parametrize("mode", ["vector", "fts", "hybrid"])
 def test_every_mode_finds_the_movie_and_honours_the_filter(movie_db, mode):
-    from ragrpo.index import open_table
-    from ragrpo.retrieve import search
+    from ragrpo.retrieval.index import open_table
+    from ragrpo.retrieval.search import search
 
     table = open_table("movies", movie_db)
     rows = search(table, "asteroid mine airlocks sabotage recording", where="release_year >= 1990", k=8, mode=mode)
@@ -259,9 +259,9 @@ def test_every_mode_finds_the_movie_and_honours_the_filter(movie_db, mode):
 
 @pytest.mark.integration
 def test_bad_mode_and_where_name_the_problem(movie_db):
-    from ragrpo.index import open_table
-    from ragrpo.rag import retrieve
-    from ragrpo.retrieve import search
+    from ragrpo.generation.rag import retrieve
+    from ragrpo.retrieval.index import open_table
+    from ragrpo.retrieval.search import search
 
     table = open_table("movies", movie_db)
     with pytest.raises(RagrpoError, match="search mode 'semantic'"):
@@ -314,8 +314,8 @@ def tiny_cross_encoder(tmp_path_factory):
 def test_rerank_orders_first_stage_candidates_by_the_cross_encoder(movie_db, tiny_cross_encoder):
     from sentence_transformers import CrossEncoder
 
-    from ragrpo.index import open_table
-    from ragrpo.retrieve import RERANK_CANDIDATES, search
+    from ragrpo.retrieval.index import open_table
+    from ragrpo.retrieval.search import RERANK_CANDIDATES, search
 
     table = open_table("movies", movie_db)
     query = "a detective who is the killer"
@@ -335,8 +335,8 @@ def tmp_path_missing():
 
 @pytest.mark.parametrize("bf16, dtype", [("1", "bfloat16"), ("0", "float32")])
 def test_auto_precision_follows_the_hardware_decision(force_hardware, bf16, dtype):
-    from ragrpo.embed import Embedder
     from ragrpo.models import resolve_embedder
+    from ragrpo.retrieval.embed import Embedder
 
     force_hardware(BF16=bf16)
     embedder = Embedder.load(resolve_embedder(None), precision="auto")

@@ -14,8 +14,8 @@ import pytest
 import torch
 
 from ragrpo.config import build_run_config
-from ragrpo.reward_specs import resolve_rewards
-from ragrpo.train import make_trainer
+from ragrpo.rewards.registry import resolve_rewards
+from ragrpo.tuning.train import make_trainer
 
 G, EPSILON, BETA = 4, 0.05, 0.2
 REWARDS = ["length", "token_diversity=0.5"]

@@ -7,7 +7,7 @@ import pytest
 from ragrpo import RagrpoError
 from ragrpo.config import build_run_config
 from ragrpo.data import read_records
-from ragrpo.train import build_dataset, build_prompts
+from ragrpo.tuning.train import build_dataset, build_prompts
 
 
 @pytest.fixture(scope="module")

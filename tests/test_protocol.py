@@ -9,7 +9,6 @@ import pytest
 
 from ragrpo import RagrpoError
 from ragrpo.answer_settings import FILE, AnswerSettings, resolve_settings, saved_settings
-from ragrpo.curriculum import balanced_orders
 from ragrpo.prompts import (
     Passage,
     PassageStyle,
@@ -21,7 +20,8 @@ from ragrpo.prompts import (
     style_for,
     without_references,
 )
-from ragrpo.rewards import source_citation
+from ragrpo.rewards.builtin import source_citation
+from ragrpo.tuning.curriculum import balanced_orders
 
 
 def test_prompt_is_the_write_ups_with_a_header_per_passage():

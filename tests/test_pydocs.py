@@ -8,9 +8,9 @@ from collections import Counter
 import pytest
 
 from ragrpo import RagrpoError
-from ragrpo.curriculum import is_held_out
 from ragrpo.data import read_records
-from ragrpo.gold import PYDOCS_KINDS, answer_accuracy, load_gold
+from ragrpo.evaluation.gold import PYDOCS_KINDS, answer_accuracy, load_gold
+from ragrpo.tuning.curriculum import is_held_out
 
 
 @pytest.fixture(scope="module")
@@ -93,7 +93,7 @@ def test_gold_answers_come_from_their_topic_and_not_from_their_question(topics):
 def test_index_builtin_pydocs(tmp_path, topics):
     import lancedb
 
-    from ragrpo.retrieve import text_column
+    from ragrpo.retrieval.search import text_column
 
     db = tmp_path / "db"
     result = subprocess.run([sys.executable, "-m", "ragrpo.cli", "index", "builtin:pydocs", "--table", "pydocs",

@@ -30,7 +30,7 @@ def test_every_filtered_row_satisfies_the_filter(movie_db):
 
 @pytest.mark.parametrize("query,title", PARAPHRASES.items())
 def test_paraphrase_finds_its_movie(movie_db, query, title):
-    from ragrpo.retrieve import search_table
+    from ragrpo.retrieval.search import search_table
 
     assert search_table("movies", query, db=movie_db, k=1)[0]["title"] == title
 

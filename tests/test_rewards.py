@@ -8,8 +8,7 @@ import pytest
 
 from ragrpo import RagrpoError
 from ragrpo.models import answer_logprobs
-from ragrpo.reward_specs import guarded, parse_reward, resolve_rewards, score_text
-from ragrpo.rewards import (
+from ragrpo.rewards.builtin import (
     REWARDS,
     RewardError,
     answer_text,
@@ -23,6 +22,7 @@ from ragrpo.rewards import (
     length,
     passages,
 )
+from ragrpo.rewards.registry import guarded, parse_reward, resolve_rewards, score_text
 
 
 def chat(text):
@@ -312,7 +312,7 @@ def test_registry_names_are_metric_keys_with_one_line_descriptions():
     ("Anything at all.", [], 0.0),  # a question without a target pays nothing
 ])
 def test_answer_match(completion, targets, expected):
-    from ragrpo.rewards import AnswerMatch
+    from ragrpo.rewards.builtin import AnswerMatch
 
     assert REWARDS["answer_match"]([completion], targets=[targets]) == [expected]
     assert REWARDS["answer_match"].__name__ == "answer_match"
@@ -325,7 +325,7 @@ def test_answer_match_needs_its_column():
 
 
 def test_registry_loads_no_model_until_a_model_reward_is_called():
-    code = ("import sys; from ragrpo.reward_specs import parse_reward; "
+    code = ("import sys; from ragrpo.rewards.registry import parse_reward; "
             "parse_reward('relevance'); parse_reward('context_reliance'); "
             "print(any(m in sys.modules for m in ('torch', 'sentence_transformers')))")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
@@ -389,10 +389,10 @@ def test_score_text():
 def test_docstring_examples():
     import doctest
 
-    import ragrpo.reward_specs
-    import ragrpo.rewards
+    import ragrpo.rewards.builtin
+    import ragrpo.rewards.registry
 
-    results = [doctest.testmod(module) for module in (ragrpo.rewards, ragrpo.reward_specs)]
+    results = [doctest.testmod(module) for module in (ragrpo.rewards.builtin, ragrpo.rewards.registry)]
     assert all(result.failed == 0 for result in results)
     assert results[0].attempted >= 14 and results[1].attempted >= 1
 

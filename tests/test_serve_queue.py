@@ -5,7 +5,7 @@ import asyncio
 
 import pytest
 
-from ragrpo.serve import ApiError, Server, admit, generate_pieces
+from ragrpo.serving.server import ApiError, Server, admit, generate_pieces
 
 
 class FakeStream:

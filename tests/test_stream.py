@@ -4,7 +4,7 @@ end the text without leaking into it, and closing stops the work. The text check
 
 import pytest
 
-from ragrpo.rag import TextStream, _held_back, generate
+from ragrpo.generation.rag import TextStream, _held_back, generate
 
 CONVERSATION = [{"role": "user", "content": "Name a film about a lighthouse."}]
 

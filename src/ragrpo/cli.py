@@ -118,11 +118,11 @@ def train(config_file, rewards, overwrite, resume, from_index, db, where, k, mod
     Example: ragrpo train --from-index movies --db lancedb --where "release_year < 1990" --output runs/rag
     """
     from ragrpo.config import build_run_config
-    from ragrpo.train import train as run_training
+    from ragrpo.tuning.train import train as run_training
 
     cfg = build_run_config(config_file, rewards=list(rewards) or None, **options)
     if from_index and not resume:
-        from ragrpo.curriculum import IndexSource, from_index_config, train_from_index
+        from ragrpo.tuning.curriculum import IndexSource, from_index_config, train_from_index
 
         source = IndexSource(from_index, db, where=where, k=k, mode=mode, questions=questions, reasoning=reasoning,
                              cite=cite, held_out=cfg.held_out, max_documents=max_documents, header=passage_header,
@@ -148,8 +148,8 @@ def generate(model_dir, prompt, max_new_tokens, temperature):
 
     Example: ragrpo generate runs/demo/merged "Summarize the plot of a heist film in one sentence."
     """
+    from ragrpo.generation.rag import generate as run_generate
     from ragrpo.models import load_model
-    from ragrpo.rag import generate as run_generate
 
     model, tokenizer = load_model(model_dir)
     [text] = run_generate(model, tokenizer, [[{"role": "user", "content": prompt}]],
@@ -181,8 +181,8 @@ def index(source, table, db, text_column, renames, embedding_model, overwrite, i
 
     Example: ragrpo index docs/ --table notes --id-column path --chunk-size 200
     """
-    from ragrpo.index import index as run_index
-    from ragrpo.index import parse_renames
+    from ragrpo.retrieval.index import index as run_index
+    from ragrpo.retrieval.index import parse_renames
 
     result = run_index(source, table, db, text_column=text_column, renames=parse_renames(renames),
                        embedding_model=embedding_model, overwrite=overwrite, id_column=id_column,
@@ -217,7 +217,7 @@ def search(query, table, db, where, k, as_json, mode, rerank):
     --mode hybrid
     """
     from ragrpo.prompts import source_label
-    from ragrpo.retrieve import score_of, search_table
+    from ragrpo.retrieval.search import score_of, search_table
 
     for n, row in enumerate(search_table(table, query, db=db, where=where, k=k, mode=mode, rerank=rerank), 1):
         if as_json:
@@ -260,8 +260,8 @@ def ask(query, table, model, db, where, k, max_new_tokens, temperature, repetiti
     --where "release_year < 1990" --model runs/demo/merged
     """
     from ragrpo.answer_settings import resolve_settings
+    from ragrpo.generation.rag import ask_stream
     from ragrpo.prompts import source_label
-    from ragrpo.rag import ask_stream
 
     settings, notices = resolve_settings(model, mode=mode, k=k, cite=cite, reasoning=reasoning, header=passage_header)
     for notice in notices:
@@ -269,7 +269,7 @@ def ask(query, table, model, db, where, k, max_new_tokens, temperature, repetiti
     mode, k, cite, reasoning, passage_header = (settings.mode, settings.k, settings.cite, settings.reasoning,
                                                 settings.header)
     if reasoning:  # the <think> part is not shown, so there is nothing to stream before the answer
-        from ragrpo.rag import ask as run_ask
+        from ragrpo.generation.rag import ask as run_ask
 
         result = run_ask(query, table, model, db=db, where=where, k=k, max_new_tokens=max_new_tokens,
                          temperature=temperature, repetition_penalty=repetition_penalty, mode=mode, rerank=rerank,
@@ -324,7 +324,7 @@ def serve(table, model, db, host, port, api_key, max_tokens, max_waiting, repeti
 
     Example: ragrpo serve --table movies --model runs/demo/merged --port 8000
     """
-    from ragrpo.serve import serve as run_server
+    from ragrpo.serving.server import serve as run_server
 
     if max_tokens < 1 or max_waiting < 0:
         raise RagrpoError("--max-tokens must be at least 1 and --max-waiting at least 0")
@@ -351,7 +351,7 @@ def rewards_list():
 
     Example: ragrpo rewards list
     """
-    from ragrpo.rewards import REWARDS, describe
+    from ragrpo.rewards.builtin import REWARDS, describe
 
     width = max(map(len, REWARDS))
     for name, func in REWARDS.items():
@@ -372,8 +372,8 @@ def rewards_score(specs, completion, context_file, query):
     Example: ragrpo rewards score --reward citation --reward groundedness --completion "Finch lied [1]."
     --context docs.txt --query "Who invented the island?"
     """
-    from ragrpo.reward_specs import score_text
-    from ragrpo.rewards import read_passages
+    from ragrpo.rewards.builtin import read_passages
+    from ragrpo.rewards.registry import score_text
 
     context = read_passages(context_file) if context_file is not None else None
     for name, value in score_text(list(specs), completion, context=context, query=query):
@@ -412,10 +412,10 @@ def evaluate(model, base, dataset, prompt_template, rewards, samples, max_new_to
 
     Example: ragrpo eval --from-index movies runs/rag --seeds 0,1,2
     """
-    from ragrpo.evaluate import compare_run
+    from ragrpo.evaluation.evaluate import compare_run
 
     if from_index:
-        from ragrpo.index_eval import compare_from_index
+        from ragrpo.evaluation.from_index import compare_from_index
 
         try:
             seed_list = [int(s) for s in seeds.split(",") if s.strip()]
@@ -444,7 +444,7 @@ def plot(run_dir, output):
 
     Example: ragrpo plot runs/demo
     """
-    from ragrpo.evaluate import plot_run
+    from ragrpo.evaluation.evaluate import plot_run
 
     click.echo(str(plot_run(run_dir, output)))
 

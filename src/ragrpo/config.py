@@ -120,8 +120,8 @@ class RunConfig:
         default=None,
         metadata={
             "help": "'fast' (bf16 frozen base where the hardware has fast bf16, sampling on a merged copy with a "
-            "static cache; see ragrpo.engine) or 'trl' (plain GRPOTrainer). None: 'fast' under the default "
-            "preset, 'trl' under the seed preset."
+            "static cache; see ragrpo.generation.engine) or 'trl' (plain GRPOTrainer). None: 'fast' under "
+            "the default preset, 'trl' under the seed preset."
         },
     )
     # ---- passed through ----
@@ -334,7 +334,7 @@ def _cuda_8bit_available() -> bool:
 
 def engine_settings(steps_per_generation: int = 1) -> dict:
     """GRPOConfig settings that change how fast a step runs, not what it optimises (the fast engine's;
-    `ragrpo.engine` does the rest).
+    `ragrpo.generation.engine` does the rest).
 
     bf16 autocast where `hardware.bf16()` says bf16 pays (1.27x per step on an AVX512-BF16 CPU, 3 steps of the
     benchmark); no gradient checkpointing (a 135M-parameter model's activations fit in memory); and,

@@ -21,8 +21,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from ragrpo.generation.rag import Answer
 from ragrpo.prompts import DEFAULT_QUERY
-from ragrpo.rag import Answer
 
 WHERE = "release_year < 1990"
 HELD_OUT = 0.2  # the share the packaged gold set's films are held out at
@@ -40,7 +40,7 @@ FIGURES = ("answer accuracy", "token F1", "cites source only", "cites source onl
 
 @dataclass
 class QuickstartReport:
-    comparison: object  # index_eval.IndexComparison
+    comparison: object  # from_index.IndexComparison
     gold_question: str
     gold_answers: list[str]
     films: int  # held out
@@ -90,12 +90,12 @@ def report(rep: QuickstartReport) -> str:
 def run(workdir: str | Path = "runs/quickstart", *, seed: int = 42, max_steps: int | None = None,
         max_questions: int | None = None, echo=print) -> QuickstartReport:
     from ragrpo.config import build_run_config
-    from ragrpo.curriculum import IndexSource, from_index_config, train_from_index
-    from ragrpo.index import index, open_table
-    from ragrpo.index_eval import compare_from_index
+    from ragrpo.evaluation.from_index import compare_from_index
+    from ragrpo.generation.rag import answer_from_hits, retrieve
     from ragrpo.models import load_model
     from ragrpo.prompts import table_style
-    from ragrpo.rag import answer_from_hits, retrieve
+    from ragrpo.retrieval.index import index, open_table
+    from ragrpo.tuning.curriculum import IndexSource, from_index_config, train_from_index
 
     started = time.perf_counter()
     workdir = Path(workdir)
@@ -120,7 +120,7 @@ def run(workdir: str | Path = "runs/quickstart", *, seed: int = 42, max_steps: i
                                     echo=lambda line: echo(f"      {line}"))
 
     echo("[5/5] answering one held-out gold question and the write-up's query side by side ...")
-    from ragrpo.index_eval import gold_questions
+    from ragrpo.evaluation.from_index import gold_questions
 
     _, golds = gold_questions({"held_out_documents": curriculum.held_ids}, None)
     gold = golds[0]  # the first in file order: not picked by how either model answers it

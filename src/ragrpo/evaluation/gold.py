@@ -5,11 +5,11 @@ A gold file is JSONL, one question a line:
     {"question": "...", "answers": ["short answer", "accepted variant"], "source_id": "sha1:...", "kind": "person"}
 
 `question` and `answers` (a list, or one answer as a string) are required; `source_id` (the document
-the answer comes from, as `ragrpo.curriculum.document_id` computes it) and `kind` are optional. `builtin:movies` is the set
-packaged for the built-in corpus (`ragrpo/data/movies_gold.jsonl`): questions written by hand about
-the films that a from-index run holds out at `held_out` 0.2 (and so at the default 0.1), every answer
-found in its film's plot or metadata. It lives beside the corpus but nothing that builds training
-prompts reads it: the curriculum reads only the indexed table. `builtin:pydocs`
+the answer comes from, as `ragrpo.tuning.curriculum.document_id` computes it) and `kind` are optional.
+`builtin:movies` is the set packaged for the built-in corpus (`ragrpo/data/movies_gold.jsonl`):
+questions written by hand about the films that a from-index run holds out at `held_out` 0.2 (and so at
+the default 0.1), every answer found in its film's plot or metadata. It lives beside the corpus but
+nothing that builds training prompts reads it: the curriculum reads only the indexed table. `builtin:pydocs`
 (`ragrpo/data/pydocs_gold.jsonl`) is the same for the Python help topics: questions written by hand
 about the topics held out at 0.2, `source_id` the topic key, every answer found verbatim in its
 topic's text in Python 3.11 to 3.13.

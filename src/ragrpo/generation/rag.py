@@ -6,9 +6,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ragrpo import RagrpoError
-from ragrpo.index import DEFAULT_DB, open_table
 from ragrpo.prompts import PassageStyle, build_prompt, table_style
-from ragrpo.retrieve import search, text_column
+from ragrpo.retrieval.index import DEFAULT_DB, open_table
+from ragrpo.retrieval.search import search, text_column
 
 
 @dataclass
@@ -66,7 +66,7 @@ def retrieve(table, query: str, *, where: str | None = None, k: int = 5, mode: s
 def answer_from_hits(model, tokenizer, query: str, hits: list[dict], column: str, *,
                      max_new_tokens: int = 128, temperature: float = 0.0, repetition_penalty: float = 1.0,
                      reasoning: bool = False, cite: bool = False, style: PassageStyle | None = None) -> Answer:
-    from ragrpo.rewards import answer_text
+    from ragrpo.rewards.builtin import answer_text
 
     style = style or PassageStyle()
     prompt = build_prompt(query, style.passages(hits, column), reasoning=reasoning, cite=cite, label=style.label)
@@ -160,7 +160,7 @@ class TextStream:
         engine where it covers the model (`engine.fresh_projections`), else the model's own cached forward."""
         import torch
 
-        from ragrpo.engine import fresh_projections
+        from ragrpo.generation.engine import fresh_projections
 
         with torch.inference_mode():
             projections = fresh_projections(self.model)
@@ -172,7 +172,7 @@ class TextStream:
     def _engine_tokens(self, projections):
         import torch
 
-        from ragrpo.decode import Engine, Row, Sampling
+        from ragrpo.generation.decode import Engine, Row, Sampling
 
         sampling = Sampling(max_new_tokens=self.max_new_tokens, min_new_tokens=self.min_new_tokens,
                             do_sample=self.temperature > 0, temperature=self.temperature or 1.0, top_p=self.top_p,

@@ -40,10 +40,10 @@ from pathlib import Path
 
 from ragrpo import RagrpoError
 from ragrpo.config import RunConfig
-from ragrpo.index import DEFAULT_DB, VECTOR_COLUMN, open_table
 from ragrpo.prompts import TITLE_COLUMNS, YEAR_COLUMNS, PassageStyle, build_prompt, table_style
-from ragrpo.retrieve import MODES, text_column
-from ragrpo.rewards import STOP_WORDS, words
+from ragrpo.retrieval.index import DEFAULT_DB, VECTOR_COLUMN, open_table
+from ragrpo.retrieval.search import MODES, text_column
+from ragrpo.rewards.builtin import STOP_WORDS, words
 
 ID_COLUMNS = ("id", "doc_id", "document_id")
 ORDERS = ("balanced", "retrieved")
@@ -112,7 +112,7 @@ def document_id(row: dict, column: str) -> str:
 
 def read_documents(table, where: str | None = None) -> list[dict]:
     """Every row of `table` (matching `where`) as a dict without its vector, in the table's order."""
-    from ragrpo.retrieve import check_where
+    from ragrpo.retrieval.search import check_where
 
     builder = table.search().limit(table.count_rows() or 1)
     if where:
@@ -266,7 +266,7 @@ def model_questions(rows: list[dict], column: str, model, tokenizer, *, batch_si
     A reply without a question mark falls back to the document's keyword question, so every document
     still gets one (`kind` says which).
     """
-    from ragrpo.rag import generate
+    from ragrpo.generation.rag import generate
 
     df = document_frequencies([str(r[column]) for r in rows])
     out = []
@@ -350,8 +350,8 @@ def retrieve_all(table, queries: list[str], *, where: str | None, k: int, mode: 
     time costs ~10x more on a CPU)."""
     from lancedb.embeddings import EmbeddingFunctionRegistry
 
-    from ragrpo.rag import retrieve
-    from ragrpo.retrieve import check_where
+    from ragrpo.generation.rag import retrieve
+    from ragrpo.retrieval.search import check_where
 
     if not queries:
         return []
@@ -472,8 +472,8 @@ def train_from_index(cfg: RunConfig, source: IndexSource, *, overwrite: bool = F
     the longest prompt, so no passage loses its end.
     """
     from ragrpo.models import load_model
-    from ragrpo.reward_specs import resolve_rewards
-    from ragrpo.train import build_dataset, check_output, train
+    from ragrpo.rewards.registry import resolve_rewards
+    from ragrpo.tuning.train import build_dataset, check_output, train
 
     output = Path(cfg.output)
     check_output(output)

@@ -1,8 +1,9 @@
-"""Search over a table made by `ragrpo.index`: vector, full-text or hybrid, prefiltered, optionally reranked.
+"""Search over a table made by `ragrpo.retrieval.index`: vector, full-text or hybrid, prefiltered,
+optionally reranked.
 
 - `vector`: the query text is embedded by the table's own embedding function (read back from the
   table's metadata by LanceDB) and the nearest rows are found, exactly or through the vector index
-  when the table has one (`ragrpo.index.build_indexes`).
+  when the table has one (`ragrpo.retrieval.index.build_indexes`).
 - `fts`: LanceDB's native full-text search (BM25) over the text column's inverted index.
 - `hybrid`: both, fused by reciprocal rank fusion (LanceDB's `RRFReranker`, k=60): a row's score is
   the sum of 1 / (60 + rank) over the two lists.
@@ -21,7 +22,7 @@ import re
 from pathlib import Path
 
 from ragrpo import RagrpoError
-from ragrpo.index import DEFAULT_DB, VECTOR_COLUMN, open_table
+from ragrpo.retrieval.index import DEFAULT_DB, VECTOR_COLUMN, open_table
 
 MODES = ("vector", "fts", "hybrid")
 # With a vector index: IVF partitions visited per query, and how many times k candidates are re-scored

@@ -145,7 +145,7 @@ class Engine:
     def _prefill(self, prompts: list[list[int]]):
         """Logits of each prompt's next token (P, vocab) and per layer its keys and values, left-padded."""
 
-        from ragrpo.engine import _left_pad
+        from ragrpo.generation.engine import _left_pad
 
         ids, mask = _left_pad(prompts, 0)
         positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)  # as `generate` numbers left-padded rows
@@ -160,7 +160,7 @@ class Engine:
         import torch.nn.functional as F
         from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-        from ragrpo.engine import _project
+        from ragrpo.generation.engine import _project
 
         body, rows = self.model.model, tokens.size(0)
         heads, kv_heads, head_dim = self.heads, self.kv_heads, self.head_dim

@@ -31,7 +31,7 @@ from pathlib import Path
 from ragrpo import RagrpoError
 from ragrpo.config import DEFAULT_PROMPT_TEMPLATE, RunConfig, grpo_config, lora_config
 from ragrpo.data import read_records, require_columns
-from ragrpo.reward_specs import resolve_rewards
+from ragrpo.rewards.registry import resolve_rewards
 
 
 @dataclass
@@ -67,7 +67,7 @@ def build_prompts(frame, source: str, template: str | None, tokenizer, max_promp
     chat messages. Prompts over `max_prompt_length` tokens are shortened in their content, keeping
     the chat framing.
     """
-    from ragrpo.index import normalize_columns
+    from ragrpo.retrieval.index import normalize_columns
 
     if template:
         names = _template_fields(template)
@@ -206,7 +206,7 @@ def make_trainer(cfg: RunConfig, model, tokenizer, dataset, output: Path):
     args = grpo_config(cfg, output / "checkpoints", reward_weights=weights)
     trainer_class = GRPOTrainer
     if cfg.fast_engine:
-        from ragrpo.engine import fast_trainer_class
+        from ragrpo.generation.engine import fast_trainer_class
 
         trainer_class = fast_trainer_class()
         if args.bf16:  # the frozen base in bf16: what autocast computed anyway, without a cast per call

@@ -12,12 +12,12 @@ answers every question once per sampling seed (temperature 1, as in training; th
 both models), and every seed gives one value of each figure:
 
     answer accuracy    share of answers holding a gold answer as a run of whole words, after SQuAD's
-                       normalisation (`ragrpo.gold`); also by question kind and by source position
+                       normalisation (`ragrpo.evaluation.gold`); also by question kind and by source position
     token F1           SQuAD's token F1 against the best gold answer
 
     groundedness       share of the answer's content words found in the retrieved passages
     groundedness beyond question   the same over the answer's words that are not in the question
-    source_citation    the reward: mean over the passages referred to of 1 / 0 / -1 (see rewards.py)
+    source_citation    the reward: mean over the passages referred to of 1 / 0 / -1 (see rewards/builtin.py)
     source_citation_grounded   the same, a reference to the source earning only the share of the
                        answer's content words (beyond the question) found in the source passage
     cites source only  citation accuracy: share of answers that refer to the source document's passage
@@ -106,7 +106,7 @@ class IndexComparison:
 
 def distinct_2(texts: list[str]) -> float:
     """Unique word bigrams over all bigrams of `texts` (0 when there are none)."""
-    from ragrpo.rewards import ngrams, words
+    from ragrpo.rewards.builtin import ngrams, words
 
     grams = [g for text in texts for g in ngrams(words(text), 2)]
     return len(set(grams)) / len(grams) if grams else 0.0
@@ -114,8 +114,7 @@ def distinct_2(texts: list[str]) -> float:
 
 def score_answers(completions: list[str], rows: list[dict], reward_specs: list[str]) -> SeedScores:
     """Every figure of one seed's answers; `rows` are the matching dataset rows (context, ids, source)."""
-    from ragrpo.reward_specs import resolve_rewards
-    from ragrpo.rewards import (
+    from ragrpo.rewards.builtin import (
         answer_text,
         cited_passages,
         get_groundedness_reward,
@@ -123,6 +122,7 @@ def score_answers(completions: list[str], rows: list[dict], reward_specs: list[s
         source_citation,
         token_diversity,
     )
+    from ragrpo.rewards.registry import resolve_rewards
 
     columns = {name: [r[name] for r in rows] for name in ("context", "context_ids", "source_id", "query")}
     # a gold question's answers are what `answer_match` pays for, as a template question's targets are in training
@@ -139,7 +139,7 @@ def score_answers(completions: list[str], rows: list[dict], reward_specs: list[s
     diversity = token_diversity(answers)
     figures = {}
     if all("answers" in r for r in rows):
-        from ragrpo.gold import answer_accuracy, token_f1
+        from ragrpo.evaluation.gold import answer_accuracy, token_f1
 
         correct = [answer_accuracy(a, r["answers"]) for a, r in zip(answers, rows)]
         figures["answer accuracy"] = correct
@@ -181,7 +181,7 @@ def answer_all(model, tokenizer, rows: list[dict], *, seed: int, max_new_tokens:
     import torch
     from transformers import GenerationConfig
 
-    from ragrpo.rag import generate
+    from ragrpo.generation.rag import generate
 
     settings = GenerationConfig(do_sample=True, temperature=temperature, top_k=50, top_p=1.0,
                                 max_new_tokens=max_new_tokens)
@@ -204,7 +204,7 @@ def answer_all(model, tokenizer, rows: list[dict], *, seed: int, max_new_tokens:
 def _sampler_name(name: str | None) -> str:
     from transformers import AutoConfig
 
-    from ragrpo.engine import evaluation_sampler_name
+    from ragrpo.generation.engine import evaluation_sampler_name
     from ragrpo.models import resolve_model
 
     return evaluation_sampler_name(AutoConfig.from_pretrained(resolve_model(name)))
@@ -214,7 +214,7 @@ def cached_answers(folder: Path, side: str, name: str | None, rows: list[dict], 
                    max_new_tokens: int, loaded: dict) -> list[str]:
     """A side's answers for one seed, kept in `folder/answers/SIDE-seedN.json` and reused when the model,
     the prompts, the token budget and the sampler are the same (rewriting a report regenerates nothing)."""
-    from ragrpo.engine import evaluation_sampler
+    from ragrpo.generation.engine import evaluation_sampler
     from ragrpo.models import load_model
 
     path = folder / "answers" / f"{side}-seed{seed}.json"
@@ -241,8 +241,8 @@ def gold_questions(split: dict, qa: str | Path | None) -> tuple[str | None, list
     """The gold questions about the run's held-out documents: from `qa`, else from the packaged set
     that has any (None when none does). A question without a `source_id` is kept; one about a
     document the run trained on is not."""
-    from ragrpo.curriculum import Question
-    from ragrpo.gold import BUILTIN_GOLD, load_gold
+    from ragrpo.evaluation.gold import BUILTIN_GOLD, load_gold
+    from ragrpo.tuning.curriculum import Question
 
     held = set(split["held_out_documents"])
     candidates = [qa] if qa else list(BUILTIN_GOLD)
@@ -265,9 +265,9 @@ def compare_from_index(run_dir: str | Path, table: str | None = None, *, base: s
     """Score the run's merged model and `base` on questions about the run's held-out documents; write
     report and plots. The questions are a gold set's when there is one (`qa`, or a packaged set)."""
     from ragrpo.config import PRESETS
-    from ragrpo.curriculum import IndexSource, rag_examples, read_curriculum
-    from ragrpo.index import open_table
-    from ragrpo.train import load_run_config
+    from ragrpo.retrieval.index import open_table
+    from ragrpo.tuning.curriculum import IndexSource, rag_examples, read_curriculum
+    from ragrpo.tuning.train import load_run_config
 
     started = time.time()
     run_dir = Path(run_dir)
@@ -375,7 +375,7 @@ def plot_by_position(result: IndexComparison, target: Path) -> Path:
 
 def write_report(result: IndexComparison, folder: Path) -> Path:
     """report.md, results.json, curves.png (the run's log), histograms.png and by-position.png in `folder`."""
-    from ragrpo.evaluate import plot_run
+    from ragrpo.evaluation.evaluate import plot_run
 
     folder.mkdir(parents=True, exist_ok=True)
     plot_run(result.run_dir, folder / "curves.png")

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from ragrpo import RagrpoError
-from ragrpo.rewards import REWARDS, RewardError, completion_text
+from ragrpo.rewards.builtin import REWARDS, RewardError, completion_text
 
 # ---- resolving names ------------------------------------------------------------------------------
 

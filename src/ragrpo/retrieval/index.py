@@ -6,9 +6,10 @@ The table's schema is a `LanceModel` built from the data: the text column is the
 comes from LanceDB's registry (`sentence-transformers`), so its name and settings are stored in the
 table's metadata and any LanceDB client can later run `table.search("some text")` on it.
 
-Long texts are cut into overlapping chunks of the embedder's tokens (`ragrpo.embed`); every chunk is a
-row that repeats its document's columns and adds `chunk` (0, 1, ...). The vectors come from the fast
-path in `ragrpo.embed` (within 1e-3 cosine of the registry function's own float32 vectors).
+Long texts are cut into overlapping chunks of the embedder's tokens (`ragrpo.retrieval.embed`); every
+chunk is a row that repeats its document's columns and adds `chunk` (0, 1, ...). The vectors come from
+the fast path in `ragrpo.retrieval.embed` (within 1e-3 cosine of the registry function's own float32
+vectors).
 
 Ids and upserts: with `id_column`, a row's key is (id, chunk). Re-ingesting updates the chunks whose
 key exists, inserts new ones, and deletes the chunks of re-ingested documents that the new version no
@@ -223,7 +224,7 @@ def index(
     once the table has `index_threshold` rows."""
     import lancedb
 
-    from ragrpo.embed import Embedder
+    from ragrpo.retrieval.embed import Embedder
 
     if not re.fullmatch(r"[A-Za-z0-9_.-]+", table):
         raise RagrpoError(f"table name {table!r}: use letters, digits, '_', '-' or '.'")
@@ -243,7 +244,7 @@ def index(
     if exists and not overwrite and not upsert:
         # A table whose ingest was killed between its commit and its index build has all its rows but
         # lacks indexes: a plain re-run builds them (and writes no rows) instead of refusing.
-        from ragrpo.retrieve import text_column as embedded_column
+        from ragrpo.retrieval.search import text_column as embedded_column
 
         existing = lancedb.connect(db).open_table(table)
         column = embedded_column(existing)

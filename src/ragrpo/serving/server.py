@@ -46,7 +46,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from ragrpo import RagrpoError
 from ragrpo.answer_settings import AnswerSettings
 from ragrpo.prompts import PassageStyle
-from ragrpo.request_bodies import ChatRequest, RetrievalFields, SearchRequest
+from ragrpo.serving.request_bodies import ChatRequest, RetrievalFields, SearchRequest
 
 API_KEY_ENV = "RAGRPO_API_KEY"
 MAX_BODY_BYTES = 256 * 1024
@@ -228,10 +228,10 @@ async def _reply(send, error: ApiError) -> None:
 
 def create_app(server: Server):
     """The FastAPI app over a loaded `Server`."""
-    from ragrpo.rag import retrieve, stream_answer
+    from ragrpo.generation.rag import retrieve, stream_answer
 
     app = FastAPI(title="ragrpo", docs_url=None, redoc_url=None)
-    page = resources.files("ragrpo").joinpath("web/index.html").read_text(encoding="utf-8")
+    page = resources.files("ragrpo.serving").joinpath("web/index.html").read_text(encoding="utf-8")
 
     @app.exception_handler(ApiError)
     async def _api_error(request, exc: ApiError):
@@ -362,10 +362,10 @@ def create_app(server: Server):
 async def batched_chat(server: Server, body: ChatRequest, request: Request, question, hits, column, history,
                        max_tokens: int, penalty: float):
     """The chat endpoint's answer as one row of the running batch (`batching.Batcher`)."""
-    from ragrpo.batching import QueueFull
-    from ragrpo.decode import Sampling
+    from ragrpo.generation.batching import QueueFull
+    from ragrpo.generation.decode import Sampling
+    from ragrpo.generation.rag import answer_sources
     from ragrpo.prompts import build_prompt
-    from ragrpo.rag import answer_sources
 
     tokenizer, batcher, style = server.tokenizer, server.batcher, server.style
     prompt = build_prompt(question, style.passages(hits, column), cite=server.cites(body), label=style.label)
@@ -451,8 +451,8 @@ def make_batcher(model, tokenizer, *, max_batch: int, max_waiting: int, max_toke
     import torch
 
     from ragrpo import hardware
-    from ragrpo.batching import Batcher
-    from ragrpo.engine import SamplingCopy, _projections, loop_family
+    from ragrpo.generation.batching import Batcher
+    from ragrpo.generation.engine import SamplingCopy, _projections, loop_family
 
     if not loop_family(model.config):
         return None
@@ -521,10 +521,10 @@ def load_server(table: str, model: str | None, *, db: str | Path = "lancedb", th
     `max_batch` rows decode together (`default_max_batch()` if None; 1 serves one request at a time)."""
     from ragrpo import hardware
     from ragrpo.answer_settings import saved_settings
-    from ragrpo.index import open_table
     from ragrpo.models import load_model
     from ragrpo.prompts import table_style
-    from ragrpo.retrieve import text_column
+    from ragrpo.retrieval.index import open_table
+    from ragrpo.retrieval.search import text_column
 
     lance_table = open_table(table, db)
     column = text_column(lance_table)

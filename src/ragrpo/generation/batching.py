@@ -17,7 +17,7 @@ import queue
 import threading
 from dataclasses import dataclass, field
 
-from ragrpo.decode import Engine, Row, Sampling
+from ragrpo.generation.decode import Engine, Row, Sampling
 
 
 class QueueFull(Exception):
@@ -78,7 +78,7 @@ class Batcher:
 
     # ---- called from the server's threads ----
     def submit(self, prompt_ids: list[int], sampling: Sampling, eos: list[int], stop: list[str]) -> Generation:
-        from ragrpo.rag import Detokenizer
+        from ragrpo.generation.rag import Detokenizer
 
         generation = Generation(Row(prompt_ids, sampling, eos, self.engine.device), Detokenizer(self.tokenizer, stop),
                                 on_cancel=self._withdraw)

@@ -102,7 +102,7 @@ class SamplingCopy:
     def _decode(self, prompt_ids, generation_config, pad_token_id: int, eos_token_ids: list[int]) -> list[list[int]]:
         """transformers' sampling, token by token, without `generate`: the rows go through `decode.Engine`
         (each distinct prompt prefilled once, one fused projection for q/k/v and one for gate/up per layer)."""
-        from ragrpo.decode import Engine, Row
+        from ragrpo.generation.decode import Engine, Row
 
         sampling = loop_sampling(_loop_settings(generation_config, self.model.generation_config))
         projections = self.packed or _projections(self.model, self.fused, pack=False)
@@ -157,7 +157,7 @@ def _loop_settings(generation_config, model_config) -> dict | None:
 
 def loop_sampling(settings: dict):
     """`_loop_settings`' dict as the decode engine's per-row `Sampling`."""
-    from ragrpo.decode import Sampling
+    from ragrpo.generation.decode import Sampling
 
     return Sampling(max_new_tokens=settings["max_new_tokens"], min_new_tokens=settings["min_new_tokens"] or 0,
                     do_sample=settings["do_sample"], temperature=settings["temperature"], top_k=settings["top_k"] or 0,

@@ -10,9 +10,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ragrpo.rag import generate
-from ragrpo.reward_specs import resolve_rewards
-from ragrpo.rewards import completion_text
+from ragrpo.generation.rag import generate
+from ragrpo.rewards.builtin import completion_text
+from ragrpo.rewards.registry import resolve_rewards
 
 
 @dataclass
@@ -76,7 +76,7 @@ def compare(model: str, base: str | None, cfg, *, samples: int = 2, max_new_toke
     """Score `model` and `base` on the held-out prompts of `cfg`'s dataset, same prompts, same seed."""
     from ragrpo import RagrpoError
     from ragrpo.models import load_model
-    from ragrpo.train import split_prompts
+    from ragrpo.tuning.train import split_prompts
 
     tuned_model, tokenizer = load_model(model)
     _, _, held = split_prompts(cfg, tokenizer)
@@ -97,7 +97,7 @@ def compare_run(model: str, base: str | None = None, *, dataset: str | None = No
     """`compare` for a run folder (its merged model, dataset, template, rewards and completion length are
     reused unless given) or for a plain model folder (builtin:movies, the write-up's rewards, 128 tokens)."""
     from ragrpo.config import PRESETS, build_run_config
-    from ragrpo.train import load_run_config
+    from ragrpo.tuning.train import load_run_config
 
     run_dir = Path(model)
     if (run_dir / "config.json").exists() and (run_dir / "merged").exists():

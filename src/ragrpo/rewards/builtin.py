@@ -17,7 +17,7 @@ score that section only, so the reasoning in `<think>` neither earns nor loses s
 lowercase unicode `\\w+` tokens, so any script works; "content words" drop a small English stop-word
 list. An empty answer scores 0 everywhere except `length`.
 
-Names resolve to functions, and every reward handed to the trainer is guarded, in `ragrpo.reward_specs`.
+Names resolve to functions, and every reward handed to the trainer is guarded, in `ragrpo.rewards.registry`.
 """
 
 from __future__ import annotations
@@ -352,9 +352,9 @@ def get_source_citation_reward(grounded: bool = False, min_words: int = 0, other
     Each passage the answer refers to (once, however often it is named) scores 1 when it is the
     source's passage, 0 for another retrieved passage and -1 for a passage that does not exist; the
     score is their mean, 0 without references. A reference is `[n]` or a "Movie n" name (the label
-    `ragrpo.rag` gives passage n). Needs the `context_ids` (ids of the retrieved passages, in order) and
-    `source_id` columns that `ragrpo train --from-index` builds; when the source was not retrieved, no
-    reference can score 1.
+    `ragrpo.generation.rag` gives passage n). Needs the `context_ids` (ids of the retrieved passages, in
+    order) and `source_id` columns that `ragrpo train --from-index` builds; when the source was not
+    retrieved, no reference can score 1.
 
     With `grounded`, a reference to the source's passage earns only the share of the answer's content
     words found in that passage, leaving out the question's words and the passage names: an answer that
@@ -442,7 +442,7 @@ source_citation = get_source_citation_reward()
 
 class AnswerMatch:
     """1 when the answer holds one of the row's `targets` as a run of whole words (after SQuAD's
-    normalisation, `ragrpo.gold`), else 0; 0 for a row without targets.
+    normalisation, `ragrpo.evaluation.gold`), else 0; 0 for a row without targets.
 
     The targets are not labels anyone wrote: a from-index question made from a document's own fields
     carries the field it asks for (the title a "which film" question asks for, the year of a "what year"
@@ -458,7 +458,7 @@ class AnswerMatch:
 
     def __call__(self, completions, targets=None, **kwargs) -> list[float]:
         """1 when the answer names what its question asks for (the 'targets' column), else 0."""
-        from ragrpo.gold import answer_accuracy
+        from ragrpo.evaluation.gold import answer_accuracy
 
         if targets is None:
             raise RagrpoError("needs a 'targets' column (what each question asks for); `ragrpo train --from-index` "
