@@ -451,18 +451,16 @@ def plot(run_dir, output):
 
 @main.command()
 @click.option("--workdir", default="runs/quickstart", show_default=True, help="Where the table and the run go.")
-@click.option("--max-steps", type=int, default=None, help="GRPO steps [default: QUICKSTART_STEPS in ragrpo.quickstart].")
-@click.option("--max-questions", type=int, default=None, help="Ask only the first N gold questions [default: all].")
+@click.option("--max-steps", type=int, default=None, help="GRPO steps [default: QUICKSTART_GRPO in ragrpo.quickstart].")
 @user_errors
-def quickstart(workdir, max_steps, max_questions):
-    """The whole pipeline on built-in data: index, GRPO-train on questions from the table, merge, and
-    score base and tuned models on held-out gold questions, with answers side by side.
+def quickstart(workdir, max_steps):
+    """The whole pipeline on built-in data: index, GRPO-train, merge, and answer with base and tuned models.
 
     Example: ragrpo quickstart --workdir runs/quickstart
     """
     from ragrpo.quickstart import report, run
 
-    result = run(workdir, max_steps=max_steps, max_questions=max_questions, echo=lambda line: click.echo(line, err=True))
+    result = run(workdir, max_steps=max_steps, echo=lambda line: click.echo(line, err=True))
     click.echo(report(result))
 
 
