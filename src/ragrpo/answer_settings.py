@@ -17,6 +17,8 @@ from pathlib import Path
 from ragrpo import RagrpoError
 
 FILE = "ragrpo.json"
+# where a from-index run keeps them until its merged model exists (a killed run has no merged/ folder)
+RUN_FILE = "curriculum/answer_settings.json"
 
 
 @dataclass(frozen=True)

@@ -406,13 +406,13 @@ class Curriculum:
 
     def files(self) -> dict[str, str]:
         """The run folder's `curriculum/` files, as text."""
-        from ragrpo.answer_settings import FILE, AnswerSettings
+        from ragrpo.answer_settings import RUN_FILE, AnswerSettings
 
         lines = lambda records: "".join(json.dumps(r) + "\n" for r in records)
         settings = AnswerSettings(self.source.mode, self.source.k, self.source.cite, self.source.reasoning,
                                   self.source.header)
         return {
-            f"merged/{FILE}": settings.to_json(),
+            RUN_FILE: settings.to_json(),  # copied beside the merged model once it is saved
             "curriculum/split.json": json.dumps(self.split_record(), indent=2),
             "curriculum/train.jsonl": lines(self.examples),
             "curriculum/heldout.jsonl": lines(asdict(q) for q in self.held_questions),

@@ -233,12 +233,17 @@ def make_trainer(cfg: RunConfig, model, tokenizer, dataset, output: Path):
 
 def save_run(trainer, tokenizer, output: Path) -> tuple[Path, Path]:
     """Save the adapter, then merge it into the base weights and save an ordinary model folder."""
+    from ragrpo.answer_settings import FILE as SETTINGS_FILE
+    from ragrpo.answer_settings import RUN_FILE
+
     adapter, merged = output / "adapter", output / "merged"
     trainer.model.save_pretrained(adapter)
     tokenizer.save_pretrained(adapter)
     model = _float32_policy(trainer.model, adapter).merge_and_unload()
     model.save_pretrained(merged)
     tokenizer.save_pretrained(merged)
+    if (output / RUN_FILE).exists():  # a from-index run's answer settings travel with its model
+        shutil.copy(output / RUN_FILE, merged / SETTINGS_FILE)
     return adapter, merged
 
 
