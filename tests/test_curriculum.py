@@ -59,17 +59,17 @@ def test_blank_questions_take_a_name_from_inside_a_sentence():
             "Mine owner Ezra Pike wants the tower torn down so he can dig.")
     found = [(q.query, q.meta["targets"]) for q in blank_questions(text, "The Salt Clock", "s1")]
     assert found == [
-        (('In The Salt Clock, which name fills the blank in "In a ___ salt-mining town, the widow Clara Voss inherits a '
+        (('Which name fills the blank in "In a ___ salt-mining town, the widow Clara Voss inherits a '
           'broken clock tower."?'), ["Utah"]),  # the first name of the sentence: a place here
-        ('In The Salt Clock, which name fills the blank in "Mine owner ___ wants the tower torn down so he can dig."?',
+        ('Which name fills the blank in "Mine owner ___ wants the tower torn down so he can dig."?',
          ["Ezra Pike", "Pike"])]
 
 
 @pytest.mark.parametrize("text, expected", [
     ("The widow Clara Voss inherits a clock. Clara teams up with a deaf watch repairer named Samuel.",
-     ("In Salt, who teams up with a deaf watch repairer named Samuel?", ["Clara"])),
+     ("Who teams up with a deaf watch repairer named Samuel?", ["Clara"])),
     ("Mine owner Ezra Pike arrives. Ezra Pike wants the tower torn down so he can dig.",
-     ("In Salt, who wants the tower torn down so he can dig?", ["Ezra Pike", "Pike"])),
+     ("Who wants the tower torn down so he can dig?", ["Ezra Pike", "Pike"])),
     ("Copper kettles whistle louder when the harbour freezes over.", None),  # a capital because the sentence begins
     ("Thames ferryman Walter Crouch keeps a careful ledger of every passenger.", None),  # no verb after the name
     ("Jakob's search leads him to the landlady in the cellar.", None),
@@ -78,7 +78,7 @@ def test_blank_questions_take_a_name_from_inside_a_sentence():
 def test_who_questions_are_cut_from_sentences_that_open_with_a_name(text, expected):
     from ragrpo.tuning.curriculum import subject_questions
 
-    found = [(q.query, q.meta["targets"]) for q in subject_questions(text, "Salt", "s1")]
+    found = [(q.query, q.meta["targets"]) for q in subject_questions(text, "s1")]
     assert found == ([expected] if expected else [])
 
 
@@ -388,6 +388,33 @@ def test_answer_accuracy_by_kind_and_source_position():
     assert figures["cites source only, source at passage 2"] == 1.0 and figures["cites source only, source at passage 1"] == 1.0
     assert scores.counts["answer accuracy, source at passage 2"] == 2 and scores.counts["answer accuracy"] == 4
     assert 0 < figures["token F1"] < 1
+
+
+def test_hedged_answers_count_only_where_hedges_are_allowed():
+    from ragrpo.evaluation.from_index import score_answers
+
+    rows = [{"context": PASSAGES[:2], "context_ids": ["s", "y"], "source_id": "s", "query": "Which film?",
+             "prompt": "Which film?", "source_rank": 1, "kind": "title", "answers": ["The Ferryman's Ledger"],
+             "distractors": ["The Painter's Alibi", "1938"]}] * 2
+    answers = ["The Ferryman's Ledger [1].", "The Ferryman's Ledger or The Painter's Alibi (1938)"]
+    figures = score_answers(answers, rows, ["answer_match"]).figures
+    assert figures["answer accuracy"] == 1 / 2 and figures["answer accuracy, hedges allowed"] == 1.0
+    assert figures["reward answer_match"] == 1 / 2  # the training reward reads the same column
+
+
+def test_a_row_names_the_other_passages_but_not_its_source():
+    from ragrpo.prompts import PassageStyle
+    from ragrpo.tuning.curriculum import Question, rag_example
+
+    hits = [{"title": "The Ferryman's Ledger", "release_year": 1923, "movie_plot": "Walter rows."},
+            {"title": "Dingo Creek Tapes", "release_year": 1985, "movie_plot": "Tapes hiss."},
+            {"title": "The Painter's Alibi", "release_year": 1923, "movie_plot": "Felix paints."}]
+    question = Question("Who rows?", "who", document_id(hits[0], "movie_plot"), {"targets": ["Walter"]})
+    row = rag_example(question, hits, "movie_plot", reasoning=False, order=[2, 0, 1],
+                      style=PassageStyle("Movie", "{title} ({release_year})"))
+    assert row["source_rank"] == 2
+    # the third film shares the source's year, which an answer naming the source may well write
+    assert row["distractors"] == ["The Painter's Alibi", "Dingo Creek Tapes", "1985"]
 
 
 @pytest.mark.integration

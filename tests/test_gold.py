@@ -33,6 +33,20 @@ def test_scores(answer, golds, accuracy, f1):
     assert token_f1(answer, golds) == pytest.approx(f1)
 
 
+@pytest.mark.parametrize("answer, golds, distractors, accuracy, hedges_allowed", [
+    ("The Ferryman's Ledger (1923)", ["The Ferryman's Ledger"], ["Dingo Creek Tapes", "1985"], 1.0, 1.0),
+    ("1. Dingo Creek Tapes 2. The Ferryman's Ledger", ["The Ferryman's Ledger"], ["Dingo Creek Tapes"], 0.0, 1.0),
+    ("1923, 1985 or 1938", ["1923"], ["1985", "1938"], 0.0, 1.0),            # listing every year is no answer
+    ("In 1923.", ["1923"], ["1923"], 1.0, 1.0),                               # another film of the same year
+    ("Monsoon Bride", ["Monsoon Bride"], ["Monsoon"], 1.0, 1.0),              # a distractor inside the gold
+    ("Gravesend, says Dingo Creek", ["Gravesend"], ["Dingo Creek Tapes"], 1.0, 1.0),  # part of a name is not it
+    ("Crouch", ["Hale"], ["Crouch"], 0.0, 0.0),
+])
+def test_an_answer_naming_another_passage_has_hedged(answer, golds, distractors, accuracy, hedges_allowed):
+    assert answer_accuracy(answer, golds, distractors) == accuracy
+    assert answer_accuracy(answer, golds) == hedges_allowed
+
+
 def test_normalize_is_squads():
     assert normalize("  The Cartographer's  Lie, an Epic! ") == "cartographers lie epic"
     assert normalize("Theatre and a thesis") == "theatre and thesis"  # only whole-word articles go

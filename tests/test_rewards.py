@@ -319,6 +319,13 @@ def test_answer_match(completion, targets, expected):
     assert pickle.loads(pickle.dumps(AnswerMatch()))([completion], targets=[targets]) == [expected]
 
 
+def test_answer_match_pays_nothing_for_naming_every_passage():
+    answers = ["1. Dingo Creek Tapes 2. The Ferryman's Ledger", "The Ferryman's Ledger (1923) [2]"]
+    targets, distractors = [["The Ferryman's Ledger"]] * 2, [["Dingo Creek Tapes", "1985"]] * 2
+    assert REWARDS["answer_match"](answers, targets=targets, distractors=distractors) == [0.0, 1.0]
+    assert REWARDS["answer_match"](answers, targets=targets) == [1.0, 1.0]  # rows made before the column
+
+
 def test_answer_match_needs_its_column():
     with pytest.raises(RagrpoError, match="targets"):
         guarded(REWARDS["answer_match"])(prompts=["q"], completions=["x"])

@@ -12,7 +12,10 @@ answers every question once per sampling seed (temperature 1, as in training; th
 both models), and every seed gives one value of each figure:
 
     answer accuracy    share of answers holding a gold answer as a run of whole words, after SQuAD's
-                       normalisation (`ragrpo.evaluation.gold`); also by question kind and by source position
+                       normalisation (`ragrpo.evaluation.gold`), and naming no other passage shown (its
+                       title or year): listing every header holds the gold title but answers nothing;
+                       also by question kind and by source position
+    ... hedges allowed the same without that condition (the figure before it was added)
     token F1           SQuAD's token F1 against the best gold answer
 
     groundedness       share of the answer's content words found in the retrieved passages
@@ -44,7 +47,8 @@ from pathlib import Path
 
 from ragrpo import RagrpoError
 
-HEADLINE = ("answer accuracy", "token F1", "cites source only", "cites source only, source not passage 1",
+HEADLINE = ("answer accuracy", "answer accuracy, hedges allowed", "token F1", "cites source only",
+            "cites source only, source not passage 1",
             "groundedness", "distinct-2")
 
 
@@ -127,6 +131,7 @@ def score_answers(completions: list[str], rows: list[dict], reward_specs: list[s
     columns = {name: [r[name] for r in rows] for name in ("context", "context_ids", "source_id", "query")}
     # a gold question's answers are what `answer_match` pays for, as a template question's targets are in training
     columns["targets"] = [r.get("answers") or r.get("targets") or [] for r in rows]
+    columns["distractors"] = [r.get("distractors") or [] for r in rows]
     prompts = [r["prompt"] for r in rows]
     answers = [answer_text(c) for c in completions]
     grounded = get_groundedness_reward()(completions, **columns)
@@ -141,8 +146,10 @@ def score_answers(completions: list[str], rows: list[dict], reward_specs: list[s
     if all("answers" in r for r in rows):
         from ragrpo.evaluation.gold import answer_accuracy, token_f1
 
-        correct = [answer_accuracy(a, r["answers"]) for a, r in zip(answers, rows)]
+        # an answer that also names another passage (its title or year) has hedged, not answered
+        correct = [answer_accuracy(a, r["answers"], r.get("distractors", ())) for a, r in zip(answers, rows)]
         figures["answer accuracy"] = correct
+        figures["answer accuracy, hedges allowed"] = [answer_accuracy(a, r["answers"]) for a, r in zip(answers, rows)]
         figures["token F1"] = [token_f1(a, r["answers"]) for a, r in zip(answers, rows)]
         for kind in sorted({r["kind"] for r in rows}):
             figures[f"answer accuracy, kind {kind}"] = [c for c, r in zip(correct, rows) if r["kind"] == kind]

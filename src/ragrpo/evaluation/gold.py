@@ -66,12 +66,25 @@ def _contains_span(tokens: list[str], span: list[str]) -> bool:
     return n > 0 and any(tokens[i:i + n] == span for i in range(len(tokens) - n + 1))
 
 
-def answer_accuracy(answer: str, golds) -> float:
-    """1.0 if any gold, normalised, is a run of whole words of the normalised answer, else 0.0.
+def answer_accuracy(answer: str, golds, distractors=()) -> float:
+    """1.0 if any gold, normalised, is a run of whole words of the normalised answer, and no distractor
+    is; else 0.0.
 
-    "He was born in 1923." matches "1923"; "19234" and "Hale" in "Hales" do not."""
+    "He was born in 1923." matches "1923"; "19234" and "Hale" in "Hales" do not. `distractors` are the
+    names of the other passages the question was shown with (`ragrpo.prompts.passage_names`): an answer
+    that lists every candidate holds the gold but has not answered. A distractor that is part of a gold,
+    or holds one (two films of the same year), does not count against it."""
     tokens = normalize(answer).split()
-    return float(any(_contains_span(tokens, normalize(g).split()) for g in _as_list(golds)))
+    spans = [normalize(g).split() for g in _as_list(golds)]
+    if not any(_contains_span(tokens, s) for s in spans):
+        return 0.0
+    for other in _as_list(distractors):
+        wrong = normalize(other).split()
+        if any(_contains_span(s, wrong) or _contains_span(wrong, s) for s in spans):
+            continue
+        if _contains_span(tokens, wrong):
+            return 0.0
+    return 1.0
 
 
 def _f1(prediction: list[str], gold: list[str]) -> float:

@@ -442,28 +442,35 @@ source_citation = get_source_citation_reward()
 
 class AnswerMatch:
     """1 when the answer holds one of the row's `targets` as a run of whole words (after SQuAD's
-    normalisation, `ragrpo.evaluation.gold`), else 0; 0 for a row without targets.
+    normalisation, `ragrpo.evaluation.gold`) and names none of its `distractors`, else 0; 0 for a row
+    without targets.
 
     The targets are not labels anyone wrote: a from-index question made from a document's own fields
     carries the field it asks for (the title a "which film" question asks for, the year of a "what year"
     one, the name a "who ..." question was cut from), so the reward is label-free in the sense the
-    curriculum is. A row without targets (a summary request) scores 0 for every completion of its group,
-    which gives no advantage either way. A class, not a closure, so that it pickles.
+    curriculum is. The distractors are the other retrieved passages' titles and years: without them, listing
+    every passage's header scores on every title question. A row without targets (a summary request)
+    scores 0 for every completion of its group, which gives no advantage either way. The `distractors`
+    column is optional. A class, not a closure, so that it pickles.
 
     >>> AnswerMatch()(["It is Inspector Hale [2].", "Nobody."], targets=[["Hale"], ["Hale"]])
     [1.0, 0.0]
+    >>> AnswerMatch()(["Hale or Crouch", "Hale"], targets=[["Hale"]] * 2, distractors=[["Crouch"]] * 2)
+    [0.0, 1.0]
     """
 
     __name__ = "answer_match"
 
-    def __call__(self, completions, targets=None, **kwargs) -> list[float]:
-        """1 when the answer names what its question asks for (the 'targets' column), else 0."""
+    def __call__(self, completions, targets=None, distractors=None, **kwargs) -> list[float]:
+        """1 when the answer names what its question asks for (the 'targets' column) and no other passage."""
         from ragrpo.evaluation.gold import answer_accuracy
 
         if targets is None:
             raise RagrpoError("needs a 'targets' column (what each question asks for); `ragrpo train --from-index` "
                               "builds it")
-        return [answer_accuracy(answer_text(c), t) if t else 0.0 for c, t in zip(completions, targets, strict=True)]
+        others = distractors if distractors is not None else [()] * len(completions)
+        return [answer_accuracy(answer_text(c), t, d) if t else 0.0
+                for c, t, d in zip(completions, targets, others, strict=True)]
 
 
 answer_match = AnswerMatch()
