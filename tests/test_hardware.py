@@ -143,3 +143,34 @@ def test_the_summary_names_the_flags_and_each_decision(force_hardware):
     assert record["bf16"] is False and record["pack_float32"] is False
     assert record["forced"]["RAGRPO_BF16"] == "0" and set(record["cpu_flags"]) <= {
         "avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile"}
+
+
+def test_concurrent_single_thread_blocks_leave_the_thread_count_as_it_was():
+    """Server threads embed queries at once; a thread started afterwards must still get the full count
+    (torch hands a new thread the last count set anywhere)."""
+    import threading
+    import time
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        start = threading.Barrier(8)
+
+        def embed_a_query():
+            start.wait()
+            with hardware.single_thread():
+                assert torch.get_num_threads() == 1
+                time.sleep(0.01)
+
+        workers = [threading.Thread(target=embed_a_query) for _ in range(8)]
+        for worker in workers:
+            worker.start()
+        for worker in workers:
+            worker.join()
+        seen = []
+        later = threading.Thread(target=lambda: seen.append(torch.get_num_threads()))
+        later.start()
+        later.join()
+        assert seen == [2]
+    finally:
+        torch.set_num_threads(before)

@@ -79,3 +79,28 @@ def test_ask_prints_an_answer_and_its_sources(movie_db, tiny_run):
     assert len(lines) == 5
     years = [int(line.rsplit("(", 1)[1].rstrip(")")) for line in lines]
     assert all(year < 1990 for year in years)
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("mode", ["vector", "hybrid"])
+def test_training_retrieves_as_ask_does_through_a_vector_index(movie_db, tmp_path, mode):
+    """Training embeds its questions in one batch, then searches as `ask` does: on a table with an
+    IVF_HNSW_SQ index that means the same probes and the same refinement with full vectors, so the same
+    rows with the same scores (the index's 8-bit vectors alone give other distances)."""
+    import shutil
+
+    from ragrpo.generation.rag import retrieve
+    from ragrpo.retrieval.index import build_indexes, open_table
+    from ragrpo.tuning.curriculum import retrieve_all
+
+    shutil.copytree(movie_db, tmp_path / "db")
+    table = open_table("movies", tmp_path / "db")
+    assert "vector_idx" in build_indexes(table, "movie_plot", threshold=1)
+    queries = ["a ferryman keeps a ledger of his passengers", "a seal steals a necklace at a parade",
+               "lanterns for a festival are lost in a typhoon"]
+    score = "_distance" if mode == "vector" else "_relevance_score"
+    batched = retrieve_all(table, queries, where="release_year > 1900", k=4, mode=mode)
+    for query, hits in zip(queries, batched, strict=True):
+        alone, _ = retrieve(table, query, where="release_year > 1900", k=4, mode=mode)
+        assert [h["title"] for h in hits] == [h["title"] for h in alone]
+        assert [h[score] for h in hits] == pytest.approx([h[score] for h in alone], abs=1e-5)

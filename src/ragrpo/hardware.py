@@ -23,6 +23,7 @@ import hashlib
 import json
 import os
 import platform
+import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -217,11 +218,17 @@ def cpu_workers(where: str):
         torch.set_num_threads(threads)
 
 
+_SINGLE = threading.RLock()
+
+
 @contextmanager
 def single_thread():
     """One intra-op thread: embedding one short query is too small to gain from more, and on a busy
-    machine two threads measured 5 to 15x slower (180 to 490 ms against 33 ms per query)."""
-    with cpu_workers("cpu"):
+    machine two threads measured 5 to 15x slower (180 to 490 ms against 33 ms per query).
+
+    torch's count is per thread, but a new thread starts with the last one set anywhere, so two server
+    threads saving and restoring it in turn could leave it at 1 for good. One block runs at a time."""
+    with _SINGLE, cpu_workers("cpu"):
         yield
 
 

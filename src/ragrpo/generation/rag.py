@@ -55,9 +55,10 @@ def generate(
 
 
 def retrieve(table, query: str, *, where: str | None = None, k: int = 5, mode: str = "vector",
-             rerank: str | None = None) -> tuple[list[dict], str]:
-    """The hits for `query` (by `mode`: vector, fts or hybrid) and the name of the text column they carry."""
-    hits = search(table, query, where=where, k=k, mode=mode, rerank=rerank)
+             rerank: str | None = None, vector=None) -> tuple[list[dict], str]:
+    """The hits for `query` (by `mode`: vector, fts or hybrid) and the name of the text column they carry;
+    `vector`: the query already embedded (`search.embed_queries`)."""
+    hits = search(table, query, where=where, k=k, mode=mode, rerank=rerank, vector=vector)
     if not hits:
         raise RagrpoError(f"no rows match --where {where!r}; nothing to answer from" if where else "the table is empty")
     return hits, text_column(table)

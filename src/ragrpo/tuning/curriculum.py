@@ -350,36 +350,16 @@ def balanced_orders(hit_ids: list[list[str]], sources: list[str], seed: int) -> 
 
 
 def retrieve_all(table, queries: list[str], *, where: str | None, k: int, mode: str = "vector") -> list[list[dict]]:
-    """`rag.retrieve` for many queries. fts and hybrid go through it query by query; vector uses the same
-    embedding function (the table's own), filter and k, but embeds the queries in one batch (one at a
-    time costs ~10x more on a CPU)."""
-    from lancedb.embeddings import EmbeddingFunctionRegistry
-
+    """`rag.retrieve` for many queries, with the queries embedded in one batch first (one at a time costs
+    ~10x more on a CPU); the search itself is `ask`'s, index settings included."""
     from ragrpo.generation.rag import retrieve
-    from ragrpo.retrieval.search import check_where
+    from ragrpo.retrieval.search import embed_queries
 
     if not queries:
         return []
-    if mode != "vector":
-        return [retrieve(table, query, where=where, k=k, mode=mode)[0] for query in queries]
-    if where:
-        check_where(table, where)
-    configs = EmbeddingFunctionRegistry.get_instance().parse_functions(table.schema.metadata)
-    func = next(iter(configs.values())).function
-    vectors = func.generate_embeddings(queries)  # (Q, dim)
-    out = []
-    for query, vector in zip(queries, vectors, strict=True):
-        builder = table.search(vector).limit(k)
-        if where:
-            builder = builder.where(where, prefilter=True)
-        hits = builder.to_list()
-        if not hits:
-            raise RagrpoError(f"no rows match --where {where!r}; nothing to answer from" if where else
-                              "the table is empty")
-        for hit in hits:
-            hit.pop(VECTOR_COLUMN, None)
-        out.append(hits)
-    return out
+    vectors = embed_queries(table, queries) if mode != "fts" else [None] * len(queries)
+    return [retrieve(table, query, where=where, k=k, mode=mode, vector=vector)[0]
+            for query, vector in zip(queries, vectors, strict=True)]
 
 
 def rag_examples(table, questions: list[Question], column: str, source: IndexSource) -> list[dict]:
