@@ -145,32 +145,32 @@ def test_the_summary_names_the_flags_and_each_decision(force_hardware):
         "avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile"}
 
 
-def test_concurrent_single_thread_blocks_leave_the_thread_count_as_it_was():
-    """Server threads embed queries at once; a thread started afterwards must still get the full count
-    (torch hands a new thread the last count set anywhere)."""
+def test_small_jobs_run_on_one_thread_and_leave_every_other_count_alone():
+    """Server threads embed queries at once; neither they nor a thread started afterwards may lose
+    threads (torch hands a new thread the last count set anywhere)."""
     import threading
     import time
 
     before = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
-        start = threading.Barrier(8)
+        start, inside, callers = threading.Barrier(8), [], []
 
         def embed_a_query():
             start.wait()
-            with hardware.single_thread():
-                assert torch.get_num_threads() == 1
-                time.sleep(0.01)
+            inside.append(hardware.small_job(lambda: (time.sleep(0.01), torch.get_num_threads())[1]))
+            callers.append(torch.get_num_threads())
 
         workers = [threading.Thread(target=embed_a_query) for _ in range(8)]
         for worker in workers:
             worker.start()
         for worker in workers:
             worker.join()
-        seen = []
-        later = threading.Thread(target=lambda: seen.append(torch.get_num_threads()))
-        later.start()
-        later.join()
-        assert seen == [2]
+        later = []
+        thread = threading.Thread(target=lambda: later.append(torch.get_num_threads()))
+        thread.start()
+        thread.join()
+        assert inside == [1] * 8 and later == [2] and torch.get_num_threads() == 2
+        assert set(callers) == {torch.get_num_threads()}  # what each request thread started with
     finally:
         torch.set_num_threads(before)

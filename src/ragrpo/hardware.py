@@ -25,6 +25,7 @@ import os
 import platform
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -181,8 +182,8 @@ def pack(dtype) -> bool:
 
 
 def set_threads(threads: int | None = None) -> int:
-    """Set torch's intra-op threads once, at start-up: `threads`, else RAGRPO_THREADS, else torch's default.
-    Returns the count in force."""
+    """Set torch's intra-op threads once, at start-up: `threads`, else RAGRPO_THREADS, else torch's default;
+    and start the one-thread worker of `small_job`. Returns the count in force."""
     import torch
 
     value = threads if threads is not None else os.environ.get("RAGRPO_THREADS", "").strip() or None
@@ -194,6 +195,7 @@ def set_threads(threads: int | None = None) -> int:
         if count < 1:
             raise RagrpoError(f"thread count {value!r}: use a whole number of at least 1")
         torch.set_num_threads(count)
+    _small_jobs()  # the query worker's one thread is set here too, not per request
     return torch.get_num_threads()
 
 
@@ -218,18 +220,35 @@ def cpu_workers(where: str):
         torch.set_num_threads(threads)
 
 
-_SINGLE = threading.RLock()
+_STARTING = threading.Lock()
+_POOL: list = []
 
 
-@contextmanager
-def single_thread():
-    """One intra-op thread: embedding one short query is too small to gain from more, and on a busy
-    machine two threads measured 5 to 15x slower (180 to 490 ms against 33 ms per query).
+def _small_jobs():
+    import torch
 
-    torch's count is per thread, but a new thread starts with the last one set anywhere, so two server
-    threads saving and restoring it in turn could leave it at 1 for good. One block runs at a time."""
-    with _SINGLE, cpu_workers("cpu"):
-        yield
+    with _STARTING:  # the first queries of a server arrive together
+        if not _POOL:
+            count = torch.get_num_threads()
+            pool = ThreadPoolExecutor(1, thread_name_prefix="ragrpo-small", initializer=torch.set_num_threads,
+                                      initargs=(1,))
+            # Start the thread and have it read its count now: a thread takes the process-wide count at its
+            # first torch call, so after the caller's count is put back it would take that one.
+            pool.submit(torch.get_num_threads).result()
+            torch.set_num_threads(count)  # a thread started later would take the worker's count otherwise
+            _POOL.append(pool)
+    return _POOL[0]
+
+
+def small_job(func, *args):
+    """`func(*args)` on one worker thread that has one intra-op thread, set once when it starts.
+
+    Embedding one short query is too small to gain from more threads, and on a busy machine two
+    measured 5 to 15x slower (180 to 490 ms against 33 ms per query). torch's count is per thread, so
+    the worker's leaves every other thread's alone; changing the caller's count around each query
+    instead let concurrent server threads leave it at 1 for good. Jobs queue on the one worker.
+    """
+    return _small_jobs().submit(func, *args).result()
 
 
 def summary() -> dict:

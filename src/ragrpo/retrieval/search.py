@@ -113,7 +113,7 @@ def search(table, query: str, *, where: str | None = None, k: int = 5, mode: str
     """
     from lancedb.rerankers import RRFReranker
 
-    from ragrpo.hardware import single_thread
+    from ragrpo.hardware import small_job
 
     if mode not in MODES:
         raise RagrpoError(f"search mode {mode!r}: use one of {', '.join(MODES)}")
@@ -132,8 +132,7 @@ def search(table, query: str, *, where: str | None = None, k: int = 5, mode: str
     elif vector is not None and mode == "hybrid":
         builder = table.search(query_type="hybrid").vector(vector).text(query)
     else:
-        with single_thread():  # LanceDB embeds the query here
-            builder = table.search(query, query_type=mode)
+        builder = small_job(functools.partial(table.search, query, query_type=mode))  # LanceDB embeds it here
     if mode == "hybrid":
         builder = builder.rerank(RRFReranker())
     if mode != "fts" and _has_index(table, "IVF"):
@@ -142,8 +141,7 @@ def search(table, query: str, *, where: str | None = None, k: int = 5, mode: str
     if where:
         builder = builder.where(where, prefilter=True)
     try:
-        with single_thread():
-            rows = builder.to_list()
+        rows = small_job(builder.to_list)  # or here, for hybrid
     except Exception as exc:  # LanceDB raises ValueError/RuntimeError/... for a filter it could not run
         if where:
             raise _filter_error(where, exc) from None
