@@ -126,3 +126,26 @@ def test_serve_bad_options_fail_before_loading(tmp_path):
         port = busy.getsockname()[1]
         assert_user_error(ragrpo("serve", "--table", "t", "--db", tmp_path, "--port", port), "cannot listen on",
                           str(port))
+
+
+def test_the_readme_map_names_every_module():
+    """The README's "Where things are" is the tree: every module under src/ragrpo, in its folder."""
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    section = (root / "README.md").read_text().split("## Where things are", 1)[1].split("```")[1]
+    listed, folder = set(), ""
+    for line in section.splitlines():
+        found = re.match(r"^(\s*)(\S+)", line)
+        if not found or found.group(2).startswith(("src/", "tests/", "bench/")):
+            continue
+        depth, name = len(found.group(1)), found.group(2)
+        if name.endswith("/"):
+            folder = name if depth <= 2 else folder
+        elif name.endswith(".py"):
+            listed.add(f"{folder}{name}" if depth > 2 else name)
+    package = root / "src" / "ragrpo"
+    modules = {str(p.relative_to(package)) for p in package.rglob("*.py")
+               if not (p.name == "__init__.py" and p.parent != package)}
+    assert listed == modules

@@ -397,11 +397,64 @@ def test_docstring_examples():
     import doctest
 
     import ragrpo.rewards.builtin
+    import ragrpo.rewards.citations
     import ragrpo.rewards.registry
 
-    results = [doctest.testmod(module) for module in (ragrpo.rewards.builtin, ragrpo.rewards.registry)]
+    modules = (ragrpo.rewards.builtin, ragrpo.rewards.citations, ragrpo.rewards.registry)
+    results = [doctest.testmod(module) for module in modules]
     assert all(result.failed == 0 for result in results)
-    assert results[0].attempted >= 14 and results[1].attempted >= 1
+    assert results[0].attempted >= 10 and results[1].attempted >= 6 and results[2].attempted >= 1
+
+
+def test_every_builtin_reward_pickles_with_its_name_and_scores():
+    """Multi-process and asynchronous trainers send rewards to other processes: each built-in, bare and
+    guarded, comes back from a pickle with the same name and the same scores."""
+    columns = {"context": [DOCS] * 2, "query": ["Who invents New Thule?"] * 2, "context_ids": [["a", "b"]] * 2,
+               "source_id": ["a"] * 2, "targets": [["Finch"]] * 2, "distractors": [["Gulls"]] * 2}
+    completions = ["Finch invents New Thule [1].", "<think>hm</think><answer>Gulls [2]</answer>"]
+    for name, reward in REWARDS.items():
+        for func in (reward, guarded(reward)):
+            copy = pickle.loads(pickle.dumps(func))
+            assert copy.__name__ == name
+            if name not in ("context_reliance", "relevance"):  # these load a model; their pickles are below
+                assert copy(prompts=["q"] * 2, completions=completions, **columns) == func(
+                    prompts=["q"] * 2, completions=completions, **columns)
+
+
+def test_a_model_reward_pickles_without_its_model():
+    from ragrpo.rewards.model_based import ContextReliance, Relevance
+
+    reward = Relevance("some/embedder")
+    reward._loaded = object()  # what a first call would have loaded
+    copy = pickle.loads(pickle.dumps(reward))
+    assert copy._loaded is None and copy.embedding_model == "some/embedder"
+    with pytest.raises(RagrpoError, match="cannot be pickled"):
+        pickle.dumps(ContextReliance(model=(object(), object())))
+
+
+@pytest.mark.parametrize("settings, variant", [
+    ({}, "source_citation"),
+    ({"grounded": True}, "source_citation_grounded"),
+    ({"min_words": 5}, "source_citation_answered"),
+    ({"min_words": 5, "others": -1.0}, "source_citation_only"),
+    ({"min_words": 5, "exclusive": True}, "source_citation_exact"),
+    ({"min_words": 1, "exclusive": True}, "source_citation_exact_1w"),
+])
+def test_each_source_citation_setting_is_one_class(settings, variant):
+    from ragrpo.rewards.builtin import get_source_citation_reward
+
+    reward = get_source_citation_reward(**settings)
+    assert reward.__name__ == variant and type(reward) is type(REWARDS[variant])
+
+
+@pytest.mark.parametrize("settings", [{"grounded": True, "min_words": 5}, {"others": -1.0}, {"exclusive": True},
+                                      {"min_words": 5, "exclusive": True, "others": -1.0},
+                                      {"min_words": 5, "others": 0.5}])
+def test_source_citation_settings_no_variant_has_are_refused(settings):
+    from ragrpo.rewards.builtin import get_source_citation_reward
+
+    with pytest.raises(RagrpoError, match="source citation"):
+        get_source_citation_reward(**settings)
 
 
 # ---- rewards that run a model ---------------------------------------------------------------------

@@ -1,5 +1,6 @@
-"""Rewards: the built-in reward functions (`builtin`) and how reward names become the guarded
-functions the trainer calls (`registry`).
+"""Rewards: what every reward reads (`base`), the built-in rewards (`builtin`, with the citation
+rewards in `citations` and the ones that run a model in `model_based`), and how reward names become
+the guarded callables the trainer calls (`registry`).
 
 The built-ins are re-exported here, so that user code reads `from ragrpo.rewards import REWARDS` and a
 reward spec may name one as `ragrpo.rewards:length` or `ragrpo.rewards.length`. The registry is not
@@ -10,7 +11,20 @@ from ragrpo.rewards.builtin import (
     REWARDS,
     STOP_WORDS,
     AnswerMatch,
+    ContextReliance,
+    Format,
+    Groundedness,
+    GroundednessBeyondQuestion,
+    Length,
+    Relevance,
+    Repetition,
+    Reward,
     RewardError,
+    SourceCitation,
+    SourceCitationAnswered,
+    SourceCitationExact,
+    SourceCitationGrounded,
+    SourceCitationOnly,
     answer_match,
     answer_text,
     citation,
@@ -37,7 +51,20 @@ __all__ = [
     "REWARDS",
     "STOP_WORDS",
     "AnswerMatch",
+    "ContextReliance",
+    "Format",
+    "Groundedness",
+    "GroundednessBeyondQuestion",
+    "Length",
+    "Relevance",
+    "Repetition",
+    "Reward",
     "RewardError",
+    "SourceCitation",
+    "SourceCitationAnswered",
+    "SourceCitationExact",
+    "SourceCitationGrounded",
+    "SourceCitationOnly",
     "answer_match",
     "answer_text",
     "citation",

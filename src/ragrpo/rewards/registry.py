@@ -9,7 +9,6 @@ traceback from deep inside TRL.
 
 from __future__ import annotations
 
-import functools
 import importlib
 import importlib.util
 import math
@@ -94,12 +93,21 @@ def _first_failing_sample(func, prompts, completions, kwargs) -> int | None:
     return None
 
 
-def guarded(func: Callable) -> Callable:
-    """Wrap a reward so that failures stop training with one line naming the reward and the sample."""
-    name = getattr(func, "__name__", type(func).__name__)
+class Guarded:
+    """A reward wrapped so that failures stop training with one line naming the reward and the sample.
 
-    @functools.wraps(func)
-    def wrapper(prompts=None, completions=None, **kwargs):
+    A class, so that a guarded reward pickles as the reward it wraps does."""
+
+    def __init__(self, func: Callable):
+        self.func = func
+        self.__name__ = getattr(func, "__name__", type(func).__name__)
+        self.__doc__ = func.__doc__
+
+    def __repr__(self) -> str:
+        return f"<guarded reward {self.__name__}>"
+
+    def __call__(self, prompts=None, completions=None, **kwargs):
+        name, func = self.__name__, self.func
         completions = completions or []
         try:
             scores = func(prompts=prompts, completions=completions, **kwargs)
@@ -130,8 +138,10 @@ def guarded(func: Callable) -> Callable:
                 )
         return scores
 
-    wrapper.__name__ = name
-    return wrapper
+
+def guarded(func: Callable) -> Guarded:
+    """`func` guarded: an exception, a list of the wrong length, or a NaN/inf score is one `RewardError`."""
+    return Guarded(func)
 
 
 def score_text(specs: list[str], completion: str, *, context: list[str] | None = None,

@@ -1,0 +1,222 @@
+"""Citation rewards: does the answer name the passage it draws on, and is that passage the right one?
+
+`citation` needs only the `context` column: a cited passage earns what it supports of the sentence
+citing it. The source-citation rewards need the `context_ids` (ids of the retrieved passages, in
+prompt order) and `source_id` columns that `ragrpo train --from-index` builds: they know which
+document the question was made from. A reference is `[n]` (also `[1, 2]`) or a "Movie n" name, as the
+prompt protocol reads it (`ragrpo.prompts.cited_passages`).
+
+Every source-citation variant starts from the same credits, one per passage the answer refers to
+(once, however often it is named): 1 for the source's passage, 0 for another retrieved passage (the
+variant's `others`), -1 for a passage that does not exist. The variants differ in one thing each:
+
+    source_citation           the mean of the credits, in [-1, 1]; 0 without references
+    source_citation_grounded  a reference to the source earns only the share of the answer's own
+                              content words found in the source passage
+    source_citation_answered  a reference to the source earns its 1 only in an answer with at least
+                              `min_words` content words of its own
+    source_citation_only      ... and a reference to another retrieved passage costs `others` (-1)
+    source_citation_exact     ... and the worst credit counts, not the mean: 1 only when every passage
+                              referred to is the source's (the evaluation's citation accuracy)
+
+"Own" words leave out the question's words and the passage names. Why each variant exists, from the
+runs that needed it, is in bench/results/from-index/NOTES.md: without `grounded` or `min_words` a run
+learned to answer with bare passage names; with `others=0` citing every passage was a safe bet; with
+`others=-1` under `exact`, a wrong guess cost more than silence and a run stopped citing.
+"""
+
+from __future__ import annotations
+
+import re
+
+from ragrpo import RagrpoError
+from ragrpo.prompts import CITATION, cited_passages, without_references
+from ragrpo.rewards.base import Reward, answer_text, column, content_words, passages, share, words
+
+# A sentence ends at . ! ? followed by space, at a CJK full stop, or at a line break; a citation right
+# after the full stop ("... island. [1]") still belongs to the sentence before it.
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?!\s)(?!\[\d)|(?<=[。！？])(?!\[\d)|\n+")
+
+
+def citation(completions, context=None, **kwargs) -> list[float]:
+    """Citations `[n]` of the `context` passages: mean over citations of their support, in [-1, 1].
+
+    A citation `[n]` (also `[1, 2]` or `[1][2]`) in a sentence earns the share of that sentence's
+    content words found in passage n (counted from 1), and costs -1 when there is no passage n. An
+    answer without citations scores 0, so citing pays only when the cited passage says what the
+    sentence says.
+
+    >>> docs = ["Finch invented an arctic island.", "The sponsors lost their money."]
+    >>> citation(["Finch invented an island [1].", "Finch invented an island [2].", "Finch lied [7].", "No."],
+    ...          context=[docs] * 4)
+    [1.0, 0.0, -1.0, 0.0]
+    """
+    scores = []
+    for completion, sample_context in zip(completions, column(context, "context"), strict=True):
+        docs = [set(words(p)) for p in passages(sample_context)]
+        credits = []
+        for sentence in _SENTENCE_END.split(answer_text(completion)):
+            claimed = content_words(CITATION.sub(" ", sentence))
+            for group in CITATION.findall(sentence):
+                cited = map(int, group.split(","))
+                credits += [share(claimed, docs[n - 1]) if 1 <= n <= len(docs) else -1.0 for n in cited]
+        scores.append(sum(credits) / len(credits) if credits else 0.0)
+    return scores
+
+
+def own_words(text: str, question: str) -> list[str]:
+    """The answer's content words that are neither the question's nor references to passages."""
+    asked = set(content_words(question))
+    return [w for w in content_words(without_references(text)) if w not in asked]
+
+
+class SourceCitation(Reward):
+    """Citing the question's source document: per passage referred to 1 / 0 / -1, averaged, in [-1, 1].
+
+    When the source was not retrieved, no reference can score 1.
+
+    >>> ids = [["a", "b", "c"]] * 5
+    >>> SourceCitation()(["As Movie 2 shows, ...", "Per [1] and [2] and [2].", "See [9].", "No idea.", "[2]"],
+    ...                  context_ids=ids, source_id=["b"] * 5)
+    [1.0, 0.5, -1.0, 0.0, 1.0]
+    """
+
+    __name__ = "source_citation"
+    others = 0.0  # the credit of a reference to another retrieved passage
+    reads_context = reads_query = False
+
+    def __call__(self, completions, context_ids=None, source_id=None, context=None, query=None,
+                 **kwargs) -> list[float]:
+        if context_ids is None or source_id is None:
+            raise RagrpoError("needs 'context_ids' and 'source_id' columns (the ids of the retrieved passages and "
+                              "of the document the question is about); `ragrpo train --from-index` builds them")
+        n = len(completions)
+        contexts = column(context, "context") if self.reads_context else [None] * n
+        queries = column(query, "query") if self.reads_query else [""] * n
+        rows = zip(completions, context_ids, source_id, contexts, queries, strict=True)
+        return [self.score(answer_text(c), list(ids), source, ctx, q) for c, ids, source, ctx, q in rows]
+
+    def credits(self, text: str, ids: list, source: str) -> list[float]:
+        """One credit per passage the answer refers to, in order of first reference."""
+        refs = list(dict.fromkeys(cited_passages(text)))
+        return [-1.0 if not 1 <= n <= len(ids) else 1.0 if ids[n - 1] == source else self.others for n in refs]
+
+    def score(self, text: str, ids: list, source: str, context, question: str) -> float:
+        credits = self.credits(text, ids, source)
+        return sum(credits) / len(credits) if credits else 0.0
+
+
+class SourceCitationGrounded(SourceCitation):
+    """Citing the source document, a reference to it earning the share of the answer found in it, in [-1, 1].
+
+    The share is over the answer's own content words (not the question's, not passage names).
+
+    An answer that only names a passage ("Movie- 2.") earns nothing, however right the number.
+
+    >>> docs = [["Finch sails north.", "Finch invented an arctic island.", "Gulls."]] * 3
+    >>> SourceCitationGrounded()(
+    ...     ["Movie 2.", "Finch invented an island [2].", "Finch invented the gulls [2][3]."],
+    ...     context_ids=[["a", "b", "c"]] * 3, source_id=["b"] * 3, context=docs, query=["Who is Finch?"] * 3)
+    [0.0, 1.0, 0.25]
+    """
+
+    __name__ = "source_citation_grounded"
+    reads_context = reads_query = True
+
+    def score(self, text: str, ids: list, source: str, context, question: str) -> float:
+        credits = self.credits(text, ids, source)
+        if 1.0 in credits:
+            earned = share(own_words(text, question), set(words(passages(context)[ids.index(source)])))
+            credits = [earned if c == 1.0 else c for c in credits]
+        return sum(credits) / len(credits) if credits else 0.0
+
+
+class SourceCitationAnswered(SourceCitation):
+    """Citing the source document, a reference to it counting only in an answer of `min_words` own words.
+
+    The reward is for naming the source of an answer, and a bare "Movie- 2." is none. Whether the words
+    are in the passage is left to a groundedness reward beside it.
+
+    >>> reward = SourceCitationAnswered(min_words=2)
+    >>> reward(["Walter Crouch [2].", "[2]", "Crouch [2]"], context_ids=[["a", "b"]] * 3, source_id=["b"] * 3,
+    ...        query=["Who rows?"] * 3)
+    [1.0, 0.0, 0.0]
+    """
+
+    reads_query = True
+    stem = "source_citation_answered"
+
+    def __init__(self, min_words: int = 5):
+        if min_words < 1:
+            raise RagrpoError(f"source citation: min_words must be at least 1, not {min_words}")
+        self.min_words = min_words
+        self.__name__ = self.stem if min_words == 5 else f"{self.stem}_{min_words}w"
+
+    def answered_credits(self, text: str, ids: list, source: str, question: str) -> list[float]:
+        credits = self.credits(text, ids, source)
+        if 1.0 in credits:
+            earned = float(len(own_words(text, question)) >= self.min_words)
+            credits = [earned if c == 1.0 else c for c in credits]
+        return credits
+
+    def score(self, text: str, ids: list, source: str, context, question: str) -> float:
+        credits = self.answered_credits(text, ids, source, question)
+        return sum(credits) / len(credits) if credits else 0.0
+
+
+class SourceCitationOnly(SourceCitationAnswered):
+    """Citing the source document alone, in an answer of its own: another passage cited costs `others`.
+
+    At `others=-1`, "[1][2]" scores 0, as much as citing nothing: only the source alone scores 1.
+
+    >>> SourceCitationOnly(min_words=1)(["Crouch [1][2].", "Crouch [2]."], context_ids=[["a", "b"]] * 2,
+    ...                                 source_id=["b"] * 2, query=["Who rows?"] * 2)
+    [0.0, 1.0]
+    """
+
+    stem = "source_citation_only"
+
+    def __init__(self, min_words: int = 5, others: float = -1.0):
+        if not -1.0 <= others < 0.0:
+            raise RagrpoError(f"source citation: others must be within [-1, 0), not {others}")
+        super().__init__(min_words)
+        self.others = others
+
+
+class SourceCitationExact(SourceCitationAnswered):
+    """Citing the source document and nothing else, in an answer of its own: the worst reference counts.
+
+    The worst reference's credit counts: "[1][2]" scores 0, as do a wrong guess and silence.
+
+    >>> SourceCitationExact(min_words=1)(["Crouch [1][2].", "Crouch [2].", "Crouch [3]."],
+    ...     context_ids=[["a", "b"]] * 3, source_id=["b"] * 3, query=["Who rows?"] * 3)
+    [0.0, 1.0, -1.0]
+    """
+
+    stem = "source_citation_exact"
+
+    def score(self, text: str, ids: list, source: str, context, question: str) -> float:
+        credits = self.answered_credits(text, ids, source, question)
+        return min(credits) if credits else 0.0
+
+
+def get_source_citation_reward(grounded: bool = False, min_words: int = 0, others: float = 0.0,
+                               exclusive: bool = False) -> SourceCitation:
+    """The source-citation variant for these settings (the module docstring lists them); a setting
+    that no variant has is one line saying which go together."""
+    if grounded and (min_words or others or exclusive):
+        raise RagrpoError("source citation: grounded goes alone (not with min_words, others or exclusive)")
+    if grounded:
+        return SourceCitationGrounded()
+    if not min_words:
+        if others or exclusive:
+            raise RagrpoError("source citation: others and exclusive apply only with min_words")
+        return SourceCitation()
+    if exclusive:
+        if others:
+            raise RagrpoError("source citation: exclusive goes with others 0")
+        return SourceCitationExact(min_words)
+    return SourceCitationOnly(min_words, others) if others else SourceCitationAnswered(min_words)
+
+
+source_citation = SourceCitation()
