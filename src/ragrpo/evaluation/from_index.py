@@ -326,12 +326,25 @@ def compare_from_index(run_dir: str | Path, table: str | None = None, *, base: s
 # ---- report ---------------------------------------------------------------------------------------
 
 
-def plot_histograms(result: IndexComparison, target: Path) -> Path:
+def _pyplot():
     import matplotlib
 
-    matplotlib.use("Agg")
+    matplotlib.use("Agg")  # files only, on machines without a display
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def _save(figure, target: Path, title: str) -> Path:
+    figure.suptitle(title)
+    figure.tight_layout()
+    figure.savefig(target, dpi=100)
+    _pyplot().close(figure)
+    return target
+
+
+def plot_histograms(result: IndexComparison, target: Path) -> Path:
+    plt = _pyplot()
     names = ["groundedness", "source_citation", "answer length, chars"]
     figure, axes = plt.subplots(1, len(names), figsize=(4.4 * len(names), 3.2))
     for axis, name in zip(axes, names):
@@ -340,21 +353,13 @@ def plot_histograms(result: IndexComparison, target: Path) -> Path:
             axis.hist(values, bins=20, alpha=0.55, color=color, label=f"{side} (mean {sum(values) / len(values):.2f})")
         axis.set_title(name)
         axis.legend(fontsize=8)
-    figure.suptitle(f"held-out answers, {result.questions} questions x {len(result.seeds)} seeds per model")
-    figure.tight_layout()
-    figure.savefig(target, dpi=100)
-    plt.close(figure)
-    return target
+    return _save(figure, target, f"held-out answers, {result.questions} questions x {len(result.seeds)} seeds per model")
 
 
 def plot_by_position(result: IndexComparison, target: Path) -> Path:
     """Answer accuracy and citation accuracy by the source's position in the prompt, base and tuned
     (bars: the mean over seeds; whiskers: min to max): a position habit shows as a tall bar at 1 only."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     base, tuned = result.summary("base"), result.summary("tuned")
     panels = [(title, sorted(n for n in base if n.startswith(prefix)))
               for title, prefix in (("answer accuracy", "answer accuracy, source at passage "),
@@ -373,11 +378,7 @@ def plot_by_position(result: IndexComparison, target: Path) -> Path:
         axis.set_xlabel("source shown as passage")
         axis.set_title(title)
         axis.legend(fontsize=8)
-    figure.suptitle(f"by source position, {len(result.seeds)} seeds ({result.order} order)")
-    figure.tight_layout()
-    figure.savefig(target, dpi=100)
-    plt.close(figure)
-    return target
+    return _save(figure, target, f"by source position, {len(result.seeds)} seeds ({result.order} order)")
 
 
 def write_report(result: IndexComparison, folder: Path) -> Path:
