@@ -21,6 +21,13 @@ def test_quickstart_prints_both_answers_and_the_before_after_table(tmp_path):
         base, tuned = (float(x) for x in line.split()[-2:])
         assert not math.isnan(base) and not math.isnan(tuned)
     assert "BASE MODEL" in out and "GRPO-TUNED MODEL" in out
+    # the gold questions about the held-out movies, before and after, as fractions of the questions asked
+    asked = int(out.split("Gold questions about the held-out movies (", 1)[1].split(",", 1)[0])
+    assert 0 < asked <= 40
+    for row in ("answer accuracy ", "cites source only "):
+        line = next(line for line in out.splitlines() if line.startswith(row))
+        for value in (float(x) for x in line.split()[-2:]):  # printed to 3 decimals: a count over `asked`
+            assert 0 <= value <= 1 and abs(value * asked - round(value * asked)) <= asked * 0.0005
     assert "Filter: release_year < 1990" in out
     assert (tmp_path / "qs" / "run" / "merged" / "config.json").exists()
     assert [line for line in result.stderr.splitlines() if line.startswith("[")][-1].startswith("[5/5]")

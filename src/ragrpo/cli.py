@@ -406,7 +406,8 @@ def evaluate(model, base, dataset, prompt_template, rewards, samples, max_new_to
     """Score MODEL and its base on held-out prompts: each reward's mean, side by side.
 
     MODEL is a run folder (its dataset, template, rewards and held-out split are reused) or a model
-    folder. Both models see the same prompts with the same sampling seed (temperature 1).
+    folder. Both models see the same prompts with the same sampling seed (temperature 1; with
+    --from-index, the run's training temperature).
 
     Example: ragrpo eval runs/demo --samples 4
 

@@ -6,6 +6,10 @@
 3. GRPO-train a LoRA adapter on summaries of the other movies, then merge it;
 4. score the tuned model on the same held-out movies, same seed;
 5. answer the write-up's query over movies released before 1990 with both models, side by side.
+
+Steps 2 and 4 also answer the packaged gold questions about the held-out movies (`ask --cite`'s prompt,
+k 3, one greedy answer each): answer and citation accuracy, before and after. That is a quick look, not
+the measurement: `ragrpo eval --from-index` has the seeds and spreads.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from pathlib import Path
 
 from ragrpo.config import build_run_config
 from ragrpo.evaluation.evaluate import Comparison, evaluate
+from ragrpo.evaluation.from_index import gold_rows, greedy_gold_scores
 from ragrpo.generation.rag import Answer, answer_from_hits, retrieve
 from ragrpo.prompts import DEFAULT_QUERY, source_label, table_style
 from ragrpo.retrieval.index import index, open_table
@@ -27,6 +32,7 @@ WHERE = "release_year < 1990"
 # one-sentence summaries only, can fall into a loop on the much longer RAG prompt.
 REPETITION_PENALTY = 1.2
 SAMPLES = 2  # completions per held-out movie and model
+GOLD_QUESTIONS = 40  # at most, of the gold questions about the held-out movies
 # A short run of the default preset, sized for the 15-minute budget on 2 CPU cores: one prompt x G=6
 # completions per step, as in the write-up, capped at 64 tokens (the length reward's target, 50
 # characters, is about 12 tokens). On the first engine a step cost about 25 s there, nearly all of it in
@@ -53,6 +59,8 @@ class QuickstartReport:
     tuned_answer: Answer
     seconds: float
     run_dir: Path
+    gold_questions: int = 0
+    gold: dict = None  # side -> figure -> value, from `greedy_gold_scores`
 
 
 def _wrap(text: str, width: int) -> list[str]:
@@ -67,6 +75,17 @@ def side_by_side(left_title: str, left: str, right_title: str, right: str, width
     return "\n".join(lines)
 
 
+def gold_table(rep: QuickstartReport) -> str:
+    """Gold-question accuracies, base against tuned, one greedy answer per question."""
+    if not rep.gold_questions:
+        return "Gold questions: none is about a held-out movie of this run."
+    title = (f"Gold questions about the held-out movies ({rep.gold_questions}, one greedy answer each; "
+             "`ragrpo eval --from-index` measures with seeds):")
+    lines = [title, f"{'figure':<42} {'base':>6} {'tuned':>6}"]
+    lines += [f"{name:<42} {value:>6.3f} {rep.gold['tuned'][name]:>6.3f}" for name, value in rep.gold["base"].items()]
+    return "\n".join(lines)
+
+
 def report(rep: QuickstartReport) -> str:
     sources = "; ".join(source_label(s) for s in rep.tuned_answer.sources)
     return "\n\n".join([
@@ -74,6 +93,7 @@ def report(rep: QuickstartReport) -> str:
          f"{rep.scores.table()}"),
         (f"Query: {rep.base_answer.query}\nFilter: {WHERE}\nSources: {sources}\n"
          f"Decoding: greedy, repetition penalty {REPETITION_PENALTY}, both models"),
+        gold_table(rep),
         side_by_side("BASE MODEL", rep.base_answer.text, "GRPO-TUNED MODEL", rep.tuned_answer.text),
         f"Run folder: {rep.run_dir}    wall time: {rep.seconds / 60:.1f} min",
     ])
@@ -102,6 +122,8 @@ def run(workdir: str | Path = "runs/quickstart", *, seed: int = 42, max_steps: i
 
     echo(f"[2/5] scoring the base model on {len(held)} held-out movies ...")
     base = evaluate(base_model, tokenizer, held, REWARDS, samples=SAMPLES, max_new_tokens=tokens, seed=seed)
+    gold = gold_rows(table, held_documents(table, held), k=3, limit=GOLD_QUESTIONS)
+    scores_gold = {"base": greedy_gold_scores(base_model, tokenizer, gold, max_new_tokens=tokens)} if gold else {}
     hits, column = retrieve(table, DEFAULT_QUERY, where=WHERE, k=5)
     style = table_style(table)  # passages headed as `ask` heads them
     base_answer = answer_from_hits(base_model, tokenizer, DEFAULT_QUERY, hits, column,
@@ -114,8 +136,22 @@ def run(workdir: str | Path = "runs/quickstart", *, seed: int = 42, max_steps: i
     echo("[4/5] scoring the tuned model on the same held-out movies ...")
     tuned_model, tokenizer = load_model(str(result.merged))
     tuned = evaluate(tuned_model, tokenizer, held, REWARDS, samples=SAMPLES, max_new_tokens=tokens, seed=seed)
+    if gold:
+        scores_gold["tuned"] = greedy_gold_scores(tuned_model, tokenizer, gold, max_new_tokens=tokens)
     echo("[5/5] answering the write-up's query with both models ...")
     tuned_answer = answer_from_hits(tuned_model, tokenizer, DEFAULT_QUERY, hits, column,
                                     repetition_penalty=REPETITION_PENALTY, style=style)
     scores = Comparison(len(held), SAMPLES, base, tuned)
-    return QuickstartReport(scores, base_answer, tuned_answer, time.perf_counter() - started, result.output)
+    return QuickstartReport(scores, base_answer, tuned_answer, time.perf_counter() - started, result.output,
+                            len(gold), scores_gold)
+
+
+def held_documents(table, held_prompts: list) -> set[str]:
+    """The ids of the movies whose summary prompt was held out (its plot is in one of them)."""
+    from ragrpo.retrieval.search import text_column
+    from ragrpo.rewards.base import completion_text
+    from ragrpo.tuning.curriculum import document_id, read_documents
+
+    column = text_column(table)
+    texts = [completion_text(p) for p in held_prompts]
+    return {document_id(row, column) for row in read_documents(table) if any(str(row[column]) in t for t in texts)}

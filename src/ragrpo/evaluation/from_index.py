@@ -8,7 +8,7 @@ headers, so hit@k says how often the retriever puts the source document in front
 it does not depend on the model. The passages are shown in balanced order by default (the source at
 each position 1..k equally often, as in training; `order="retrieved"` keeps the retriever's), so
 citation accuracy by position tells reading the passages from a habit of citing [1]. Each model then
-answers every question once per sampling seed (temperature 1, as in training; the same seeds for
+answers every question once per sampling seed (at the run's training temperature; the same seeds for
 both models), and every seed gives one value of each figure:
 
     answer accuracy    share of answers holding a gold answer as a run of whole words, after SQuAD's
@@ -75,6 +75,7 @@ class IndexComparison:
     seconds: float = 0.0
     gold: str | None = None  # the gold set the questions came from; None: the run's template questions
     order: str = "retrieved"
+    temperature: float = 1.0
 
     def summary(self, side: str) -> dict[str, dict]:
         runs = getattr(self, side)
@@ -102,7 +103,7 @@ class IndexComparison:
 
     def to_dict(self) -> dict:
         return {"run": self.run_dir, "table": self.table_name, "questions": self.questions, "k": self.k,
-                "gold": self.gold, "order": self.order, "counts": self.base[0].counts,
+                "gold": self.gold, "order": self.order, "temperature": self.temperature, "counts": self.base[0].counts,
                 "hit_at_k": self.hit_at_k, "source_first": self.source_first, "seeds": self.seeds, "seconds": self.seconds,
                 "base": self.summary("base"), "tuned": self.summary("tuned"), "verdicts": self.verdicts(),
                 "latency_ms": {"base": [r.latency_ms for r in self.base], "tuned": [r.latency_ms for r in self.tuned]}}
@@ -218,7 +219,7 @@ def _sampler_name(name: str | None) -> str:
 
 
 def cached_answers(folder: Path, side: str, name: str | None, rows: list[dict], *, seed: int,
-                   max_new_tokens: int, loaded: dict) -> list[str]:
+                   max_new_tokens: int, loaded: dict, temperature: float = 1.0) -> list[str]:
     """A side's answers for one seed, kept in `folder/answers/SIDE-seedN.json` and reused when the model,
     the prompts, the token budget and the sampler are the same (rewriting a report regenerates nothing)."""
     from ragrpo.generation.engine import evaluation_sampler
@@ -228,9 +229,10 @@ def cached_answers(folder: Path, side: str, name: str | None, rows: list[dict], 
     # the queries are kept readable; the digest covers the whole prompts (retrieved passages, instructions)
     digest = hashlib.sha256(json.dumps([r["prompt"] for r in rows]).encode()).hexdigest()
     key = {"model": str(name), "max_new_tokens": max_new_tokens, "queries": [r["query"] for r in rows],
-           "prompts_sha256": digest, "sampler": _sampler_name(name)}
+           "prompts_sha256": digest, "sampler": _sampler_name(name), "temperature": temperature}
     if path.exists():
         cached = json.loads(path.read_text())
+        cached.setdefault("temperature", 1.0)  # answers saved before the key existed were sampled at 1
         if {k: cached.get(k) for k in key} == key:
             return cached["completions"]
     if side not in loaded:
@@ -238,7 +240,8 @@ def cached_answers(folder: Path, side: str, name: str | None, rows: list[dict], 
         model, tokenizer = load_model(name)
         loaded[side] = model, tokenizer, evaluation_sampler(model)
     model, tokenizer, sampler = loaded[side]
-    completions = answer_all(model, tokenizer, rows, seed=seed, max_new_tokens=max_new_tokens, sampler=sampler)
+    completions = answer_all(model, tokenizer, rows, seed=seed, max_new_tokens=max_new_tokens, sampler=sampler,
+                             temperature=temperature)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({**key, "seed": seed, "completions": completions}))
     return completions
@@ -265,6 +268,36 @@ def gold_questions(split: dict, qa: str | Path | None) -> tuple[str | None, list
     return None, []
 
 
+def gold_rows(table, documents: set[str], *, k: int = 3, mode: str = "vector", limit: int | None = None,
+              gold: str | Path = "builtin:movies") -> list[dict]:
+    """Prompt rows, as `ask --cite` builds them with passages in balanced order, for the gold questions
+    about `documents`; `limit` keeps that many, spread over the set."""
+    from ragrpo.evaluation.gold import load_gold
+    from ragrpo.retrieval.search import text_column
+    from ragrpo.tuning.curriculum import IndexSource, Question, rag_examples
+
+    golds = [g for g in load_gold(gold) if g.source_id in documents]
+    if limit and len(golds) > limit:
+        golds = golds[::len(golds) // limit][:limit]
+    questions = [Question(g.question, g.kind or "gold", g.source_id, {"answers": list(g.answers)}) for g in golds]
+    rows = rag_examples(table, questions, text_column(table), IndexSource(table.name, k=k, mode=mode, cite=True))
+    for row, question in zip(rows, questions, strict=True):
+        row["answers"] = question.meta["answers"]
+    return rows
+
+
+def greedy_gold_scores(model, tokenizer, rows: list[dict], *, max_new_tokens: int = 64) -> dict[str, float]:
+    """Answer accuracy and citation accuracy of one greedy answer per row: a quick before/after.
+    The measurement with sampling seeds and spreads is `compare_from_index`."""
+    from ragrpo.generation.rag import generate
+
+    answers = generate(model, tokenizer, [r["prompt"] for r in rows], max_new_tokens=max_new_tokens)
+    figures = score_answers(answers, rows, []).figures
+    names = ("answer accuracy", "answer accuracy, hedges allowed", "cites source only",
+             "cites source only, source not passage 1")
+    return {name: figures[name] for name in names if name in figures}
+
+
 def compare_from_index(run_dir: str | Path, table: str | None = None, *, base: str | None = None,
                        db: str | None = None, seeds: list[int] = (0, 1, 2), max_new_tokens: int | None = None,
                        max_questions: int | None = None, output: str | Path | None = None, qa: str | Path | None = None,
@@ -289,7 +322,9 @@ def compare_from_index(run_dir: str | Path, table: str | None = None, *, base: s
     table_name = table or source["table"]
     handle = open_table(table_name, db or source["db"])
     cfg = load_run_config(run_dir)
-    tokens = max_new_tokens or {**PRESETS[cfg.preset], **cfg.grpo}.get("max_completion_length", 128)
+    grpo = {**PRESETS[cfg.preset], **cfg.grpo}
+    tokens = max_new_tokens or grpo.get("max_completion_length", 128)
+    temperature = grpo.get("temperature", 1.0)  # the models answer as the run sampled in training
     questions = questions[:max_questions] if max_questions else questions
     if not questions:
         raise RagrpoError(f"{run_dir}: the run has no held-out questions")
@@ -308,7 +343,8 @@ def compare_from_index(run_dir: str | Path, table: str | None = None, *, base: s
         sides[side] = []
         for seed in seeds:
             clock = time.time()
-            completions = cached_answers(folder, side, name, rows, seed=seed, max_new_tokens=tokens, loaded=loaded)
+            completions = cached_answers(folder, side, name, rows, seed=seed, max_new_tokens=tokens, loaded=loaded,
+                                         temperature=temperature)
             scores = score_answers(completions, rows, cfg.rewards)
             scores.seed = seed
             sides[side].append(scores)
@@ -318,7 +354,8 @@ def compare_from_index(run_dir: str | Path, table: str | None = None, *, base: s
     loaded.clear()
     first = sum(r["source_rank"] == 1 for r in rows) / len(rows)
     result = IndexComparison(str(run_dir), table_name, len(rows), hit, source["k"], first, list(seeds),
-                             sides["base"], sides["tuned"], time.time() - started, gold=gold_name, order=order)
+                             sides["base"], sides["tuned"], time.time() - started, gold=gold_name, order=order,
+                             temperature=temperature)
     write_report(result, folder)
     return result
 
@@ -395,7 +432,7 @@ def write_report(result: IndexComparison, folder: Path) -> Path:
              (f"{result.questions} held-out questions (documents never trained on; "
               f"{'gold set ' + result.gold if result.gold else 'the run template questions, no gold answers'}), "
               f"passages in {result.order} order, {len(result.seeds)} sampling "
-              f"seeds per model ({', '.join(map(str, result.seeds))}), temperature 1. hit@{result.k} of the "
+              f"seeds per model ({', '.join(map(str, result.seeds))}), temperature {result.temperature:g}. hit@{result.k} of the "
               f"source document: **{result.hit_at_k:.3f}** (the retriever's, the same for both models); the "
               f"source is passage 1 for {result.source_first:.3f} of the questions, so always citing [1] would "
               f"score about that much on `cites source only`. "
