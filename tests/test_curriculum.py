@@ -622,3 +622,20 @@ def test_killed_from_index_run_resumes_on_its_own_curriculum(movie_db, tiny_mode
     assert [r["step"] for r in steps] == [1, 2, 3, 4]  # each step logged once
     assert all("rewards/source_citation_exact_1w/mean" in r for r in steps)
     assert (output / "merged" / "config.json").exists()
+
+
+@pytest.mark.integration
+def test_from_index_run_trains_on_the_rewards_its_config_file_names(movie_db, tiny_model_dir, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    (tmp_path / "run.toml").write_text('rewards = ["answer_match=2", "length"]\n' + RESUME_TOML.replace(
+        "max_steps = 4", "max_steps = 1"))
+    output = tmp_path / "run"
+    result = subprocess.run([sys.executable, "-m", "ragrpo.cli", "train", "--output", str(output), "--from-index",
+                             "movies", "--db", str(movie_db), "-k", "2", "--max-documents", "30", "--model",
+                             str(tiny_model_dir), "--config", str(tmp_path / "run.toml")],
+                            env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert json.loads((output / "config.json").read_text())["run"]["rewards"] == ["answer_match=2", "length"]

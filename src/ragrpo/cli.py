@@ -127,7 +127,10 @@ def train(config_file, rewards, overwrite, resume, from_index, db, where, k, mod
         source = IndexSource(from_index, db, where=where, k=k, mode=mode, questions=questions, reasoning=reasoning,
                              cite=cite, held_out=cfg.held_out, max_documents=max_documents, header=passage_header,
                              order=order, order_seed=cfg.seed)
-        result, curriculum = train_from_index(from_index_config(cfg, source, bool(rewards)), source,
+        from ragrpo.config import load_config_file
+
+        given = bool(rewards) or bool(config_file and "rewards" in load_config_file(config_file))
+        result, curriculum = train_from_index(from_index_config(cfg, source, given), source,
                                               overwrite=overwrite)
         click.echo(f"{len(curriculum.examples)} training questions from {len(curriculum.train_ids)} documents; "
                    f"{len(curriculum.held_ids)} documents held out")
