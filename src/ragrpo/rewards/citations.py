@@ -204,8 +204,10 @@ def get_source_citation_reward(grounded: bool = False, min_words: int = 0, other
                                exclusive: bool = False) -> SourceCitation:
     """The source-citation variant for these settings (the module docstring lists them); a setting
     that no variant has is one line saying which go together."""
-    if grounded and (min_words or others or exclusive):
-        raise RagrpoError("source citation: grounded goes alone (not with min_words, others or exclusive)")
+    if grounded and min_words:
+        raise RagrpoError("source citation: give grounded or min_words, not both")
+    if grounded and (others or exclusive):
+        raise RagrpoError("source citation: grounded goes without others and exclusive")
     if grounded:
         return SourceCitationGrounded()
     if not min_words:
