@@ -155,20 +155,24 @@ def build_prompt(query: str, passages: list, reasoning: bool = False, cite: bool
     return f"{prompt}\n\n{REASONING_INSTRUCTION}" if reasoning else prompt
 
 
+def _title_and_year(row: dict) -> tuple:
+    """The row's first non-empty title-like field and first year-like field (None where it has none)."""
+    title = next((row[c] for c in TITLE_COLUMNS if row.get(c)), None)
+    year = next((row[c] for c in YEAR_COLUMNS if row.get(c) is not None), None)
+    return title, year
+
+
 def passage_names(row: dict, header: str = "") -> list[str]:
     """What names a retrieved row in an answer: its title and its year (the built-in header's fields),
     else its header. An answer that names a passage other than its source has hedged ("1. Dingo Creek
     Tapes 2. The Ferryman's Ledger 3. ..." holds the right title and two wrong ones)."""
-    title = next((row[c] for c in TITLE_COLUMNS if row.get(c)), None)
-    year = next((row[c] for c in YEAR_COLUMNS if row.get(c) is not None), None)
-    names = [str(v) for v in (title, year) if v is not None and str(v).strip()]
+    names = [str(v) for v in _title_and_year(row) if v is not None and str(v).strip()]
     return names or ([header] if header.strip() else [])
 
 
 def source_label(row: dict) -> str:
     """'Title (1987)' when the row has a title and a year, else its id or first short field."""
-    title = next((row[c] for c in TITLE_COLUMNS if row.get(c)), None)
-    year = next((row[c] for c in YEAR_COLUMNS if row.get(c) is not None), None)
+    title, year = _title_and_year(row)
     if title:
         return f"{title} ({year})" if year is not None else str(title)
     for key, value in row.items():

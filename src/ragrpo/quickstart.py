@@ -60,7 +60,7 @@ class QuickstartReport:
     seconds: float
     run_dir: Path
     gold_questions: int = 0
-    gold: dict = None  # side -> figure -> value, from `greedy_gold_scores`
+    gold: dict | None = None  # side -> figure -> value, from `greedy_gold_scores`
 
 
 def _wrap(text: str, width: int) -> list[str]:
