@@ -294,7 +294,8 @@ def test_factory_names_say_their_parameters():
 def test_registry_names_are_metric_keys_with_one_line_descriptions():
     assert list(REWARDS) == ["length", "token_diversity", "format", "groundedness", "groundedness_beyond_question",
                              "citation", "source_citation", "source_citation_grounded", "source_citation_answered",
-                             "source_citation_only", "source_citation_exact", "source_citation_exact_1w", "answer_match",
+                             "source_citation_only", "source_citation_exact", "source_citation_exact_1w", "source_citation_centred_1w",
+                             "answer_match",
                              "context_reliance", "relevance", "repetition"]
     funcs, _ = resolve_rewards(list(REWARDS))
     assert [f.__name__ for f in funcs] == list(REWARDS)
@@ -584,3 +585,50 @@ def test_rewards_subcommands_have_help_with_an_example():
     for name, command in rewards_group.commands.items():
         assert CliRunner().invoke(rewards_group, [name, "--help"]).exit_code == 0, name
         assert "Example:" in (command.help or ""), name
+
+
+def _cite_batches(reward, policy, steps=60, k=3, seed=0):
+    """Mean score of `policy(source_position) -> cited position` over `steps` batches of 8, sources even."""
+    import random
+
+    rng = random.Random(seed)
+    ids = [f"d{i}" for i in range(k)]
+    total = []
+    for _ in range(steps):
+        sources = [rng.randrange(k) for _ in range(8)]
+        answers = [f"Walter Crouch rows [{policy(s, rng) + 1}]." for s in sources]
+        total += reward(answers, context_ids=[ids] * 8, source_id=[ids[s] for s in sources], query=["Who?"] * 8)
+    warm = total[len(total) // 2:]  # the second half, once the running rates have settled
+    return sum(warm) / len(warm)
+
+
+def test_centred_source_citation_pays_nothing_for_a_position_habit_and_most_for_reading():
+    from ragrpo.rewards import SourceCitationCentred
+
+    habit = _cite_batches(SourceCitationCentred(min_words=1), lambda s, rng: 2)
+    blind = _cite_batches(SourceCitationCentred(min_words=1), lambda s, rng: rng.randrange(3))
+    reader = _cite_batches(SourceCitationCentred(min_words=1), lambda s, rng: s)
+    assert habit < -0.5  # right a third of the time, paying a rate near 1
+    assert abs(blind) < 0.1  # even rates of 1/3 cancel the 1/3 it gets right
+    assert reader > 0.5
+    # the plain exact score cannot tell a habit from random citing: both earn about a third
+    plain_habit = _cite_batches(REWARDS["source_citation_exact_1w"], lambda s, rng: 2)
+    assert abs(plain_habit - 1 / 3) < 0.15
+
+
+def test_centred_source_citation_starts_each_run_fresh_and_keeps_its_rates_through_pickle():
+    import pickle
+
+    shared = REWARDS["source_citation_centred_1w"]
+    before = dict(shared.rates)
+    (first,), _ = resolve_rewards(["source_citation_centred_1w"])
+    (second,), _ = resolve_rewards(["source_citation_centred_1w"])
+    ids = [["a", "b", "c"]] * 2
+    first(completions=["Crouch [3].", "Crouch [3]."], context_ids=ids, source_id=["c"] * 2, query=["Who?"] * 2)
+    assert first.func.rates and not second.func.rates and shared.rates == before
+    copy = pickle.loads(pickle.dumps(first))
+    assert copy.func.rates == first.func.rates
+    after = copy(completions=["Crouch [3]."], context_ids=ids[:1], source_id=["c"], query=["Who?"])
+    assert after == [1.0 - first.func.rates[3]]
+    with pytest.raises(RagrpoError, match="decay"):
+        type(shared)(decay=1.0)

@@ -32,6 +32,10 @@ class Reward:
     def __call__(self, completions, **kwargs) -> list[float]:
         raise NotImplementedError
 
+    def for_run(self) -> Reward:
+        """The instance a training run calls: itself, or a fresh copy for a reward that keeps state."""
+        return self
+
     def __repr__(self) -> str:
         return f"<reward {self.__name__}>"
 

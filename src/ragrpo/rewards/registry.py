@@ -16,7 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from ragrpo import RagrpoError
-from ragrpo.rewards.builtin import REWARDS, RewardError, completion_text
+from ragrpo.rewards.builtin import REWARDS, Reward, RewardError, completion_text
 
 # ---- resolving names ------------------------------------------------------------------------------
 
@@ -64,6 +64,8 @@ def parse_reward(spec: str) -> tuple[Callable, float]:
         if not math.isfinite(weight):
             raise RagrpoError(f"reward {spec!r}: weight must be finite")
     func = REWARDS.get(name) or _load_callable(name)
+    if isinstance(func, Reward):
+        func = func.for_run()  # a reward with state starts each run fresh
     return func, weight
 
 
