@@ -128,6 +128,45 @@ def test_serve_bad_options_fail_before_loading(tmp_path):
                           str(port))
 
 
+def _package_imports() -> dict[str, set[str]]:
+    """Each ragrpo module (dotted name) -> the ragrpo modules it imports, at the top or inside a function."""
+    import ast
+    from pathlib import Path
+
+    package = Path(__file__).resolve().parent.parent / "src" / "ragrpo"
+    files = {".".join(("ragrpo",) + p.relative_to(package).with_suffix("").parts).removesuffix(".__init__"): p
+             for p in package.rglob("*.py")}
+    graph = {}
+    for name, path in files.items():
+        found = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and not node.level and node.module in files:
+                found.add(node.module)
+                found |= {f"{node.module}.{a.name}" for a in node.names if f"{node.module}.{a.name}" in files}
+            elif isinstance(node, ast.Import):
+                found |= {a.name for a in node.names if a.name in files}
+        graph[name] = found - {name, "ragrpo"}  # the top package holds only RagrpoError and cache_dir
+    return graph
+
+
+def test_no_module_reaches_itself_through_its_imports_and_none_is_over_600_lines():
+    from pathlib import Path
+
+    graph = _package_imports()
+
+    def reaches(start, target, seen):
+        for nxt in graph[start]:
+            if nxt == target or (nxt not in seen and (seen.add(nxt) or reaches(nxt, target, seen))):
+                return True
+        return False
+
+    assert [name for name in graph if reaches(name, name, set())] == []
+    assert graph["ragrpo.generation.rag"] and graph["ragrpo.rewards.citations"]  # the walk does see imports
+    package = Path(__file__).resolve().parent.parent / "src" / "ragrpo"
+    long = {str(p.relative_to(package)): n for p in package.rglob("*.py") if (n := len(p.read_text().splitlines())) > 600}
+    assert long == {}
+
+
 def test_the_readme_map_names_every_module():
     """The README's "Where things are" is the tree: every module under src/ragrpo, in its folder."""
     import re

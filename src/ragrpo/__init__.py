@@ -5,6 +5,9 @@ transformers, trl, lancedb) happen inside the functions that need them, so impor
 and running `ragrpo --help` stay instant.
 """
 
+import os
+from pathlib import Path
+
 __version__ = "0.1.0"
 
 
@@ -14,3 +17,11 @@ class RagrpoError(Exception):
     The CLI prints its message as one line and exits with code 2; the message names the input
     and, where there is one, the fix.
     """
+
+
+def cache_dir() -> Path:
+    """$RAGRPO_CACHE, else $XDG_CACHE_HOME/ragrpo, else ~/.cache/ragrpo."""
+    if os.environ.get("RAGRPO_CACHE"):
+        return Path(os.environ["RAGRPO_CACHE"])
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "ragrpo"

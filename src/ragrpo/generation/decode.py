@@ -20,6 +20,30 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 
+def project(x, linear):
+    """`x @ weight.T + bias`, through oneDNN for a packed weight."""
+    import torch
+    import torch.nn.functional as F
+
+    if linear.packed:
+        return torch.ops.mkldnn._linear_pointwise(x, linear.weight, linear.bias, "none", [None], "")
+    return F.linear(x, linear.weight, linear.bias)
+
+
+def left_pad(prompt_ids, pad_token_id: int):
+    """Prompts as one left-padded batch, so that every row continues from the right edge: ids and
+    attention mask, (B, longest)."""
+    import torch
+
+    width = max(len(ids) for ids in prompt_ids)
+    input_ids = torch.full((len(prompt_ids), width), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros_like(input_ids)
+    for row, ids in enumerate(prompt_ids):
+        input_ids[row, width - len(ids):] = torch.tensor(ids)
+        attention_mask[row, width - len(ids):] = 1
+    return input_ids, attention_mask
+
+
 @dataclass
 class Sampling:
     """One row's sampling settings (transformers' names and meanings; top_k 0 is off)."""
@@ -145,9 +169,7 @@ class Engine:
     def _prefill(self, prompts: list[list[int]]):
         """Logits of each prompt's next token (P, vocab) and per layer its keys and values, left-padded."""
 
-        from ragrpo.generation.engine import _left_pad
-
-        ids, mask = _left_pad(prompts, 0)
+        ids, mask = left_pad(prompts, 0)
         positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)  # as `generate` numbers left-padded rows
         out = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
                          position_ids=positions.to(self.device), use_cache=True, logits_to_keep=1)
@@ -160,8 +182,6 @@ class Engine:
         import torch.nn.functional as F
         from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-        from ragrpo.generation.engine import _project
-
         body, rows = self.model.model, tokens.size(0)
         heads, kv_heads, head_dim = self.heads, self.kv_heads, self.head_dim
         width = int(columns.max()) + 1
@@ -173,7 +193,7 @@ class Engine:
         cos, sin = body.rotary_emb(x, columns[:, None])  # (B, 1, head_dim)
         for layer, (qkv, o, gate_up, down), (keys, values) in zip(body.layers, self.projections[:-1], self.caches):
             attention = layer.self_attn
-            q, k, v = _project(layer.input_layernorm(x), qkv).split(
+            q, k, v = project(layer.input_layernorm(x), qkv).split(
                 [heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], dim=-1)
             q, k = q.view(rows, 1, heads, head_dim), k.view(rows, 1, kv_heads, head_dim)
             if hasattr(attention, "q_norm"):  # Qwen3: RMSNorm over each head before the rotation
@@ -186,10 +206,10 @@ class Engine:
             scores = q @ keys[:rows, :, :width].transpose(-1, -2) * attention.scaling  # (B, kv, group, T)
             scores = scores + bias[:, None, None, :]
             probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
-            x = x + _project((probs @ values[:rows, :, :width]).reshape(rows, 1, heads * head_dim), o)
-            gate, up = _project(layer.post_attention_layernorm(x), gate_up).chunk(2, dim=-1)
-            x = x + _project(F.silu(gate) * up, down)
-        return _project(body.norm(x)[:, 0], self.projections[-1]).float()  # (B, vocab)
+            x = x + project((probs @ values[:rows, :, :width]).reshape(rows, 1, heads * head_dim), o)
+            gate, up = project(layer.post_attention_layernorm(x), gate_up).chunk(2, dim=-1)
+            x = x + project(F.silu(gate) * up, down)
+        return project(body.norm(x)[:, 0], self.projections[-1]).float()  # (B, vocab)
 
 
 def choose(logits, rows: list[Row], history):

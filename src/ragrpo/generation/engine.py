@@ -39,6 +39,7 @@ import copy
 import functools
 
 from ragrpo import hardware
+from ragrpo.generation.decode import Engine, Row, Sampling, left_pad
 
 
 class SamplingCopy:
@@ -91,7 +92,7 @@ class SamplingCopy:
             # tokens); unpacked, transformers' generate with a static cache is as fast or faster
             if self.packed is not None and _loop_settings(generation_config, self.model.generation_config):
                 return self._decode(prompt_ids, generation_config, pad_token_id, eos_token_ids)
-            input_ids, attention_mask = _left_pad(prompt_ids, pad_token_id)
+            input_ids, attention_mask = left_pad(prompt_ids, pad_token_id)
             width = input_ids.size(1)
             output = self.model.generate(
                 input_ids=input_ids.to(self.model.device), attention_mask=attention_mask.to(self.model.device),
@@ -102,8 +103,6 @@ class SamplingCopy:
     def _decode(self, prompt_ids, generation_config, pad_token_id: int, eos_token_ids: list[int]) -> list[list[int]]:
         """transformers' sampling, token by token, without `generate`: the rows go through `decode.Engine`
         (each distinct prompt prefilled once, one fused projection for q/k/v and one for gate/up per layer)."""
-        from ragrpo.generation.decode import Engine, Row
-
         sampling = loop_sampling(_loop_settings(generation_config, self.model.generation_config))
         projections = self.packed or _projections(self.model, self.fused, pack=False)
         capacity = max(len(ids) for ids in prompt_ids) + sampling.max_new_tokens
@@ -157,8 +156,6 @@ def _loop_settings(generation_config, model_config) -> dict | None:
 
 def loop_sampling(settings: dict):
     """`_loop_settings`' dict as the decode engine's per-row `Sampling`."""
-    from ragrpo.generation.decode import Sampling
-
     return Sampling(max_new_tokens=settings["max_new_tokens"], min_new_tokens=settings["min_new_tokens"] or 0,
                     do_sample=settings["do_sample"], temperature=settings["temperature"], top_k=settings["top_k"] or 0,
                     top_p=settings["top_p"], min_p=settings["min_p"], repetition_penalty=settings["repetition_penalty"])
@@ -193,7 +190,7 @@ def _fuse_projections(model) -> list:
 
 
 def _projections(model, fused, pack: bool) -> list:
-    """Per layer (qkv, o, gate_up, down), then the LM head, each a `_Linear` to `_project` with. Packed, the
+    """Per layer (qkv, o, gate_up, down), then the LM head, each a `_Linear` to `decode.project` with. Packed, the
     weights are reordered into oneDNN's blocked layout once per sync: for a handful of rows its matmul reads
     them about twice as fast as the plain one (0.16 against 0.36 ms for bf16 gate_up, 6 rows)."""
     layers = [(_Linear(*qkv, pack), _Linear(layer.self_attn.o_proj.weight, None, pack), _Linear(*gate_up, pack),
@@ -231,30 +228,6 @@ class _Linear:
         self.packed = pack
         self.weight = torch.ops.mkldnn._reorder_linear_weight(weight) if pack else weight
         self.bias = bias
-
-
-def _project(x, linear):
-    """`x @ weight.T + bias`, through oneDNN for a packed weight."""
-    import torch
-    import torch.nn.functional as F
-
-    if linear.packed:
-        return torch.ops.mkldnn._linear_pointwise(x, linear.weight, linear.bias, "none", [None], "")
-    return F.linear(x, linear.weight, linear.bias)
-
-
-def _left_pad(prompt_ids, pad_token_id: int):
-    """Prompts as one left-padded batch, so that every row continues from the right edge: ids and
-    attention mask, (B, longest)."""
-    import torch
-
-    width = max(len(ids) for ids in prompt_ids)
-    input_ids = torch.full((len(prompt_ids), width), pad_token_id, dtype=torch.long)
-    attention_mask = torch.zeros_like(input_ids)
-    for row, ids in enumerate(prompt_ids):
-        input_ids[row, width - len(ids):] = torch.tensor(ids)
-        attention_mask[row, width - len(ids):] = 1
-    return input_ids, attention_mask
 
 
 def _cut(row: list[int], eos_token_ids: list[int]) -> list[int]:

@@ -244,10 +244,8 @@ def index(
     if exists and not overwrite and not upsert:
         # A table whose ingest was killed between its commit and its index build has all its rows but
         # lacks indexes: a plain re-run builds them (and writes no rows) instead of refusing.
-        from ragrpo.retrieval.search import text_column as embedded_column
-
         existing = lancedb.connect(db).open_table(table)
-        column = embedded_column(existing)
+        column = embedding_config(existing).source_column
         missing = missing_indexes(existing, column, index_threshold)
         if not missing:
             raise RagrpoError(f"table {table!r} already exists in {db}; pass --overwrite to replace it, "
@@ -362,3 +360,18 @@ def open_table(table: str, db: str | Path = DEFAULT_DB):
     if not Path(db).exists() or table not in lancedb.connect(db).table_names():
         raise RagrpoError(f"no table {table!r} in {db}; create it with `ragrpo index INPUT --table {table}`")
     return lancedb.connect(db).open_table(table)
+
+
+def embedding_config(table):
+    """The table's embedding function and its source column, as LanceDB's registry reads its metadata."""
+    from lancedb.embeddings import EmbeddingFunctionRegistry
+
+    configs = EmbeddingFunctionRegistry.get_instance().parse_functions(table.schema.metadata)
+    if not configs:
+        raise RagrpoError("this table has no embedding function in its metadata; re-create it with `ragrpo index`")
+    return next(iter(configs.values()))
+
+
+def text_column(table) -> str:
+    """The column the table embeds (its registry SourceField)."""
+    return embedding_config(table).source_column

@@ -22,7 +22,7 @@ import re
 from pathlib import Path
 
 from ragrpo import RagrpoError
-from ragrpo.retrieval.index import DEFAULT_DB, VECTOR_COLUMN, open_table
+from ragrpo.retrieval.index import DEFAULT_DB, VECTOR_COLUMN, embedding_config, open_table, text_column
 
 MODES = ("vector", "fts", "hybrid")
 # With a vector index: IVF partitions visited per query, and how many times k candidates are re-scored
@@ -99,7 +99,7 @@ def embed_queries(table, queries: list[str]):
     """The table's own embedding function (from its metadata) over `queries` in one batch: `search` with
     these vectors finds what it finds from the texts, and a batch costs about a tenth per query of one
     query at a time on a CPU."""
-    return _embedding_config(table).function.generate_embeddings(list(queries))
+    return embedding_config(table).function.generate_embeddings(list(queries))
 
 
 def search(table, query: str, *, where: str | None = None, k: int = 5, mode: str = "vector",
@@ -184,17 +184,3 @@ def search_table(name: str, query: str, *, db: str | Path = DEFAULT_DB, where: s
                  mode: str = "vector", rerank: str | None = None):
     return search(open_table(name, db), query, where=where, k=k, mode=mode, rerank=rerank)
 
-
-def _embedding_config(table):
-    """The table's embedding function and its source column, as LanceDB's registry reads its metadata."""
-    from lancedb.embeddings import EmbeddingFunctionRegistry
-
-    configs = EmbeddingFunctionRegistry.get_instance().parse_functions(table.schema.metadata)
-    if not configs:
-        raise RagrpoError("this table has no embedding function in its metadata; re-create it with `ragrpo index`")
-    return next(iter(configs.values()))
-
-
-def text_column(table) -> str:
-    """The column the table embeds (its registry SourceField)."""
-    return _embedding_config(table).source_column
