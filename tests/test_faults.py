@@ -435,6 +435,26 @@ def test_one_bounded_admission_for_search_and_chat_and_a_waiting_client_leaves_a
             process.wait()
 
 
+def test_one_at_a_time_a_waiting_client_that_hangs_up_leaves_before_its_turn(notes_db, base_model_dir, tmp_path):
+    """`--max-batch 1` serves through the one-at-a-time queue, where a non-streaming waiter has no watcher but
+    itself: before, its place was given back only when its turn came."""
+    process, url = start_server(notes_db, base_model_dir, tmp_path / "tiny-8k", "--max-batch", "1",
+                                "--max-waiting", "2", "--max-tokens", "4000")
+    try:
+        running = open_request(url, LONG)
+        wait_for(lambda s: s["running"] == 1, url, 30)
+        waiting = open_request(url, LONG)
+        wait_for(lambda s: s["waiting"] == 1, url, 30)
+        waiting.close()
+        state = wait_for(lambda s: s["waiting"] == 0 and s["cancelled"] == 1, url, 2)
+        assert state["running"] == 1 and state["served"] == 0 and state["max_batch"] == 1
+        running.close()
+        wait_for(lambda s: s["running"] == 0 and s["cancelled"] == 2 and s["in_progress"] == 0, url, 5)
+    finally:
+        process.kill()
+        process.wait()
+
+
 def test_a_search_past_its_deadline_gets_504_in_seconds(notes_db, base_model_dir, tmp_path):
     import time
 

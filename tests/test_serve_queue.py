@@ -31,6 +31,16 @@ class FakeStream:
         self.closed = True
 
 
+class SlowStream(FakeStream):
+    """A FakeStream whose every piece takes 5 ms, as a token would."""
+
+    def __next__(self):
+        import time
+
+        time.sleep(0.005)
+        return super().__next__()
+
+
 def server(**settings) -> Server:
     return Server(model=None, tokenizer=None, table=None, text_column="text", model_id="m", **settings)
 
@@ -93,6 +103,35 @@ def test_cancelled_while_waiting_leaves_the_queue():
 
     srv, log = asyncio.run(main())
     assert "B" not in log and (srv.running, srv.waiting, srv.served) == (0, 0, 1)
+
+
+def test_a_waiting_client_that_leaves_gives_its_place_back_before_its_turn():
+    """Nothing cancels a non-streaming request whose client hangs up: the waiter itself must notice."""
+    async def main():
+        srv, log = server(), []
+        first = asyncio.create_task(collect(srv, SlowStream("A", ["a"] * 200, log)))  # about 1 s
+        await asyncio.sleep(0)
+        left = False
+
+        async def gone():
+            return left
+
+        waiting = asyncio.create_task(collect(srv, FakeStream("B", ["b"], log), gone))
+        behind = asyncio.create_task(collect(srv, FakeStream("C", ["c"], log)))
+        while srv.waiting < 2:
+            await asyncio.sleep(0.001)
+        left = True
+        pieces = await asyncio.wait_for(waiting, 1)
+        state = (srv.waiting, srv.cancelled, first.done())
+        await first
+        await behind
+        return srv, log, pieces, state
+
+    srv, log, pieces, state = asyncio.run(main())
+    assert pieces == [] and state == (1, 1, False)  # it left the line while A was still generating
+    assert "B" not in log and log[-1] == "C"  # and C, behind it, still got its turn
+    assert (srv.running, srv.waiting, srv.served, srv.cancelled) == (0, 0, 2, 1)
+    assert not srv.turn.locked()
 
 
 def test_full_queue_is_refused_with_503():

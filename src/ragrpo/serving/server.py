@@ -124,35 +124,61 @@ def admit(server: Server) -> None:
                        kind="server_error", code="queue_full")
 
 
+async def take_turn(lock: asyncio.Lock, client_gone, poll: float = 0.1) -> bool:
+    """Acquire `lock` in arrival order, asking `client_gone()` every `poll` seconds meanwhile: False (and the
+    lock not held) when the client left first. One acquire waits throughout, so the place in line is kept; a
+    non-streaming client has no other watcher, and without this it was seen leaving only at its turn."""
+    acquire = asyncio.ensure_future(lock.acquire())
+    held = False
+    try:
+        while True:
+            if (await asyncio.wait({acquire}, timeout=poll))[0]:
+                held = True
+                return True
+            if await client_gone():
+                return False
+    finally:
+        if not held:  # the client left, or this waiter was cancelled
+            if acquire.done() and not acquire.cancelled():
+                lock.release()  # granted while the leaving was being noticed: pass it on
+            else:
+                acquire.cancel()  # a cancelled acquire never holds the lock
+
+
 async def generate_pieces(server: Server, stream, client_gone):
-    """The stream's text pieces, generated in turn with other requests; stops early when `client_gone()`."""
+    """The stream's text pieces, generated in turn with other requests; stops early when `client_gone()`,
+    whether it is waiting for its turn or generating."""
     server.waiting += 1
     queued = True
     try:
-        async with server.turn:
-            server.waiting -= 1
-            queued = False
-            server.running += 1
-            try:
-                while True:
-                    if await client_gone():
-                        return
-                    # One token per worker-thread call: the event loop stays responsive. A cancellation
-                    # waits for the token in progress (anyio's default, unlike asyncio.to_thread), so the
-                    # model never runs two requests at once and close() never meets a running loop.
-                    piece = await anyio.to_thread.run_sync(_next_piece, stream)
-                    if piece is None:
-                        return
-                    yield piece
-            finally:
-                # Unfinished means the client left: seen here between tokens, or a cancellation from the
-                # response (starlette cancels a streamed reply when the client disconnects).
-                server.running -= 1
-                if stream.finish_reason is None:
-                    server.cancelled += 1
-                else:
-                    server.served += 1
-                stream.close()
+        if not await take_turn(server.turn, client_gone):
+            server.cancelled += 1
+            stream.close()
+            return
+        server.waiting -= 1
+        queued = False
+        server.running += 1
+        try:
+            while True:
+                if await client_gone():
+                    return
+                # One token per worker-thread call: the event loop stays responsive. A cancellation
+                # waits for the token in progress (anyio's default, unlike asyncio.to_thread), so the
+                # model never runs two requests at once and close() never meets a running loop.
+                piece = await anyio.to_thread.run_sync(_next_piece, stream)
+                if piece is None:
+                    return
+                yield piece
+        finally:
+            # Unfinished means the client left: seen here between tokens, or a cancellation from the
+            # response (starlette cancels a streamed reply when the client disconnects).
+            server.running -= 1
+            if stream.finish_reason is None:
+                server.cancelled += 1
+            else:
+                server.served += 1
+            stream.close()
+            server.turn.release()
     finally:
         if queued:
             server.waiting -= 1
