@@ -294,7 +294,7 @@ def test_factory_names_say_their_parameters():
 def test_registry_names_are_metric_keys_with_one_line_descriptions():
     assert list(REWARDS) == ["length", "token_diversity", "format", "groundedness", "groundedness_beyond_question",
                              "citation", "source_citation", "source_citation_grounded", "source_citation_answered",
-                             "source_citation_only", "source_citation_exact", "source_citation_exact_1w", "source_citation_centred_1w",
+                             "source_citation_only", "source_citation_exact", "source_citation_exact_1w", "source_citation_debiased_1w",
                              "answer_match",
                              "context_reliance", "relevance", "repetition"]
     funcs, _ = resolve_rewards(list(REWARDS))
@@ -602,33 +602,33 @@ def _cite_batches(reward, policy, steps=60, k=3, seed=0):
     return sum(warm) / len(warm)
 
 
-def test_centred_source_citation_pays_nothing_for_a_position_habit_and_most_for_reading():
-    from ragrpo.rewards import SourceCitationCentred
+def test_debiased_source_citation_pays_little_for_a_position_habit_more_for_chance_and_most_for_reading():
+    from ragrpo.rewards import SourceCitationDebiased
 
-    habit = _cite_batches(SourceCitationCentred(min_words=1), lambda s, rng: 2)
-    blind = _cite_batches(SourceCitationCentred(min_words=1), lambda s, rng: rng.randrange(3))
-    reader = _cite_batches(SourceCitationCentred(min_words=1), lambda s, rng: s)
-    assert habit < -0.5  # right a third of the time, paying a rate near 1
-    assert abs(blind) < 0.1  # even rates of 1/3 cancel the 1/3 it gets right
-    assert reader > 0.5
-    # the plain exact score cannot tell a habit from random citing: both earn about a third
-    plain_habit = _cite_batches(REWARDS["source_citation_exact_1w"], lambda s, rng: 2)
-    assert abs(plain_habit - 1 / 3) < 0.15
+    def mean(policy):
+        return _cite_batches(SourceCitationDebiased(min_words=1), policy)
+
+    habit, blind, reader = mean(lambda s, rng: 2), mean(lambda s, rng: rng.randrange(3)), mean(lambda s, rng: s)
+    assert abs(habit - 1 / 9) < 0.07  # right a third of the time, earning 1 + 1/3 - 1
+    assert abs(blind - 1 / 3) < 0.1  # even rates of 1/3: a right guess earns 1
+    assert reader > 0.9 > blind > habit > 0.0  # and silence scores 0, so citing still pays
+    # the plain exact score cannot tell a habit from citing at random: both earn about a third
+    assert abs(_cite_batches(REWARDS["source_citation_exact_1w"], lambda s, rng: 2) - 1 / 3) < 0.15
 
 
-def test_centred_source_citation_starts_each_run_fresh_and_keeps_its_rates_through_pickle():
+def test_debiased_source_citation_starts_each_run_fresh_and_keeps_its_rates_through_pickle():
     import pickle
 
-    shared = REWARDS["source_citation_centred_1w"]
+    shared = REWARDS["source_citation_debiased_1w"]
     before = dict(shared.rates)
-    (first,), _ = resolve_rewards(["source_citation_centred_1w"])
-    (second,), _ = resolve_rewards(["source_citation_centred_1w"])
+    (first,), _ = resolve_rewards(["source_citation_debiased_1w"])
+    (second,), _ = resolve_rewards(["source_citation_debiased_1w"])
     ids = [["a", "b", "c"]] * 2
     first(completions=["Crouch [3].", "Crouch [3]."], context_ids=ids, source_id=["c"] * 2, query=["Who?"] * 2)
     assert first.func.rates and not second.func.rates and shared.rates == before
     copy = pickle.loads(pickle.dumps(first))
     assert copy.func.rates == first.func.rates
     after = copy(completions=["Crouch [3]."], context_ids=ids[:1], source_id=["c"], query=["Who?"])
-    assert after == [1.0 - first.func.rates[3]]
+    assert after == [1.0 + 1 / 3 - first.func.rates[3]]
     with pytest.raises(RagrpoError, match="decay"):
         type(shared)(decay=1.0)

@@ -43,7 +43,7 @@ from ragrpo.rewards.base import (  # noqa: F401  (re-exported: what rewards read
 from ragrpo.rewards.citations import (  # noqa: F401
     SourceCitation,
     SourceCitationAnswered,
-    SourceCitationCentred,
+    SourceCitationDebiased,
     SourceCitationExact,
     SourceCitationGrounded,
     SourceCitationOnly,
@@ -311,7 +311,7 @@ REWARDS: dict[str, Callable] = {
     "source_citation_only": SourceCitationOnly(),
     "source_citation_exact": SourceCitationExact(),
     "source_citation_exact_1w": SourceCitationExact(min_words=1),
-    "source_citation_centred_1w": SourceCitationCentred(min_words=1),
+    "source_citation_debiased_1w": SourceCitationDebiased(min_words=1),
     "answer_match": answer_match,
     "context_reliance": ContextReliance(),
     "relevance": Relevance(),

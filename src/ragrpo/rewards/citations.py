@@ -18,8 +18,8 @@ variant's `others`), -1 for a passage that does not exist. The variants differ i
     source_citation_only      ... and a reference to another retrieved passage costs `others` (-1)
     source_citation_exact     ... and the worst credit counts, not the mean: 1 only when every passage
                               referred to is the source's (the evaluation's citation accuracy)
-    source_citation_centred   ... less the running rate at which answers cite those positions, so that
-                              a fixed position earns nothing (the only variant that keeps state)
+    source_citation_debiased  ... a right reference earning 1 + 1/k less the running rate at which
+                              answers cite its position, so that a habit earns little (it keeps state)
 
 "Own" words leave out the question's words and the passage names. Why each variant exists, from the
 runs that needed it, is in bench/results/from-index/NOTES.md: without `grounded` or `min_words` a run
@@ -202,31 +202,31 @@ class SourceCitationExact(SourceCitationAnswered):
         return min(credits) if credits else 0.0
 
 
-class SourceCitationCentred(SourceCitationExact):
-    """Citing the source document alone, less how often recent answers cited the same passages: in [-2, 1].
+class SourceCitationDebiased(SourceCitationExact):
+    """Citing the source document alone, a right reference earning less the more often recent answers cite its position.
 
-    The exact score minus, for the passages the answer refers to, the mean of their running citation
-    rates: the share of recent answers that referred to each position, whatever the source was. A
-    habit earns nothing: an answer that always cites [3] is right a third of the time (1/3) and pays
-    rate 1, while citing one position at random with even rates is worth 0 on average and only
-    reading the passages earns more. r13 shows the habit the plain exact score trained
-    (bench/results/from-index/NOTES.md).
+    A right reference to the source at position p earns `1 + 1/k - rate(p)`, where k is the number of
+    passages and rate(p) is the share of recent answers that referred to position p, whatever the source
+    was; everything else scores as `source_citation_exact` does (a wrong guess or silence 0). A habit
+    earns little: always citing [3] is right a third of the time at rate 1, worth 1/9 on average, against
+    1/3 for citing at random with even rates and 1 for reading. Citing still beats silence. r13 shows
+    the habit the plain exact score trained, and r14a the silence that a penalty on wrong references
+    (the rate subtracted from every reference) trained instead (bench/results/from-index/NOTES.md).
 
     The rates are an exponential average over batches (`decay` per call), updated after each batch
-    is scored, so a batch never pays for its own choices; they start at 0, so the first batch scores
-    as `source_citation_exact` does. `for_run` gives a fresh copy, so runs in one process do not share
-    rates.
+    is scored, so a batch never pays for its own choices; they start at 0. `for_run` gives a fresh copy,
+    so runs in one process do not share rates.
 
-    >>> reward = SourceCitationCentred(min_words=1, decay=0.5)
-    >>> ids, source = [["a", "b", "c"]] * 4, ["c"] * 4
+    >>> reward = SourceCitationDebiased(min_words=1, decay=0.5)
+    >>> ids, source = [["a", "b", "c", "d"]] * 4, ["c"] * 4
     >>> reward(["Crouch [3].", "Crouch [3].", "Crouch [3].", "Crouch [1]."], context_ids=ids, source_id=source,
     ...        query=["Who rows?"] * 4)
-    [1.0, 1.0, 1.0, 0.0]
+    [1.25, 1.25, 1.25, 0.0]
     >>> reward(["Crouch [3].", "Crouch [1]."], context_ids=ids[:2], source_id=["a"] * 2, query=["Who rows?"] * 2)
-    [-0.375, 0.875]
+    [0.0, 1.125]
     """
 
-    stem = "source_citation_centred"
+    stem = "source_citation_debiased"
 
     def __init__(self, min_words: int = 5, decay: float = 0.9):
         if not 0.0 <= decay < 1.0:
@@ -235,20 +235,20 @@ class SourceCitationCentred(SourceCitationExact):
         self.decay = decay
         self.rates: dict[int, float] = {}  # passage position -> running share of answers referring to it
 
-    def for_run(self) -> SourceCitationCentred:
-        return SourceCitationCentred(self.min_words, self.decay)
+    def for_run(self) -> SourceCitationDebiased:
+        return SourceCitationDebiased(self.min_words, self.decay)
 
     def __call__(self, completions, context_ids=None, source_id=None, context=None, query=None,
                  **kwargs) -> list[float]:
         scores = super().__call__(completions, context_ids=context_ids, source_id=source_id, context=context,
                                   query=query)
         referred = [set(cited_passages(answer_text(c))) for c in completions]
-        centred = [score - sum(self.rates.get(n, 0.0) for n in refs) / len(refs) if refs else score
-                   for score, refs in zip(scores, referred, strict=True)]
+        debiased = [score + 1 / len(ids) - self.rates.get(next(iter(refs)), 0.0) if score == 1.0 else score
+                    for score, refs, ids in zip(scores, referred, context_ids, strict=True)]
         for n in set(self.rates).union(*referred):
             batch_share = sum(n in refs for refs in referred) / max(len(referred), 1)
             self.rates[n] = self.decay * self.rates.get(n, 0.0) + (1 - self.decay) * batch_share
-        return centred
+        return debiased
 
 
 def get_source_citation_reward(grounded: bool = False, min_words: int = 0, others: float = 0.0,
