@@ -345,6 +345,7 @@ def test_eval_from_index_scores_both_models_per_seed(index_run, tiny_model_dir, 
         assert len(values) == 2 and summary[name]["spread"] == max(values) - min(values)
     report = (tmp_path / "report" / "report.md").read_text()
     assert "hit@2" in report and "| groundedness |" in report and "Gain against seed spread" in report
+    assert "## Done when" in report and "- cites source only, worst source position gains beyond the spread" in report
     for name in ("curves.png", "histograms.png", "by-position.png", "results.json"):
         assert (tmp_path / "report" / name).stat().st_size > 0
     assert "| answer accuracy | 4 |" in report  # each figure says how many answers it is over
@@ -367,6 +368,22 @@ def test_citation_accuracy_counts_the_source_alone_and_separates_lower_ranked_so
     figures = score_answers(answers, rows, ["length"]).figures
     assert figures["cites source only"] == 2 / 5  # rows 1 and 4; naming both passages does not count
     assert figures["cites source only, source not passage 1"] == 1 / 2  # over the two rank-2 rows only
+    assert figures["cites source only, worst source position"] == 1 / 2  # [1] 1/2, [2] 1/2
+
+
+def test_a_habit_of_citing_the_last_passage_passes_below_passage_1_but_not_the_worst_position():
+    from ragrpo.evaluation.from_index import score_answers
+
+    def row(rank):
+        ids = ["s", "y"] if rank == 1 else ["x", "s"]
+        return {"context": PASSAGES[:2], "context_ids": ids, "source_id": "s", "query": "Who?", "prompt": "Who?",
+                "source_rank": rank, "kind": "person", "answers": ["Hale"]}
+
+    rows = [row(1), row(2), row(1), row(2)]
+    figures = score_answers(["Hale [2]."] * 4, rows, ["length"]).figures  # r13's habit, with two passages
+    assert figures["cites source only, source not passage 1"] == 1.0
+    assert figures["cites source only, worst source position"] == 0.0
+    assert figures["answer accuracy, worst source position"] == 1.0  # "Hale" is right at both positions
 
 
 def test_answer_accuracy_by_kind_and_source_position():

@@ -28,6 +28,8 @@ both models), and every seed gives one value of each figure:
     ... source not passage 1   the same over the questions whose source is shown below the top:
                        always citing [1] scores 0 there, so it tells reading the passages from a habit
     ... source at passage p    the same for each position
+    ... worst source position  the lowest of those (answer accuracy too): a habit of citing any one
+                       passage, not only [1], scores near 0 here (r13 cited [3]: 0.978 there, 0 elsewhere)
     answer length      characters of the answer (the <answer> section with --reasoning)
     token diversity    the write-up's within-answer diversity (unique / total words, in %)
     distinct-2         unique word bigrams / all word bigrams over the seed's answers (across answers)
@@ -47,9 +49,10 @@ from pathlib import Path
 
 from ragrpo import RagrpoError
 
-HEADLINE = ("answer accuracy", "answer accuracy, hedges allowed", "token F1", "cites source only",
-            "cites source only, source not passage 1",
-            "groundedness", "distinct-2")
+HEADLINE = ("answer accuracy", "answer accuracy, hedges allowed", "answer accuracy, worst source position",
+            "token F1", "cites source only", "cites source only, source not passage 1",
+            "cites source only, worst source position", "groundedness", "distinct-2")
+DISTINCT_2_DROP = 0.05  # how far distinct-2 may fall below the base model's (issue 17's done-when)
 
 
 @dataclass
@@ -167,6 +170,11 @@ def score_answers(completions: list[str], rows: list[dict], reward_specs: list[s
     means = {name: sum(v) / len(v) if v else 0.0 for name, v in figures.items()}
     counts = {name: len(v) for name, v in figures.items()}
     means["distinct-2"] = distinct_2(answers)
+    positions = sorted({r["source_rank"] for r in rows} - {0})
+    for prefix in ("answer accuracy", "cites source only"):
+        at = [means[f"{prefix}, source at passage {p}"] for p in positions if f"{prefix}, source at passage {p}" in means]
+        if at:
+            means[f"{prefix}, worst source position"] = min(at)
     latency = {}
     funcs, weights = resolve_rewards(reward_specs)
     total = [0.0] * len(completions)
@@ -418,6 +426,23 @@ def plot_by_position(result: IndexComparison, target: Path) -> Path:
     return _save(figure, target, f"by source position, {len(result.seeds)} seeds ({result.order} order)")
 
 
+def done_when(result: IndexComparison) -> list[str]:
+    """Issue 17's test, one line per condition: answer accuracy and citation accuracy where the source is not
+    passage 1 gain beyond the seed spread, and distinct-2 falls at most `DISTINCT_2_DROP`; and the same for
+    citation at the worst source position, which a habit of citing the last passage cannot pass."""
+    verdicts, base, tuned = result.verdicts(), result.summary("base"), result.summary("tuned")
+    lines = []
+    for name in ("answer accuracy", "cites source only, source not passage 1", "cites source only, worst source position"):
+        if name in verdicts:
+            met = "met" if verdicts[name]["exceeds_spread"] else "NOT met"
+            lines.append(f"- {name} gains beyond the spread: **{met}** ({verdicts[name]['gain']:+.3f} against "
+                         f"{verdicts[name]['spread']:.3f})")
+    drop = base["distinct-2"]["mean"] - tuned["distinct-2"]["mean"]
+    met = "met" if drop <= DISTINCT_2_DROP else "NOT met"
+    lines.append(f"- distinct-2 falls at most {DISTINCT_2_DROP}: **{met}** (it falls {drop:+.3f})")
+    return lines
+
+
 def write_report(result: IndexComparison, folder: Path) -> Path:
     """report.md, results.json, curves.png (the run's log), histograms.png and by-position.png in `folder`."""
     from ragrpo.evaluation.evaluate import plot_run
@@ -451,6 +476,7 @@ def write_report(result: IndexComparison, folder: Path) -> Path:
         word = "exceeds" if verdict["exceeds_spread"] else "does NOT exceed"
         lines.append(f"- {name}: tuned - base = {verdict['gain']:+.3f}, which {word} the larger spread "
                      f"({verdict['spread']:.3f})")
+    lines += ["", "## Done when", ""] + done_when(result)
     lines += ["", "## Reward latency (ms per completion, mean over seeds)", "", "| reward | base | tuned |",
               "|---|---|---|"]
     for name in result.base[0].latency_ms:
