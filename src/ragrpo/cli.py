@@ -119,6 +119,7 @@ def train(config_file, rewards, overwrite, resume, from_index, db, where, k, mod
     """
     from ragrpo.config import build_run_config
     from ragrpo.tuning.train import train as run_training
+    from ragrpo.tuning.train import world
 
     cfg = build_run_config(config_file, rewards=list(rewards) or None, **options)
     if from_index and not resume:
@@ -132,12 +133,14 @@ def train(config_file, rewards, overwrite, resume, from_index, db, where, k, mod
         given = bool(rewards) or bool(config_file and "rewards" in load_config_file(config_file))
         result, curriculum = train_from_index(from_index_config(cfg, source, given), source,
                                               overwrite=overwrite)
-        click.echo(f"{len(curriculum.examples)} training questions from {len(curriculum.train_ids)} documents; "
-                   f"{len(curriculum.held_ids)} documents held out")
-        click.echo(f"trained {result.steps} steps; merged model: {result.merged}; metrics: {result.metrics}")
+        if world()[0] == 0:  # under `accelerate launch`, the main process speaks for the run
+            click.echo(f"{len(curriculum.examples)} training questions from {len(curriculum.train_ids)} documents; "
+                       f"{len(curriculum.held_ids)} documents held out")
+            click.echo(f"trained {result.steps} steps; merged model: {result.merged}; metrics: {result.metrics}")
         return
     result = run_training(cfg, overwrite=overwrite, resume=resume)
-    click.echo(f"trained {result.steps} steps; merged model: {result.merged}; metrics: {result.metrics}")
+    if world()[0] == 0:
+        click.echo(f"trained {result.steps} steps; merged model: {result.merged}; metrics: {result.metrics}")
 
 
 @main.command()

@@ -364,7 +364,9 @@ def fast_trainer_class():
         def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep,
                                                batch_size=None, compute_entropy=False, compute_aux_loss=False,
                                                **multimodal):
-            if (compute_aux_loss or self.args.cast_lm_head_to_fp32
+            # A model wrapped for data parallelism (DDP under `accelerate launch`) takes TRL's own forward: its
+            # gradient hooks expect one forward per backward, and the shared prompt pass is two.
+            if (compute_aux_loss or self.args.cast_lm_head_to_fp32 or not hasattr(model, "config")
                     or any(value is not None for value in multimodal.values())):
                 return super()._get_per_token_logps_and_entropies(
                     model, input_ids, attention_mask, logits_to_keep, batch_size, compute_entropy,

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 import string
 import tempfile
@@ -151,6 +152,8 @@ def _metrics_logger(path: Path):
 
     class MetricsLogger(TrainerCallback):
         def on_log(self, args, state, control, logs=None, **kwargs):
+            if not state.is_world_process_zero:  # every rank logs the same gathered metrics; one writes them
+                return
             with path.open("a") as handle:
                 handle.write(json.dumps({"step": state.global_step, **(logs or {})}, default=float) + "\n")
 
@@ -196,8 +199,8 @@ def _progress_bar():
 # ---- training -------------------------------------------------------------------------------------
 
 
-def make_trainer(cfg: RunConfig, model, tokenizer, dataset, output: Path):
-    """A GRPOTrainer that trains the run's LoRA adapter on `model`."""
+def make_trainer(cfg: RunConfig, model, tokenizer, dataset, output: Path, callbacks=()):
+    """A GRPOTrainer that trains the run's LoRA adapter on `model`; `callbacks` are added to ragrpo's own."""
     import torch
     from transformers import PrinterCallback, ProgressCallback
     from trl import GRPOTrainer
@@ -222,7 +225,7 @@ def make_trainer(cfg: RunConfig, model, tokenizer, dataset, output: Path):
             args=args,
             train_dataset=dataset,
             processing_class=tokenizer,
-            callbacks=[_metrics_logger(output / "metrics.jsonl"), _progress_bar()],
+            callbacks=[_metrics_logger(output / "metrics.jsonl"), _progress_bar(), *callbacks],
         )
     except ValueError as exc:  # TRL checks batch/generation divisibility and similar settings here
         raise RagrpoError(f"bad GRPO setting: {str(exc).splitlines()[0]}") from None
@@ -303,9 +306,27 @@ def check_output(output: Path) -> None:
 
 
 def _staging_folder(output: Path) -> Path:
-    """A new, empty folder beside `output` to train into while the old run stays where it is."""
+    """A new, empty folder beside `output` to train into while the old run stays where it is. Under
+    `accelerate launch` every rank must name the same one: its name comes from the launch's rendezvous."""
     output.parent.mkdir(parents=True, exist_ok=True)
+    if world()[1] > 1:
+        staging = output.with_name(f"{output.name}.staging-{os.environ.get('MASTER_PORT', 'ranks')}")
+        staging.mkdir(exist_ok=True)
+        return staging
     return Path(tempfile.mkdtemp(prefix=f"{output.name}.staging-", dir=output.parent))
+
+
+def world() -> tuple[int, int]:
+    """(this process's rank, the number of processes) as `accelerate launch` or torchrun set them."""
+    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def _wait_for_ranks() -> None:
+    """A barrier across the ranks of a multi-process run (accelerate's; nothing with one process)."""
+    if world()[1] > 1:
+        from accelerate import PartialState
+
+        PartialState().wait_for_everyone()
 
 
 def _swap_in(staging: Path, output: Path) -> None:
@@ -322,7 +343,7 @@ def _swap_in(staging: Path, output: Path) -> None:
 
 
 def train(cfg: RunConfig, *, overwrite: bool = False, resume: bool = False, dataset=None,
-          files: dict[str, str] | None = None) -> TrainResult:
+          files: dict[str, str] | None = None, callbacks=()) -> TrainResult:
     """Run GRPO as `cfg` says and write the run folder.
 
     `resume=True` continues the run in `cfg.output` from its last checkpoint, with the configuration it
@@ -333,7 +354,10 @@ def train(cfg: RunConfig, *, overwrite: bool = False, resume: bool = False, data
 
     `dataset` (a `datasets.Dataset`) replaces the one built from `cfg.dataset` on a fresh start, and
     `files` (relative path -> text) are written into the run folder next to config.json; the
-    from-index curriculum uses both.
+    from-index curriculum uses both. `callbacks` (transformers TrainerCallbacks) join the trainer's.
+
+    Under `accelerate launch` (or torchrun) every rank runs this: each trains on its share of the
+    prompts, and the main process alone writes the run folder (config, metrics, adapter, merged model).
     """
     from ragrpo.models import load_model
 
@@ -353,6 +377,8 @@ def train(cfg: RunConfig, *, overwrite: bool = False, resume: bool = False, data
     resolve_rewards(cfg.rewards)  # fail on an unknown reward before loading anything heavy
     grpo_config(cfg, output / "checkpoints")
     lora_config(cfg)
+    _wait_for_ranks()  # every rank has checked the folder before the main one writes to it
+    main = world()[0] == 0
     model, tokenizer = load_model(cfg.model)
     dataset = build_dataset(cfg, tokenizer) if dataset is None or resume else dataset
 
@@ -363,24 +389,28 @@ def train(cfg: RunConfig, *, overwrite: bool = False, resume: bool = False, data
     work.mkdir(parents=True, exist_ok=True)
     trainer = None
     try:
-        trainer = make_trainer(cfg, model, tokenizer, dataset, work)
-        if checkpoint is None:
+        trainer = make_trainer(cfg, model, tokenizer, dataset, work, callbacks)
+        if checkpoint is None and main:
             _write_config(cfg, trainer, work, output)
             for name, text in (files or {}).items():
                 (work / name).parent.mkdir(parents=True, exist_ok=True)
                 (work / name).write_text(text)
-        else:
+        elif main:
             _truncate_metrics(work / "metrics.jsonl", int(checkpoint.name.rsplit("-", 1)[1]))
         trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
-        save_run(trainer, tokenizer, work)
-        checkpoints = work / "checkpoints"
-        if checkpoints.exists() and not any(checkpoints.glob("checkpoint-*")):
-            shutil.rmtree(checkpoints)  # TRL creates the folder even when no checkpoint was saved
-        if replacing:
-            _swap_in(work, output)
+        if main:
+            save_run(trainer, tokenizer, work)
+            checkpoints = work / "checkpoints"
+            if checkpoints.exists() and not any(checkpoints.glob("checkpoint-*")):
+                shutil.rmtree(checkpoints)  # TRL creates the folder even when no checkpoint was saved
+            if replacing:
+                _swap_in(work, output)
+        _wait_for_ranks()  # no rank returns before the run folder is whole
     except BaseException:
         for callback in trainer.callback_handler.callbacks if trainer else []:
             getattr(callback, "close", lambda: None)()
+        if not main:
+            raise
         if replacing:
             shutil.rmtree(work, ignore_errors=True)
         elif (created or overwrite) and _latest_checkpoint(output) is None:
