@@ -416,6 +416,8 @@ def test_hedged_answers_count_only_where_hedges_are_allowed():
     answers = ["The Ferryman's Ledger [1].", "The Ferryman's Ledger or The Painter's Alibi (1938)"]
     figures = score_answers(answers, rows, ["answer_match"]).figures
     assert figures["answer accuracy"] == 1 / 2 and figures["answer accuracy, hedges allowed"] == 1.0
+    late = score_answers(["x" * 100 + " The Ferryman's Ledger"] * 2, rows, ["length"]).figures
+    assert late["answer accuracy"] == 1.0 and late["answer accuracy, first 100 chars"] == 0.0
     assert figures["reward answer_match"] == 1 / 2  # the training reward reads the same column
 
 

@@ -16,6 +16,8 @@ both models), and every seed gives one value of each figure:
                        title or year): listing every header holds the gold title but answers nothing;
                        also by question kind and by source position
     ... hedges allowed the same without that condition (the figure before it was added)
+    ... first 100 chars the same over each answer's first 100 characters, so that a model that
+                       learned to write longer answers gains nothing by length alone
     token F1           SQuAD's token F1 against the best gold answer
 
     groundedness       share of the answer's content words found in the retrieved passages
@@ -49,9 +51,11 @@ from pathlib import Path
 
 from ragrpo import RagrpoError
 
-HEADLINE = ("answer accuracy", "answer accuracy, hedges allowed", "answer accuracy, worst source position",
+HEADLINE = ("answer accuracy", "answer accuracy, hedges allowed", "answer accuracy, first 100 chars",
+            "answer accuracy, worst source position",
             "token F1", "cites source only", "cites source only, source not passage 1",
             "cites source only, worst source position", "groundedness", "distinct-2")
+PREFIX_CHARS = 100  # answer accuracy is also taken over this many characters of each answer
 DISTINCT_2_DROP = 0.05  # how far distinct-2 may fall below the base model's (issue 17's done-when)
 
 
@@ -154,6 +158,9 @@ def score_answers(completions: list[str], rows: list[dict], reward_specs: list[s
         correct = [answer_accuracy(a, r["answers"], r.get("distractors", ())) for a, r in zip(answers, rows)]
         figures["answer accuracy"] = correct
         figures["answer accuracy, hedges allowed"] = [answer_accuracy(a, r["answers"]) for a, r in zip(answers, rows)]
+        # the same over every answer's first PREFIX_CHARS characters: a longer answer holds more spans by chance
+        figures[f"answer accuracy, first {PREFIX_CHARS} chars"] = [
+            answer_accuracy(a[:PREFIX_CHARS], r["answers"], r.get("distractors", ())) for a, r in zip(answers, rows)]
         figures["token F1"] = [token_f1(a, r["answers"]) for a, r in zip(answers, rows)]
         for kind in sorted({r["kind"] for r in rows}):
             figures[f"answer accuracy, kind {kind}"] = [c for c, r in zip(correct, rows) if r["kind"] == kind]
