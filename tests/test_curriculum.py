@@ -315,10 +315,12 @@ def test_from_index_run_records_its_split_and_trains_on_its_rewards(index_run):
     assert all(REASONING_INSTRUCTION in r["prompt"][0]["content"] for r in rows)
     config = json.loads((run / "config.json").read_text())["run"]
     assert config["dataset"] == str(run / "curriculum" / "train.jsonl") and config["held_out"] == 0.0
-    assert config["rewards"] == ["answer_match=2", "source_citation_exact_1w", "length=0.5", "format=0.5"]
-    assert config["grpo"]["multi_objective_aggregation"] == "normalize_then_sum"  # weights apply to normalised rewards
+    assert config["rewards"] == ["answer_match=2", "source_citation_debiased_1w", "format=0.5"]
+    assert config["grpo"]["multi_objective_aggregation"] == "sum_then_normalize"
+    assert config["grpo"]["beta"] == 0.0 and config["grpo"]["use_adaptive_entropy"] is True
+    assert config["grpo"]["num_generations"] == 2  # the group size given is kept
     logged = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert any("rewards/source_citation_exact_1w/mean" in r and "rewards/answer_match/mean" in r for r in logged)
+    assert any("rewards/source_citation_debiased_1w/mean" in r and "rewards/answer_match/mean" in r for r in logged)
     assert result.steps == 2
 
 
@@ -639,7 +641,7 @@ def test_killed_from_index_run_resumes_on_its_own_curriculum(movie_db, tiny_mode
     records = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in records if "reward" in r]
     assert [r["step"] for r in steps] == [1, 2, 3, 4]  # each step logged once
-    assert all("rewards/source_citation_exact_1w/mean" in r for r in steps)
+    assert all("rewards/source_citation_debiased_1w/mean" in r for r in steps)
     assert (output / "merged" / "config.json").exists()
 
 
@@ -658,3 +660,19 @@ def test_from_index_run_trains_on_the_rewards_its_config_file_names(movie_db, ti
                             env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
     assert json.loads((output / "config.json").read_text())["run"]["rewards"] == ["answer_match=2", "length"]
+
+
+def test_from_index_settings_fill_only_what_the_configuration_leaves_open():
+    from ragrpo.config import build_run_config
+    from ragrpo.tuning.curriculum import IndexSource, from_index_config
+
+    source = IndexSource("movies", "db")
+    silent = from_index_config(build_run_config(output="r"), source, rewards_given=False)
+    assert silent.rewards == ["answer_match=2", "source_citation_debiased_1w"]
+    assert silent.grpo["num_generations"] == silent.grpo["per_device_train_batch_size"] == 8
+    assert silent.grpo["multi_objective_aggregation"] == "sum_then_normalize" and silent.grpo["beta"] == 0.0
+    given = from_index_config(build_run_config(output="r", rewards=["length"], beta=0.04,
+                                               grpo={"per_device_train_batch_size": 4}), source, rewards_given=True)
+    assert given.rewards == ["length"] and given.grpo["beta"] == 0.04
+    assert "num_generations" not in given.grpo and given.grpo["per_device_train_batch_size"] == 4
+    assert "multi_objective_aggregation" not in given.grpo
