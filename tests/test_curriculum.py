@@ -676,3 +676,34 @@ def test_from_index_settings_fill_only_what_the_configuration_leaves_open():
     assert given.rewards == ["length"] and given.grpo["beta"] == 0.04
     assert "num_generations" not in given.grpo and given.grpo["per_device_train_batch_size"] == 4
     assert "multi_objective_aggregation" not in given.grpo
+
+
+@pytest.mark.integration
+def test_a_run_records_its_table_version_and_eval_reads_the_table_as_it_was(movie_db, tmp_path):
+    import shutil
+
+    from ragrpo.evaluation.from_index import checkout_version
+    from ragrpo.retrieval.index import open_table
+    from ragrpo.tuning.curriculum import IndexSource, build_curriculum
+
+    shutil.copytree(movie_db, tmp_path / "db")
+    source = IndexSource("movies", str(tmp_path / "db"), k=2, held_out=0.2)
+    record = build_curriculum(source).split_record()
+    table = open_table("movies", tmp_path / "db")
+    assert record["table_version"] == table.version and record["table_uri"].endswith("movies.lance")
+    rows = table.count_rows()
+    # an upsert after training: a film whose plot matches every ferry question better than the real one
+    table.add([{"title": "The Ferryman's Ledger II", "release_year": 2030, "movie_plot": "Walter Crouch the "
+                "Thames ferryman rows his passengers from Gravesend to Tilbury and keeps a ledger of names."}])
+    assert open_table("movies", tmp_path / "db").count_rows() == rows + 1
+    notices = []
+    pinned = checkout_version(open_table("movies", tmp_path / "db"), record["table_version"], notices.append)
+    assert pinned.count_rows() == rows and notices == []
+    hits = retrieve(pinned, "Thames ferryman Walter Crouch ledger", k=3)[0]
+    assert "The Ferryman's Ledger II" not in [h["title"] for h in hits]  # the evaluation sees the trained index
+    latest = checkout_version(open_table("movies", tmp_path / "db"), None, notices.append)
+    assert latest.count_rows() == rows + 1 and "recorded no table version" in notices[0]
+    assert "The Ferryman's Ledger II" in [h["title"] for h in retrieve(latest, "Thames ferryman Walter Crouch ledger",
+                                                                       k=3)[0]]  # which the new row would change
+    with pytest.raises(RagrpoError, match="no version 999"):
+        checkout_version(open_table("movies", tmp_path / "db"), 999, notices.append)

@@ -406,9 +406,11 @@ def rewards_score(specs, completion, context_file, query):
               "source_id) [default: the packaged set of the run's corpus, if any] (with --from-index).")
 @click.option("--order", type=click.Choice(["balanced", "retrieved"]), default="balanced", show_default=True,
               help="Passage order: the source at each position equally often, or as retrieved (with --from-index).")
+@click.option("--table-version", type=int, default=None, help="Read the table at this LanceDB version "
+              "[default: the version the run trained on] (with --from-index).")
 @user_errors
 def evaluate(model, base, dataset, prompt_template, rewards, samples, max_new_tokens, max_prompts, seed, as_json,
-             from_index, db, seeds, output, qa, order):
+             from_index, db, seeds, output, qa, order, table_version):
     """Score MODEL and its base on held-out prompts: each reward's mean, side by side.
 
     MODEL is a run folder (its dataset, template, rewards and held-out split are reused) or a model
@@ -430,7 +432,8 @@ def evaluate(model, base, dataset, prompt_template, rewards, samples, max_new_to
             raise UserError(f"--seeds {seeds!r}: give integers separated by commas, e.g. 0,1,2") from None
         result = compare_from_index(model, from_index, base=base, db=db, seeds=seed_list,
                                     max_new_tokens=max_new_tokens, max_questions=max_prompts, output=output,
-                                    qa=qa, order=order, echo=lambda line: click.echo(line, err=True))
+                                    qa=qa, order=order, table_version=table_version,
+                                    echo=lambda line: click.echo(line, err=True))
         click.echo(json.dumps(result.to_dict()) if as_json else result.table())
         return
 

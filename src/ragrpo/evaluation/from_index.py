@@ -313,12 +313,31 @@ def greedy_gold_scores(model, tokenizer, rows: list[dict], *, max_new_tokens: in
     return {name: figures[name] for name in names if name in figures}
 
 
+def checkout_version(table, version: int | None, echo):
+    """`table` as it was at `version` (read-only), or the latest when `version` is None (with a notice)."""
+    if version is None:
+        echo(f"notice: the run recorded no table version; reading the latest ({table.version})")
+        return table
+    if version != table.version:
+        known = [v.version if hasattr(v, "version") else v["version"] for v in table.list_versions()]
+        if version not in known:
+            raise RagrpoError(f"table {table.name!r} has no version {version} (it has {min(known)} to {max(known)}); "
+                              "pass --table-version with one of them")
+        table.checkout(version)
+    return table
+
+
 def compare_from_index(run_dir: str | Path, table: str | None = None, *, base: str | None = None,
                        db: str | None = None, seeds: list[int] = (0, 1, 2), max_new_tokens: int | None = None,
                        max_questions: int | None = None, output: str | Path | None = None, qa: str | Path | None = None,
-                       order: str = "balanced", echo=lambda line: None) -> IndexComparison:
+                       order: str = "balanced", table_version: int | None = None,
+                       echo=lambda line: None) -> IndexComparison:
     """Score the run's merged model and `base` on questions about the run's held-out documents; write
-    report and plots. The questions are a gold set's when there is one (`qa`, or a packaged set)."""
+    report and plots. The questions are a gold set's when there is one (`qa`, or a packaged set).
+
+    The table is read at the version the run trained on (LanceDB time travel), so rows added or changed
+    since do not change the evaluation; `table_version` pins another. A run recorded before versions
+    were kept reads the latest, and says so through `echo`."""
     from ragrpo.config import PRESETS
     from ragrpo.retrieval.index import open_table
     from ragrpo.tuning.curriculum import IndexSource, rag_examples, read_curriculum
@@ -336,6 +355,8 @@ def compare_from_index(run_dir: str | Path, table: str | None = None, *, base: s
     source = split["source"]
     table_name = table or source["table"]
     handle = open_table(table_name, db or source["db"])
+    handle = checkout_version(handle, table_version if table_version is not None else split.get("table_version"),
+                              echo)
     cfg = load_run_config(run_dir)
     grpo = {**PRESETS[cfg.preset], **cfg.grpo}
     tokens = max_new_tokens or grpo.get("max_completion_length", 128)

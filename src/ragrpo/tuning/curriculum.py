@@ -387,9 +387,12 @@ class Curriculum:
     held_ids: list[str]
     examples: list[dict]
     held_questions: list[Question]
+    table_uri: str = ""
+    table_version: int | None = None  # the LanceDB version the questions were made and retrieved from
 
     def split_record(self) -> dict:
         return {"source": asdict(self.source), "text_column": self.text_column,
+                "table_uri": self.table_uri, "table_version": self.table_version,
                 "train_documents": self.train_ids, "held_out_documents": self.held_ids,
                 "train_questions": len(self.examples), "held_out_questions": len(self.held_questions)}
 
@@ -426,7 +429,7 @@ def build_curriculum(source: IndexSource, model=None, tokenizer=None) -> Curricu
         raise RagrpoError(f"no question could be made from the documents of {source.table!r}")
     examples = rag_examples(table, train_questions, column, source)
     return Curriculum(source, column, sorted(set(ids) - held), sorted(held), examples,
-                      [q for q in questions if q.source_id in held])
+                      [q for q in questions if q.source_id in held], table_uri=str(table.uri), table_version=table.version)
 
 
 def read_curriculum(run_dir: str | Path) -> tuple[dict, list[Question]]:
