@@ -141,3 +141,33 @@ def test_full_queue_is_refused_with_503():
     with pytest.raises(ApiError) as error:
         admit(srv)
     assert error.value.status == 503 and error.value.body()["error"]["code"] == "queue_full"
+
+
+def test_searches_that_hang_past_their_deadline_do_not_hold_up_the_ones_after_them():
+    """Seven hung calls (more than asyncio's default executor has workers on this machine) each time out
+    at their deadline, and a quick call after them still answers at once."""
+    import threading
+    import time
+
+    from ragrpo.serving.guards import within
+
+    release = threading.Event()
+
+    async def main():
+        hung = await asyncio.gather(*(within(release.wait, 0.2) for _ in range(7)), return_exceptions=True)
+        started = time.monotonic()
+        quick = await within(lambda: "rows", 0.5)
+        return hung, quick, time.monotonic() - started
+
+    try:
+        hung, quick, seconds = asyncio.run(main())
+    finally:
+        release.set()
+    assert all(isinstance(h, TimeoutError) for h in hung)
+    assert quick == "rows" and seconds < 0.2
+
+    async def failing():
+        return await within(lambda: 1 / 0, 1.0)
+
+    with pytest.raises(ZeroDivisionError):  # an error in the call reaches the request, which answers 4xx
+        asyncio.run(failing())

@@ -8,8 +8,10 @@ Plain ASGI, not Starlette's `BaseHTTPMiddleware`, which hides a client's disconn
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import json
 import secrets
+import threading
 
 from fastapi.responses import JSONResponse
 
@@ -108,3 +110,23 @@ async def take_turn(lock: asyncio.Lock, client_gone, poll: float = 0.1) -> bool:
                 lock.release()  # granted while the leaving was being noticed: pass it on
             else:
                 acquire.cancel()  # a cancelled acquire never holds the lock
+
+
+async def within(func, deadline: float):
+    """`func()` run on a thread of its own, awaited for at most `deadline` seconds (then TimeoutError).
+
+    Python cannot stop a thread, so a call that never returns (a hung LanceDB query) keeps its thread; but
+    that thread is a daemon of its own, not one of the shared executor's few workers, so the calls after it
+    are not queued behind it and shutdown does not wait for it."""
+    done: concurrent.futures.Future = concurrent.futures.Future()
+
+    def run():
+        if not done.set_running_or_notify_cancel():  # running, it can no longer be cancelled by a timeout
+            return
+        try:
+            done.set_result(func())
+        except BaseException as exc:  # handed to the awaiting request, which turns it into an HTTP error
+            done.set_exception(exc)
+
+    threading.Thread(target=run, daemon=True, name="ragrpo-retrieval").start()
+    return await asyncio.wait_for(asyncio.wrap_future(done), deadline)

@@ -45,7 +45,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from ragrpo import RagrpoError
 from ragrpo.answer_settings import AnswerSettings
 from ragrpo.prompts import PassageStyle
-from ragrpo.serving.guards import ApiError, BodyLimit, Guard, take_turn
+from ragrpo.serving.guards import ApiError, BodyLimit, Guard, take_turn, within
 from ragrpo.serving.request_bodies import ChatRequest, RetrievalFields, SearchRequest
 
 API_KEY_ENV = "RAGRPO_API_KEY"
@@ -231,10 +231,10 @@ def create_app(server: Server):
     app.add_middleware(Guard, api_key=server.api_key)
 
     async def find(query: str, fields: RetrievalFields):
-        search = asyncio.to_thread(partial(retrieve, server.table, query, where=fields.where,
-                                           k=fields.k or server.answering.k, mode=fields.mode or server.answering.mode))
+        search = partial(retrieve, server.table, query, where=fields.where, k=fields.k or server.answering.k,
+                         mode=fields.mode or server.answering.mode)
         try:
-            return await asyncio.wait_for(search, server.retrieval_deadline)
+            return await within(search, server.retrieval_deadline)
         except TimeoutError:
             raise ApiError(504, f"retrieval took longer than {server.retrieval_deadline:g} s; try a simpler where "
                            "or fewer passages", kind="server_error", code="retrieval_timeout") from None
