@@ -13,7 +13,11 @@ import click
 
 from ragrpo import RagrpoError
 
-DB_OPTION = click.option("--db", default="lancedb", show_default=True, help="LanceDB folder.")
+DB_OPTION = click.option("--db", default="lancedb", show_default=True,
+                         help="LanceDB folder or object-store URI, e.g. s3://bucket/path.")
+STORAGE_OPTION = click.option("--storage-option", "storage_options", multiple=True, metavar="KEY=VALUE",
+                              help="LanceDB storage option for an object-store --db, repeatable, e.g. "
+                              "aws_region=eu-west-1 (overrides the AWS_* variables).")
 MODE_OPTION = click.option("--mode", type=click.Choice(["vector", "fts", "hybrid"]), default="vector",
                            show_default=True, help="Vector search, full-text (BM25), or both fused by "
                            "reciprocal rank fusion.")
@@ -90,7 +94,8 @@ def main():
               "configuration it was started with (other options are ignored).")
 @click.option("--from-index", "from_index", default=None, metavar="TABLE",
               help="Train on RAG prompts built from this LanceDB table's own documents (no labels needed).")
-@click.option("--db", default="lancedb", show_default=True, help="LanceDB folder (with --from-index).")
+@click.option("--db", default="lancedb", show_default=True, help="LanceDB folder or URI (with --from-index).")
+@STORAGE_OPTION
 @click.option("--where", default=None, help="SQL prefilter for documents and retrieval (with --from-index).")
 @click.option("-k", "k", type=int, default=3, show_default=True, help="Passages retrieved per question (with "
               "--from-index; `ask -k` should match).")
@@ -109,8 +114,8 @@ def main():
               help="Passage order in training prompts: the source at each position equally often (seeded), or as "
               "retrieved (with --from-index).")
 @user_errors
-def train(config_file, rewards, overwrite, resume, from_index, db, where, k, mode, questions, reasoning, cite,
-          max_documents, passage_header, order, **options):
+def train(config_file, rewards, overwrite, resume, from_index, db, storage_options, where, k, mode, questions,
+          reasoning, cite, max_documents, passage_header, order, **options):
     """GRPO fine-tuning with a LoRA adapter; writes adapter/, merged/, config.json and metrics.jsonl.
 
     Example: ragrpo train --max-steps 20 --reward length --reward token_diversity=0.5 --output runs/demo
@@ -123,6 +128,7 @@ def train(config_file, rewards, overwrite, resume, from_index, db, where, k, mod
 
     cfg = build_run_config(config_file, rewards=list(rewards) or None, **options)
     if from_index and not resume:
+        from ragrpo.retrieval.index import parse_storage_options
         from ragrpo.tuning.curriculum import IndexSource, from_index_config, train_from_index
 
         source = IndexSource(from_index, db, where=where, k=k, mode=mode, questions=questions, reasoning=reasoning,
@@ -131,8 +137,8 @@ def train(config_file, rewards, overwrite, resume, from_index, db, where, k, mod
         from ragrpo.config import load_config_file
 
         given = bool(rewards) or bool(config_file and "rewards" in load_config_file(config_file))
-        result, curriculum = train_from_index(from_index_config(cfg, source, given), source,
-                                              overwrite=overwrite)
+        result, curriculum = train_from_index(from_index_config(cfg, source, given), source, overwrite=overwrite,
+                                              storage_options=parse_storage_options(storage_options))
         if world()[0] == 0:  # under `accelerate launch`, the main process speaks for the run
             click.echo(f"{len(curriculum.examples)} training questions from {len(curriculum.train_ids)} documents; "
                        f"{len(curriculum.held_ids)} documents held out")
@@ -167,6 +173,7 @@ def generate(model_dir, prompt, max_new_tokens, temperature):
 @click.argument("source")
 @click.option("--table", required=True, help="Name of the LanceDB table to create.")
 @DB_OPTION
+@STORAGE_OPTION
 @click.option("--text-column", default=None, help="Column to embed [default: movie_plot, text, content, ...].")
 @click.option("--rename", "renames", multiple=True, help='OLD=NEW, repeatable, e.g. "Release Year=release_year".')
 @click.option("--embedding-model", default=None, help="sentence-transformers name or folder [default: packaged MiniLM].")
@@ -181,19 +188,21 @@ def generate(model_dir, prompt, max_new_tokens, temperature):
 @click.option("--precision", type=click.Choice(["auto", "float32", "bfloat16"]), default="auto", show_default=True,
               help="Embedding precision: auto uses bf16 where the hardware has it, checked within 1e-3 cosine.")
 @user_errors
-def index(source, table, db, text_column, renames, embedding_model, overwrite, id_column, chunk_size,
-          chunk_overlap, index_threshold, precision):
+def index(source, table, db, storage_options, text_column, renames, embedding_model, overwrite, id_column,
+          chunk_size, chunk_overlap, index_threshold, precision):
     """Embed SOURCE (CSV/JSONL/Parquet, folder of .txt/.md, Hugging Face dataset, builtin:movies) into LanceDB.
 
     Example: ragrpo index docs/ --table notes --id-column path --chunk-size 200
+
+    Example: ragrpo index builtin:movies --table movies --db s3://my-bucket/lancedb
     """
     from ragrpo.retrieval.index import index as run_index
-    from ragrpo.retrieval.index import parse_renames
+    from ragrpo.retrieval.index import parse_renames, parse_storage_options
 
     result = run_index(source, table, db, text_column=text_column, renames=parse_renames(renames),
                        embedding_model=embedding_model, overwrite=overwrite, id_column=id_column,
                        chunk_size=chunk_size, chunk_overlap=chunk_overlap, index_threshold=index_threshold,
-                       precision=precision, progress=True)
+                       precision=precision, progress=True, storage_options=parse_storage_options(storage_options))
     if result.repaired:
         click.echo(f"table {db}/{table} already holds {result.rows} rows but lacked indexes (an interrupted "
                    f"ingest?); built: {', '.join(result.indexes)}. No rows were written; pass --overwrite "
@@ -210,22 +219,26 @@ def index(source, table, db, text_column, renames, embedding_model, overwrite, i
 @click.argument("query")
 @click.option("--table", required=True)
 @DB_OPTION
+@STORAGE_OPTION
 @click.option("--where", default=None, help='SQL prefilter, e.g. "release_year < 1990".')
 @click.option("-k", "k", type=int, default=5, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per line: every column but the vector.")
 @MODE_OPTION
 @RERANK_OPTION
 @user_errors
-def search(query, table, db, where, k, as_json, mode, rerank):
+def search(query, table, db, storage_options, where, k, as_json, mode, rerank):
     """Prefiltered search: the K rows best matching QUERY among those matching --where.
 
     Example: ragrpo search "a detective who is the killer" --table movies --where "release_year < 1990"
     --mode hybrid
     """
     from ragrpo.prompts import source_label
+    from ragrpo.retrieval.index import parse_storage_options
     from ragrpo.retrieval.search import score_of, search_table
 
-    for n, row in enumerate(search_table(table, query, db=db, where=where, k=k, mode=mode, rerank=rerank), 1):
+    rows = search_table(table, query, db=db, where=where, k=k, mode=mode, rerank=rerank,
+                        storage_options=parse_storage_options(storage_options))
+    for n, row in enumerate(rows, 1):
         if as_json:
             click.echo(json.dumps(row, default=str))
         else:
@@ -238,6 +251,7 @@ def search(query, table, db, where, k, as_json, mode, rerank):
 @click.option("--table", required=True)
 @click.option("--model", default=None, help="Model folder, e.g. runs/demo/merged [default: packaged base model].")
 @DB_OPTION
+@STORAGE_OPTION
 @click.option("--where", default=None, help='SQL prefilter, e.g. "release_year < 1990".')
 @click.option("-k", "k", type=int, default=None, help="Passages to answer from [default: the model's training "
               "setting (MODEL/ragrpo.json), else 5].")
@@ -257,7 +271,7 @@ def search(query, table, db, where, k, as_json, mode, rerank):
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object (answer, sources, token counts) "
               "at the end instead of streaming text.")
 @user_errors
-def ask(query, table, model, db, where, k, max_new_tokens, temperature, repetition_penalty, mode, rerank,
+def ask(query, table, model, db, storage_options, where, k, max_new_tokens, temperature, repetition_penalty, mode, rerank,
         reasoning, cite, passage_header, as_json):
     """Retrieve K passages for QUERY, answer from them with the model (streamed as it is written), and list
     the sources. With --reasoning the answer is shown once complete, without its <think> part.
@@ -268,7 +282,9 @@ def ask(query, table, model, db, where, k, max_new_tokens, temperature, repetiti
     from ragrpo.answer_settings import resolve_settings
     from ragrpo.generation.rag import ask_stream
     from ragrpo.prompts import source_label
+    from ragrpo.retrieval.index import parse_storage_options
 
+    storage_options = parse_storage_options(storage_options)
     settings, notices = resolve_settings(model, mode=mode, k=k, cite=cite, reasoning=reasoning, header=passage_header)
     for notice in notices:
         click.echo(notice, err=True)
@@ -279,12 +295,13 @@ def ask(query, table, model, db, where, k, max_new_tokens, temperature, repetiti
 
         result = run_ask(query, table, model, db=db, where=where, k=k, max_new_tokens=max_new_tokens,
                          temperature=temperature, repetition_penalty=repetition_penalty, mode=mode, rerank=rerank,
-                         reasoning=True, cite=cite, header=passage_header)
+                         reasoning=True, cite=cite, header=passage_header, storage_options=storage_options)
         answer, sources = result.text, result.sources
         record = {"query": query, "answer": answer, "reasoning": result.raw}
     else:
         stream = ask_stream(query, table, model, db=db, where=where, k=k, mode=mode, rerank=rerank, cite=cite,
-                            header=passage_header, max_new_tokens=max_new_tokens, temperature=temperature,
+                            header=passage_header, storage_options=storage_options,
+                            max_new_tokens=max_new_tokens, temperature=temperature,
                             repetition_penalty=repetition_penalty)
         if not as_json:
             for piece in stream:
@@ -307,6 +324,7 @@ def ask(query, table, model, db, where, k, max_new_tokens, temperature, repetiti
 @click.option("--table", required=True, help="LanceDB table to answer from.")
 @click.option("--model", default=None, help="Model folder, e.g. runs/demo/merged [default: packaged base model].")
 @DB_OPTION
+@STORAGE_OPTION
 @click.option("--host", default="127.0.0.1", show_default=True, help="Interface to bind; 0.0.0.0 exposes it.")
 @click.option("--port", type=int, default=8000, show_default=True)
 @click.option("--api-key", envvar="RAGRPO_API_KEY", default=None,
@@ -323,13 +341,14 @@ def ask(query, table, model, db, where, k, max_new_tokens, temperature, repetiti
               help="Requests decoded together in one batch [default: 8 per CPU core, at most 64; 64 on a GPU]. "
               "1 serves one request at a time.")
 @user_errors
-def serve(table, model, db, host, port, api_key, max_tokens, max_waiting, repetition_penalty, threads,
+def serve(table, model, db, storage_options, host, port, api_key, max_tokens, max_waiting, repetition_penalty, threads,
           retrieval_deadline, max_batch):
     """Serve RAG answers over HTTP: an OpenAI-compatible API (/v1/chat/completions, /v1/models,
     /v1/search, /healthz) and a web page at /.
 
     Example: ragrpo serve --table movies --model runs/demo/merged --port 8000
     """
+    from ragrpo.retrieval.index import parse_storage_options
     from ragrpo.serving.server import serve as run_server
 
     if max_tokens < 1 or max_waiting < 0:
@@ -338,7 +357,7 @@ def serve(table, model, db, host, port, api_key, max_tokens, max_waiting, repeti
         raise RagrpoError(f"--retrieval-deadline must be above 0 seconds, got {retrieval_deadline}")
     run_server(table, model, db=db, host=host, port=port, api_key=api_key, max_tokens=max_tokens,
                max_waiting=max_waiting, repetition_penalty=repetition_penalty, threads=threads, max_batch=max_batch,
-               retrieval_deadline=retrieval_deadline,
+               retrieval_deadline=retrieval_deadline, storage_options=parse_storage_options(storage_options),
                echo=lambda line: click.echo(line, err=True))
 
 
@@ -399,7 +418,8 @@ def rewards_score(specs, completion, context_file, query):
 @click.option("--json", "as_json", is_flag=True, help="Print the figures as one JSON object.")
 @click.option("--from-index", "from_index", default=None, metavar="TABLE", help="Evaluate a `train --from-index` "
               "run on its held-out documents in TABLE: hit@k, groundedness, citation; writes report.md and PNGs.")
-@click.option("--db", default=None, help="LanceDB folder [default: the run's] (with --from-index).")
+@click.option("--db", default=None, help="LanceDB folder or URI [default: the run's] (with --from-index).")
+@STORAGE_OPTION
 @click.option("--seeds", default="0,1,2", show_default=True, help="Sampling seeds, comma-separated (with --from-index).")
 @click.option("--output", default=None, help="Report folder [default: MODEL/eval-index] (with --from-index).")
 @click.option("--qa", default=None, metavar="FILE.jsonl", help="Gold questions (question, answers, optional "
@@ -410,7 +430,7 @@ def rewards_score(specs, completion, context_file, query):
               "[default: the version the run trained on] (with --from-index).")
 @user_errors
 def evaluate(model, base, dataset, prompt_template, rewards, samples, max_new_tokens, max_prompts, seed, as_json,
-             from_index, db, seeds, output, qa, order, table_version):
+             from_index, db, storage_options, seeds, output, qa, order, table_version):
     """Score MODEL and its base on held-out prompts: each reward's mean, side by side.
 
     MODEL is a run folder (its dataset, template, rewards and held-out split are reused) or a model
@@ -425,6 +445,7 @@ def evaluate(model, base, dataset, prompt_template, rewards, samples, max_new_to
 
     if from_index:
         from ragrpo.evaluation.from_index import compare_from_index
+        from ragrpo.retrieval.index import parse_storage_options
 
         try:
             seed_list = [int(s) for s in seeds.split(",") if s.strip()]
@@ -433,6 +454,7 @@ def evaluate(model, base, dataset, prompt_template, rewards, samples, max_new_to
         result = compare_from_index(model, from_index, base=base, db=db, seeds=seed_list,
                                     max_new_tokens=max_new_tokens, max_questions=max_prompts, output=output,
                                     qa=qa, order=order, table_version=table_version,
+                                    storage_options=parse_storage_options(storage_options),
                                     echo=lambda line: click.echo(line, err=True))
         click.echo(json.dumps(result.to_dict()) if as_json else result.table())
         return

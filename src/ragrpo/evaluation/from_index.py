@@ -327,11 +327,23 @@ def checkout_version(table, version: int | None, echo):
     return table
 
 
+def open_run_table(split: dict, table: str | None = None, db: str | None = None, table_version: int | None = None,
+                   storage_options: dict[str, str] | None = None, echo=lambda line: None):
+    """The table a from-index run trained on (its split record names it), at the version it recorded,
+    or at `table_version`; `table` and `db` point elsewhere."""
+    from ragrpo.retrieval.index import open_table
+
+    source = split["source"]
+    handle = open_table(table or source["table"], db or source["db"], storage_options)
+    return checkout_version(handle, table_version if table_version is not None else split.get("table_version"),
+                            echo)
+
+
 def compare_from_index(run_dir: str | Path, table: str | None = None, *, base: str | None = None,
                        db: str | None = None, seeds: list[int] = (0, 1, 2), max_new_tokens: int | None = None,
                        max_questions: int | None = None, output: str | Path | None = None, qa: str | Path | None = None,
                        order: str = "balanced", table_version: int | None = None,
-                       echo=lambda line: None) -> IndexComparison:
+                       storage_options: dict[str, str] | None = None, echo=lambda line: None) -> IndexComparison:
     """Score the run's merged model and `base` on questions about the run's held-out documents; write
     report and plots. The questions are a gold set's when there is one (`qa`, or a packaged set).
 
@@ -339,7 +351,6 @@ def compare_from_index(run_dir: str | Path, table: str | None = None, *, base: s
     since do not change the evaluation; `table_version` pins another. A run recorded before versions
     were kept reads the latest, and says so through `echo`."""
     from ragrpo.config import PRESETS
-    from ragrpo.retrieval.index import open_table
     from ragrpo.tuning.curriculum import IndexSource, rag_examples, read_curriculum
     from ragrpo.tuning.train import load_run_config
 
@@ -354,9 +365,7 @@ def compare_from_index(run_dir: str | Path, table: str | None = None, *, base: s
     questions = golds or questions
     source = split["source"]
     table_name = table or source["table"]
-    handle = open_table(table_name, db or source["db"])
-    handle = checkout_version(handle, table_version if table_version is not None else split.get("table_version"),
-                              echo)
+    handle = open_run_table(split, table, db, table_version, storage_options, echo)
     cfg = load_run_config(run_dir)
     grpo = {**PRESETS[cfg.preset], **cfg.grpo}
     tokens = max_new_tokens or grpo.get("max_completion_length", 128)

@@ -81,14 +81,14 @@ def answer_from_hits(model, tokenizer, query: str, hits: list[dict], column: str
 def ask(query: str, table: str, model: str | None, *, db: str | Path = DEFAULT_DB, where: str | None = None,
         k: int = 5, max_new_tokens: int = 128, temperature: float = 0.0, repetition_penalty: float = 1.0,
         mode: str = "vector", rerank: str | None = None, reasoning: bool = False, cite: bool = False,
-        header: str | None = None) -> Answer:
+        header: str | None = None, storage_options: dict[str, str] | None = None) -> Answer:
     """Retrieve `k` passages for `query` (prefiltered by `where`), then answer from them with `model`.
 
     Retrieval runs first, so a bad table or filter fails before the model is loaded.
     """
     from ragrpo.models import load_model
 
-    handle = open_table(table, db)
+    handle = open_table(table, db, storage_options)
     style = table_style(handle, header)
     hits, column = retrieve(handle, query, where=where, k=k, mode=mode, rerank=rerank)
     lm, tokenizer = load_model(model)
@@ -307,12 +307,12 @@ def stream_answer(model, tokenizer, query: str, hits: list[dict], column: str, *
 
 def ask_stream(query: str, table: str, model: str | None, *, db: str | Path = DEFAULT_DB, where: str | None = None,
                k: int = 5, mode: str = "vector", rerank: str | None = None, cite: bool = False,
-               header: str | None = None, **options) -> TextStream:
+               header: str | None = None, storage_options: dict[str, str] | None = None, **options) -> TextStream:
     """`ask`, streamed: retrieval first (a bad table or filter fails before the model loads), then a
     `TextStream` of the answer with its sources."""
     from ragrpo.models import load_model
 
-    handle = open_table(table, db)
+    handle = open_table(table, db, storage_options)
     style = table_style(handle, header)
     hits, column = retrieve(handle, query, where=where, k=k, mode=mode, rerank=rerank)
     lm, tokenizer = load_model(model)

@@ -218,12 +218,11 @@ def index(
     index_threshold: int = INDEX_THRESHOLD,
     precision: str = "auto",
     progress: bool = False,
+    storage_options: dict[str, str] | None = None,
 ) -> IndexResult:
     """Read `source`, chunk and embed its text column, and create (or, with `id_column`, upsert into)
     LanceDB table `table` in `db`; then build the full-text index, and the vector and scalar indexes
-    once the table has `index_threshold` rows."""
-    import lancedb
-
+    once the table has `index_threshold` rows. `db` is a folder or an object-store URI (`connect`)."""
     from ragrpo.retrieval.embed import Embedder
 
     if not re.fullmatch(r"[A-Za-z0-9_.-]+", table):
@@ -239,12 +238,12 @@ def index(
         if len(duplicated):
             raise RagrpoError(f"{source}: --id-column {id_column!r} repeats the id {_sql_literal(duplicated.iloc[0])}; "
                               "ids must be unique for an upsert")
-    exists = Path(db).exists() and table in lancedb.connect(db).table_names()
+    exists = has_table(table, db, storage_options)
     upsert = exists and id_column is not None and not overwrite
     if exists and not overwrite and not upsert:
         # A table whose ingest was killed between its commit and its index build has all its rows but
         # lacks indexes: a plain re-run builds them (and writes no rows) instead of refusing.
-        existing = lancedb.connect(db).open_table(table)
+        existing = open_table(table, db, storage_options)
         column = embedding_config(existing).source_column
         missing = missing_indexes(existing, column, index_threshold)
         if not missing:
@@ -255,7 +254,7 @@ def index(
                            columns=[c for c in existing.schema.names if c != VECTOR_COLUMN], text_column=column,
                            embedder="", skipped_empty=0, indexes=built, repaired=True)
     if upsert:
-        _check_upsert(lancedb.connect(db).open_table(table), frame, table)
+        _check_upsert(open_table(table, db, storage_options), frame, table)
 
     embedder = Embedder.load(resolve_embedder(embedding_model), precision=precision)
     size = chunk_size or embedder.max_tokens - 2  # [CLS] and [SEP] take two of the model's positions
@@ -267,7 +266,7 @@ def index(
     schema = build_schema(frame, text_column, func, dim=embedder.dim)  # the same model, already loaded
     # Embed before touching the database: the registry sees a filled vector column and keeps it.
     frame[VECTOR_COLUMN] = list(_embed(embedder, frame[text_column].tolist(), counts, progress, ids))
-    connection = lancedb.connect(db)
+    connection = connect(db, storage_options)
     if upsert:
         target = connection.open_table(table)
         # One commit: update chunks that exist, insert new ones, and delete the chunks of re-ingested
@@ -354,12 +353,87 @@ def build_indexes(table, text_column: str, threshold: int = INDEX_THRESHOLD, *, 
     return built
 
 
-def open_table(table: str, db: str | Path = DEFAULT_DB):
+def is_uri(db: str | Path) -> bool:
+    """True for object-store URIs (s3://bucket/path, gs://, az://, memory://): no local folder to check."""
+    return "://" in str(db)
+
+
+def parse_storage_options(pairs: list[str] | tuple[str, ...]) -> dict[str, str]:
+    """["aws_region=eu-west-1", ...] -> {"aws_region": "eu-west-1", ...}, LanceDB's `storage_options`."""
+    options = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise RagrpoError(f"--storage-option {pair!r}: expected KEY=VALUE, e.g. aws_region=us-east-1")
+        options[key.strip()] = value
+    return options
+
+
+STORE_HINTS = {  # S3's error codes -> what the user can change
+    "NoSuchBucket": "create the bucket or fix the URI",
+    "InvalidAccessKeyId": "check AWS_ACCESS_KEY_ID or --storage-option aws_access_key_id",
+    "SignatureDoesNotMatch": "check AWS_SECRET_ACCESS_KEY or --storage-option aws_secret_access_key",
+    "AccessDenied": "check the credentials and the bucket's policy",
+}
+
+
+def _store_error(db, exc: Exception) -> str:
+    """One line for an object store's refusal, from the error text LanceDB passes up from Rust: the S3
+    error code and message where the server replied, else the connection failure."""
+    text, where = str(exc), f"cannot open LanceDB at {db}"
+    code, message = re.search(r"<Code>([^<]+)</Code>", text), re.search(r"<Message>([^<]+)</Message>", text)
+    if code:
+        hint = STORE_HINTS.get(code.group(1))
+        detail = f"{code.group(1)}: {message.group(1)}" if message else code.group(1)
+        return f"{where}: {detail}" + (f"; {hint}" if hint else "")
+    if "BadScheme" in text:
+        return f"{where}: the endpoint is plain HTTP; set AWS_ALLOW_HTTP=true (or --storage-option allow_http=true)"
+    refused = re.search(r'kind: Connect.*?message: "([^"]+)"', text)
+    if refused:
+        return f"{where}: cannot reach the endpoint ({refused.group(1)}); check AWS_ENDPOINT_URL"
+    return f"{where}: {text.split(', location:')[0].splitlines()[0][:300] if text else type(exc).__name__}"
+
+
+def connect(db: str | Path = DEFAULT_DB, storage_options: dict[str, str] | None = None):
+    """The LanceDB connection to `db`, a local folder or an object-store URI. The object store reads the
+    standard AWS variables itself (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_REGION,
+    AWS_ALLOW_HTTP); `storage_options` override them. Connecting to a URI lists it, so a missing bucket
+    or refused credentials are one RagrpoError here rather than a traceback later. A local folder is
+    created if missing (callers that only read check for it first)."""
     import lancedb
 
-    if not Path(db).exists() or table not in lancedb.connect(db).table_names():
+    try:
+        return lancedb.connect(str(db) if is_uri(db) else db, storage_options=storage_options or None)
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise RagrpoError(_store_error(db, exc)) from None
+
+
+def table_names(connection, db: str | Path = "") -> list[str]:
+    """Every table's name (`table_names()` stops at 10 by default; `list_tables` pages)."""
+    names, token = [], None
+    try:
+        while True:
+            page = connection.list_tables(page_token=token)
+            names += page.tables
+            token = page.page_token
+            if not token:
+                return names
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise RagrpoError(_store_error(db, exc)) from None
+
+
+def has_table(table: str, db: str | Path = DEFAULT_DB, storage_options: dict[str, str] | None = None) -> bool:
+    if not is_uri(db) and not Path(db).exists():
+        return False  # connecting would create the folder
+    return table in table_names(connect(db, storage_options), db)
+
+
+def open_table(table: str, db: str | Path = DEFAULT_DB, storage_options: dict[str, str] | None = None):
+    """Table `table` of `db` (a folder or an object-store URI); a missing one is a RagrpoError."""
+    connection = None if not is_uri(db) and not Path(db).exists() else connect(db, storage_options)
+    if connection is None or table not in table_names(connection, db):
         raise RagrpoError(f"no table {table!r} in {db}; create it with `ragrpo index INPUT --table {table}`")
-    return lancedb.connect(db).open_table(table)
+    return connection.open_table(table)
 
 
 def embedding_config(table):

@@ -181,6 +181,6 @@ def score_of(row: dict) -> tuple[str, float]:
 
 
 def search_table(name: str, query: str, *, db: str | Path = DEFAULT_DB, where: str | None = None, k: int = 5,
-                 mode: str = "vector", rerank: str | None = None):
-    return search(open_table(name, db), query, where=where, k=k, mode=mode, rerank=rerank)
+                 mode: str = "vector", rerank: str | None = None, storage_options: dict[str, str] | None = None):
+    return search(open_table(name, db, storage_options), query, where=where, k=k, mode=mode, rerank=rerank)
 

@@ -445,7 +445,7 @@ def model_id_for(model: str | None) -> str:
 
 
 def load_server(table: str, model: str | None, *, db: str | Path = "lancedb", threads: int | None = None,
-                max_batch: int | None = None, **settings) -> Server:
+                max_batch: int | None = None, storage_options: dict[str, str] | None = None, **settings) -> Server:
     """Open the table and load the model once; `settings` are `Server`'s fields. `threads` sets torch's
     intra-op threads once (on a shared CPU, 1 thread can be several times faster than spinning on 2).
     `max_batch` rows decode together (`default_max_batch()` if None; 1 serves one request at a time)."""
@@ -456,7 +456,7 @@ def load_server(table: str, model: str | None, *, db: str | Path = "lancedb", th
     from ragrpo.retrieval.index import open_table
     from ragrpo.retrieval.search import text_column
 
-    lance_table = open_table(table, db)
+    lance_table = open_table(table, db, storage_options)
     column = text_column(lance_table)
     answering = saved_settings(model) or AnswerSettings()
     style = table_style(lance_table, answering.header)

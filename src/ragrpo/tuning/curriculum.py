@@ -411,9 +411,11 @@ class Curriculum:
         }
 
 
-def build_curriculum(source: IndexSource, model=None, tokenizer=None) -> Curriculum:
-    """Split the table's documents, make questions, and retrieve for the training questions."""
-    table = open_table(source.table, source.db)
+def build_curriculum(source: IndexSource, model=None, tokenizer=None, *,
+                     storage_options: dict[str, str] | None = None) -> Curriculum:
+    """Split the table's documents, make questions, and retrieve for the training questions. The
+    `storage_options` (an object store's credentials, perhaps) are used, never recorded."""
+    table = open_table(source.table, source.db, storage_options)
     column = text_column(table)
     rows = read_documents(table, source.where)
     if source.max_documents:
@@ -429,7 +431,8 @@ def build_curriculum(source: IndexSource, model=None, tokenizer=None) -> Curricu
         raise RagrpoError(f"no question could be made from the documents of {source.table!r}")
     examples = rag_examples(table, train_questions, column, source)
     return Curriculum(source, column, sorted(set(ids) - held), sorted(held), examples,
-                      [q for q in questions if q.source_id in held], table_uri=str(table.uri), table_version=table.version)
+                      [q for q in questions if q.source_id in held], table_uri=str(table.uri),
+                      table_version=table.version)
 
 
 def read_curriculum(run_dir: str | Path) -> tuple[dict, list[Question]]:
@@ -459,7 +462,8 @@ def from_index_config(cfg: RunConfig, source: IndexSource, rewards_given: bool) 
     return cfg
 
 
-def train_from_index(cfg: RunConfig, source: IndexSource, *, overwrite: bool = False):
+def train_from_index(cfg: RunConfig, source: IndexSource, *, overwrite: bool = False,
+                     storage_options: dict[str, str] | None = None):
     """Build the curriculum from the table, then GRPO-train on it as `ragrpo train` does.
 
     The training rows are written to `OUTPUT/curriculum/train.jsonl` and the run's `dataset` points
@@ -476,8 +480,9 @@ def train_from_index(cfg: RunConfig, source: IndexSource, *, overwrite: bool = F
     if output.exists() and any(output.iterdir()) and not overwrite:
         raise RagrpoError(f"output folder {output} is not empty; pass --overwrite or another --output")
     resolve_rewards(cfg.rewards)  # fail on an unknown reward before anything slow
+    open_table(source.table, source.db, storage_options)  # and on a missing table, bucket or credential
     model, tokenizer = load_model(cfg.model) if source.questions == "model" else (None, None)
-    curriculum = build_curriculum(source, model, tokenizer)
+    curriculum = build_curriculum(source, model, tokenizer, storage_options=storage_options)
     del model
     if tokenizer is None:
         from transformers import AutoTokenizer
