@@ -95,6 +95,15 @@ TINY_RUN = {
 }
 
 
+@pytest.fixture()
+def tiny_model_dir(tmp_path, tiny_causal_lm):
+    """The tiny in-memory model and its tokenizer saved as a model folder, `tmp_path / "tiny-model"`."""
+    model, tokenizer = tiny_causal_lm
+    model.save_pretrained(tmp_path / "tiny-model")
+    tokenizer.save_pretrained(tmp_path / "tiny-model")
+    return tmp_path / "tiny-model"
+
+
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory, base_model_dir):
     """A real 2-step GRPO run of the packaged model on builtin:movies; returns its TrainResult."""

@@ -65,10 +65,7 @@ def lines(path: Path) -> list:
 
 
 @pytest.fixture()
-def two_rank_setup(tmp_path, tiny_causal_lm):
-    model, tokenizer = tiny_causal_lm
-    model.save_pretrained(tmp_path / "tiny")
-    tokenizer.save_pretrained(tmp_path / "tiny")
+def two_rank_setup(tmp_path, tiny_model_dir):
     (tmp_path / "probes.py").write_text(PROBES)
     (tmp_path / "train.py").write_text(TRAIN)
     (tmp_path / "run.toml").write_text(TOML.format(reward=f"{tmp_path / 'probes.py'}:seen"))
@@ -81,7 +78,7 @@ def two_rank_setup(tmp_path, tiny_causal_lm):
 def test_two_cpu_ranks_train_on_their_own_prompts_in_step_and_the_main_one_writes_the_run(two_rank_setup):
     tmp_path, env = two_rank_setup
     run = tmp_path / "run"
-    done = launch(str(tmp_path / "train.py"), str(tmp_path / "run.toml"), str(tmp_path / "tiny"), str(tmp_path),
+    done = launch(str(tmp_path / "train.py"), str(tmp_path / "run.toml"), str(tmp_path / "tiny-model"), str(tmp_path),
                   str(run), env=env)
     assert done.returncode == 0, done.stderr[-3000:]
     prompts = [lines(tmp_path / f"prompts-{rank}.jsonl") for rank in (0, 1)]

@@ -50,12 +50,9 @@ save_strategy = "no"
 
 
 @pytest.fixture()
-def tiny_model(tmp_path, tiny_causal_lm):
-    model, tokenizer = tiny_causal_lm
-    model.save_pretrained(tmp_path / "tiny-model")
-    tokenizer.save_pretrained(tmp_path / "tiny-model")
+def tiny_model(tmp_path, tiny_model_dir):
     (tmp_path / "tiny.toml").write_text(TINY_TOML)
-    return tmp_path / "tiny-model"
+    return tiny_model_dir
 
 
 def finished_run(folder):

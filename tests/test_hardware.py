@@ -174,3 +174,40 @@ def test_small_jobs_run_on_one_thread_and_leave_every_other_count_alone():
         assert set(callers) == {torch.get_num_threads()}  # what each request thread started with
     finally:
         torch.set_num_threads(before)
+
+
+FRAGMENTED_HEAP = """
+import json, os
+from ragrpo import hardware
+
+def rss_mb():
+    with open("/proc/self/statm") as handle:
+        return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+blocks = [bytes(1000) + bytes([i % 256]) for i in range(300_000)]  # about 300 MB in malloc'd blocks
+kept = blocks[::64]  # one block in 64 survives: the heap cannot shrink from its top
+del blocks
+before = rss_mb()
+released = hardware.release_memory()
+print(json.dumps({"released": released, "dropped_mb": before - rss_mb()}))
+"""
+
+
+@pytest.mark.parametrize("value", ["1", "0", None])
+def test_freed_heap_pages_go_back_to_the_os_only_where_trimming_is_on(value):
+    """A heap with one live block in 64 keeps its freed pages until malloc_trim hands them back."""
+    if hardware._malloc_trim() is None:
+        if value == "1":
+            with pytest.MonkeyPatch.context() as patch:
+                patch.setenv("RAGRPO_TRIM", "1")
+                with pytest.raises(RagrpoError, match="RAGRPO_TRIM=1: this C library has no malloc_trim"):
+                    hardware.trim()
+        pytest.skip("this C library is not glibc: there is no malloc_trim to call")
+    env = {k: v for k, v in os.environ.items() if k != "RAGRPO_TRIM"} | ({"RAGRPO_TRIM": value} if value else {})
+    out = subprocess.run([sys.executable, "-c", FRAGMENTED_HEAP], capture_output=True, text=True, env=env,
+                         timeout=120, check=True)
+    result = json.loads(out.stdout)
+    if value == "0":
+        assert result["released"] is False and result["dropped_mb"] < 50, result
+    else:  # forced on, or the default on glibc
+        assert result["released"] is True and result["dropped_mb"] > 150, result

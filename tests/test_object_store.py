@@ -147,6 +147,35 @@ COMMANDS = {  # each reaches the table before it loads any language model
 }
 
 
+def test_a_streamed_ingest_that_fails_late_leaves_the_bucket_as_it_was(s3_db, s3_server, movies_csv, tmp_path):
+    """A bad row after the first batch: the data files already uploaded are removed, and a table that
+    existed keeps its version."""
+    import pandas as pd
+
+    from ragrpo.retrieval.index import has_table, open_table
+
+    frame = pd.read_csv(movies_csv)
+    bad = frame.assign(**{"Release Year": [*frame["Release Year"][:-1], "later"]})
+    bad.to_csv(tmp_path / "bad.csv", index=False)
+    prefix = s3_db.removeprefix(f"s3://{BUCKET}/")
+
+    def stored(table):
+        listing = s3_server["client"].list_objects_v2(Bucket=BUCKET, Prefix=f"{prefix}/{table}.lance/")
+        return [o["Key"] for o in listing.get("Contents", [])]
+
+    result = ragrpo("index", tmp_path / "bad.csv", "--table", "fresh", "--db", s3_db, "--batch-rows", "3")
+    assert_user_error(result, "does not fit its column's type")
+    assert not has_table("fresh", s3_db) and stored("fresh") == []
+
+    cli("index", movies_csv, "--table", "movies", "--db", s3_db)
+    version = open_table("movies", s3_db).version
+    result = ragrpo("index", tmp_path / "bad.csv", "--table", "movies", "--db", s3_db, "--batch-rows", "3",
+                    "--overwrite")
+    assert_user_error(result, "does not fit its column's type")
+    table = open_table("movies", s3_db)
+    assert table.version == version and table.count_rows() == 8
+
+
 @pytest.mark.parametrize("command", COMMANDS)
 def test_a_missing_bucket_is_one_error_line(s3_db, command, tmp_path):
     result = ragrpo(*COMMANDS[command], "--db", "s3://no-such-bucket/lancedb", cwd=tmp_path)

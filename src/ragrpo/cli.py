@@ -187,22 +187,26 @@ def generate(model_dir, prompt, max_new_tokens, temperature):
               help="Rows from which vector and scalar indexes are built (full-text is always built).")
 @click.option("--precision", type=click.Choice(["auto", "float32", "bfloat16"]), default="auto", show_default=True,
               help="Embedding precision: auto uses bf16 where the hardware has it, checked within 1e-3 cosine.")
+@click.option("--batch-rows", type=int, default=None,
+              help="Documents read, embedded and written at a time [default: 2048]: memory stays flat however "
+              "large the input (CSV, JSONL and Parquet files stream; LanceDB commits once, at the end).")
 @user_errors
 def index(source, table, db, storage_options, text_column, renames, embedding_model, overwrite, id_column,
-          chunk_size, chunk_overlap, index_threshold, precision):
+          chunk_size, chunk_overlap, index_threshold, precision, batch_rows):
     """Embed SOURCE (CSV/JSONL/Parquet, folder of .txt/.md, Hugging Face dataset, builtin:movies) into LanceDB.
 
     Example: ragrpo index docs/ --table notes --id-column path --chunk-size 200
 
     Example: ragrpo index builtin:movies --table movies --db s3://my-bucket/lancedb
     """
+    from ragrpo.retrieval.index import BATCH_ROWS, parse_renames, parse_storage_options
     from ragrpo.retrieval.index import index as run_index
-    from ragrpo.retrieval.index import parse_renames, parse_storage_options
 
     result = run_index(source, table, db, text_column=text_column, renames=parse_renames(renames),
                        embedding_model=embedding_model, overwrite=overwrite, id_column=id_column,
                        chunk_size=chunk_size, chunk_overlap=chunk_overlap, index_threshold=index_threshold,
-                       precision=precision, progress=True, storage_options=parse_storage_options(storage_options))
+                       precision=precision, progress=True, storage_options=parse_storage_options(storage_options),
+                       batch_rows=BATCH_ROWS if batch_rows is None else batch_rows)
     if result.repaired:
         click.echo(f"table {db}/{table} already holds {result.rows} rows but lacked indexes (an interrupted "
                    f"ingest?); built: {', '.join(result.indexes)}. No rows were written; pass --overwrite "

@@ -32,10 +32,19 @@ def _looks_like_path(source: str) -> bool:
 
 def read_records(source: str):
     """Rows of `source` as a DataFrame; a missing file, unknown format or empty table is a RagrpoError."""
+    return next(iter_records(source))
+
+
+def iter_records(source: str, batch_rows: int | None = None):
+    """Rows of `source` as DataFrames of at most `batch_rows` rows each (one frame when None), read as
+    they are needed: a CSV, JSONL or Parquet file larger than memory is never held whole. Other
+    sources (folders, datasets, built-in corpora) are read at once and cut into frames. Errors are
+    RagrpoErrors, raised when the frame they concern is reached."""
     import pandas as pd
 
     if source == PYDOCS:
-        return read_pydoc_topics()
+        yield from _slices(read_pydoc_topics(), batch_rows)
+        return
     if source in BUILTIN:
         path = builtin_path(source)
     elif Path(source).expanduser().exists():
@@ -45,28 +54,62 @@ def read_records(source: str):
     elif source.startswith("builtin:"):
         raise RagrpoError(f"no built-in corpus {source!r}; built-in corpora: {', '.join([*BUILTIN, PYDOCS])}")
     else:
-        return _read_hub_dataset(source)
+        yield from _slices(_read_hub_dataset(source), batch_rows)
+        return
     if path.is_dir():
-        return read_text_folder(path)
+        yield from _slices(read_text_folder(path), batch_rows)
+        return
     suffix = path.suffix.lower()
+    if suffix not in _SUFFIXES:
+        raise RagrpoError(f"{path}: unsupported format {suffix!r}; use .csv, .jsonl or .parquet")
+    rows = 0
     try:
-        if suffix == ".csv":
-            frame = pd.read_csv(path)
-        elif suffix in (".jsonl", ".json"):
-            frame = pd.read_json(path, lines=suffix == ".jsonl")
-        elif suffix == ".parquet":
-            frame = pd.read_parquet(path)
-        else:
-            raise RagrpoError(f"{path}: unsupported format {suffix!r}; use .csv, .jsonl or .parquet")
+        for frame in _file_frames(path, suffix, batch_rows):
+            rows += len(frame)
+            if len(frame):
+                yield frame
     except RagrpoError:
         raise
     except pd.errors.EmptyDataError:
         raise RagrpoError(f"{path} is empty") from None
     except Exception as exc:
-        raise RagrpoError(f"{path} cannot be read as {suffix[1:]}: {str(exc).splitlines()[0]}") from None
-    if frame.empty:
+        where = f" after row {rows}" if rows else ""
+        raise RagrpoError(f"{path} cannot be read as {suffix[1:]}{where}: {str(exc).splitlines()[0]}") from None
+    if not rows:
         raise RagrpoError(f"{path} has no rows")
-    return frame
+
+
+def _file_frames(path: Path, suffix: str, batch_rows: int | None):
+    import pandas as pd
+
+    if suffix == ".parquet":
+        if batch_rows is None:
+            yield pd.read_parquet(path)
+            return
+        import pyarrow.parquet as pq
+
+        with pq.ParquetFile(path) as handle:
+            for batch in handle.iter_batches(batch_size=batch_rows):
+                yield batch.to_pandas()
+    elif suffix == ".csv":
+        if batch_rows is None:
+            yield pd.read_csv(path)
+        else:
+            with pd.read_csv(path, chunksize=batch_rows) as reader:
+                yield from reader
+    elif suffix == ".jsonl" and batch_rows is not None:
+        with pd.read_json(path, lines=True, chunksize=batch_rows) as reader:
+            yield from reader
+    else:
+        yield pd.read_json(path, lines=suffix == ".jsonl")
+
+
+def _slices(frame, batch_rows: int | None):
+    if batch_rows is None:
+        yield frame
+        return
+    for start in range(0, len(frame), batch_rows):
+        yield frame.iloc[start:start + batch_rows].reset_index(drop=True)
 
 
 TEXT_SUFFIXES = (".txt", ".md")

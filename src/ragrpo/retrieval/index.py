@@ -16,9 +16,15 @@ key exists, inserts new ones, and deletes the chunks of re-ingested documents th
 longer has, all in one `merge_insert` commit; so running the same ingest twice changes nothing, and a
 document that got shorter leaves no stale chunks. Documents absent from the new input are kept.
 
-Nothing is written until the data has been read, checked and embedded: the vectors are computed first
-and the table is created (or merged into) in one call, so a bad input or a failure while embedding
-leaves no table behind (and `--overwrite` never drops the old table before the new one is ready).
+The input streams: `iter_records` reads a CSV, JSONL or Parquet file `batch_rows` documents at a time,
+and each batch is chunked, embedded and handed to LanceDB as Arrow record batches before the next is
+read, so peak memory does not grow with the input (bench/ingest.py). Column types are decided from the
+first batch. LanceDB writes data files as the batches arrive but commits the table version once, after
+the last: a bad row late in the file or a failure while embedding leaves the previous version (a new
+table that fails is removed, data files and all), and `--overwrite` never drops the old table before
+the new one is ready. An upsert reads the input twice: first the ids only (to check them and to name
+the documents whose stale chunks go), then everything.
+
 Indexes are built afterwards (`build_indexes`); they only speed queries up (but `--mode fts` and
 `hybrid` need the full-text one). An ingest killed between its commit and its index build leaves a
 complete table without them: a plain re-run of the same command then builds the missing indexes.
@@ -26,14 +32,15 @@ complete table without them: a plain re-run of the same command then builds the 
 
 from __future__ import annotations
 
+import itertools
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from ragrpo import RagrpoError
-from ragrpo.data import read_records, require_columns
+from ragrpo import RagrpoError, hardware
+from ragrpo.data import iter_records, read_records, require_columns
 from ragrpo.models import device, quiet_transformers, resolve_embedder
 
 DEFAULT_DB = "lancedb"
@@ -44,6 +51,9 @@ VECTOR_COLUMN = "vector"
 CHUNK_COLUMN = "chunk"
 DEFAULT_OVERLAP = 32  # embedder tokens shared by consecutive chunks of one document
 INDEX_THRESHOLD = 10_000  # rows from which the vector and scalar indexes are built
+# Documents read, chunked, embedded and handed to LanceDB at a time: peak memory stays flat in the
+# input's size (bench/ingest.py), and a batch is long enough for embedding batches sorted by length.
+BATCH_ROWS = 2048
 
 
 @dataclass
@@ -139,9 +149,8 @@ def build_schema(frame, text_column: str, func, dim: int | None = None):
     return create_model("Document", __base__=LanceModel, **fields)
 
 
-def prepare_frame(source: str, text_column: str | None, renames: dict[str, str]):
-    """Read and normalise the input; returns (frame, text_column, rows skipped for empty text)."""
-    frame = normalize_columns(read_records(source), renames, source)
+def find_text_column(frame, text_column: str | None, source: str) -> str:
+    """`text_column` checked against the frame, or the first of TEXT_COLUMN_GUESSES it has."""
     if text_column is None:
         text_column = next((c for c in TEXT_COLUMN_GUESSES if c in frame.columns), None)
         if text_column is None:
@@ -149,12 +158,23 @@ def prepare_frame(source: str, text_column: str | None, renames: dict[str, str])
                 f"{source}: no text column found (tried {', '.join(TEXT_COLUMN_GUESSES)}); pass --text-column"
             )
     require_columns(frame, [text_column], source)
-    for column in frame.columns:
-        if _field_type(frame[column]) is str:
-            frame[column] = frame[column].fillna("").astype(str)
+    return text_column
+
+
+def clean_frame(frame, text_column: str, text_columns: set[str]):
+    """Text columns (`text_columns`, decided once from the first rows) filled with "" and made str; rows
+    with empty text dropped. Returns (frame, rows dropped)."""
+    for column in text_columns:
+        frame[column] = frame[column].fillna("").astype(str)
     keep = frame[text_column].str.strip() != ""
-    skipped = int((~keep).sum())
-    frame = frame[keep].reset_index(drop=True)
+    return frame[keep].reset_index(drop=True), int((~keep).sum())
+
+
+def prepare_frame(source: str, text_column: str | None, renames: dict[str, str]):
+    """Read and normalise the whole input at once; returns (frame, text_column, rows skipped for empty text)."""
+    frame = normalize_columns(read_records(source), renames, source)
+    text_column = find_text_column(frame, text_column, source)
+    frame, skipped = clean_frame(frame, text_column, {c for c in frame.columns if _field_type(frame[c]) is str})
     if frame.empty:
         raise RagrpoError(f"{source}: column {text_column!r} is empty in every row")
     return frame, text_column, skipped
@@ -178,21 +198,17 @@ def _sql_literal(value) -> str:
     return repr(value.item() if hasattr(value, "item") else value)
 
 
-def _embed(embedder, texts: list[str], counts: list[int], progress: bool, ids: list | None = None):
-    """Vectors for `texts`; the progress bar counts documents (all chunks of a document embedded)."""
-    from tqdm import tqdm
-
+def _embed(embedder, texts: list[str], counts: list[int], bar, ids: list | None = None):
+    """Vectors for `texts`; `bar` (tqdm) counts documents, one when all its chunks are embedded."""
     parent = np.repeat(np.arange(len(counts)), counts)
     left = np.array(counts)
-    # disable=None: tqdm shows the bar only when stderr is a terminal (no bar in logs or pipes).
-    with tqdm(total=len(counts), unit="doc", desc="embedding", disable=None if progress else True, leave=False,
-              dynamic_ncols=True) as bar:
-        def on_batch(indices):
-            np.subtract.at(left, parent[indices], 1)
-            done = int((left == 0).sum())
-            bar.update(done - bar.n)
+    start = bar.n
 
-        return embedder.encode(texts, ids=ids, on_batch=on_batch)
+    def on_batch(indices):
+        np.subtract.at(left, parent[indices], 1)
+        bar.update(start + int((left == 0).sum()) - bar.n)
+
+    return embedder.encode(texts, ids=ids, on_batch=on_batch)
 
 
 def _check_upsert(existing, frame, table: str) -> None:
@@ -219,25 +235,33 @@ def index(
     precision: str = "auto",
     progress: bool = False,
     storage_options: dict[str, str] | None = None,
+    batch_rows: int | None = BATCH_ROWS,
 ) -> IndexResult:
     """Read `source`, chunk and embed its text column, and create (or, with `id_column`, upsert into)
     LanceDB table `table` in `db`; then build the full-text index, and the vector and scalar indexes
-    once the table has `index_threshold` rows. `db` is a folder or an object-store URI (`connect`)."""
+    once the table has `index_threshold` rows. `db` is a folder or an object-store URI (`connect`).
+
+    The input streams through in frames of `batch_rows` documents (None: all at once), each read,
+    chunked, embedded and handed to LanceDB before the next is read; LanceDB commits once, at the end."""
+    import pyarrow as pa
+    from tqdm import tqdm
+
     from ragrpo.retrieval.embed import Embedder
 
     if not re.fullmatch(r"[A-Za-z0-9_.-]+", table):
         raise RagrpoError(f"table name {table!r}: use letters, digits, '_', '-' or '.'")
-    frame, text_column, skipped = prepare_frame(source, text_column, renames or {})
-    if CHUNK_COLUMN in frame.columns:
+    if batch_rows is not None and batch_rows < 1:
+        raise RagrpoError(f"--batch-rows {batch_rows}: give at least 1 document per batch")
+    renames = renames or {}
+    frames = (normalize_columns(frame, renames, source) for frame in iter_records(source, batch_rows))
+    first = next(frames)
+    text_column = find_text_column(first, text_column, source)
+    if CHUNK_COLUMN in first.columns:
         raise RagrpoError(f"{source}: column name {CHUNK_COLUMN!r} is reserved for chunk numbers; use --rename")
     if id_column is not None:
-        require_columns(frame, [id_column], source)
+        require_columns(first, [id_column], source)
         if id_column == text_column:
             raise RagrpoError(f"--id-column {id_column!r} is the text column; name a column of document ids")
-        duplicated = frame[id_column][frame[id_column].duplicated()]
-        if len(duplicated):
-            raise RagrpoError(f"{source}: --id-column {id_column!r} repeats the id {_sql_literal(duplicated.iloc[0])}; "
-                              "ids must be unique for an upsert")
     exists = has_table(table, db, storage_options)
     upsert = exists and id_column is not None and not overwrite
     if exists and not overwrite and not upsert:
@@ -253,45 +277,140 @@ def index(
         return IndexResult(table=table, db=str(db), rows=existing.count_rows(),
                            columns=[c for c in existing.schema.names if c != VECTOR_COLUMN], text_column=column,
                            embedder="", skipped_empty=0, indexes=built, repaired=True)
+    # Column types are decided from the first frame; a text column stays text in every later frame.
+    text_columns = {c for c in first.columns if _field_type(first[c]) is str}
     if upsert:
-        _check_upsert(open_table(table, db, storage_options), frame, table)
+        _check_upsert(open_table(table, db, storage_options), first, table)
+    ids_given = _document_ids(source, renames, text_column, id_column, text_columns, batch_rows) \
+        if id_column is not None else None
 
     embedder = Embedder.load(resolve_embedder(embedding_model), precision=precision)
     size = chunk_size or embedder.max_tokens - 2  # [CLS] and [SEP] take two of the model's positions
     if size > embedder.max_tokens - 2 or size < 1:
         raise RagrpoError(f"--chunk-size {size}: the embedder reads at most {embedder.max_tokens - 2} tokens "
                           "per text (longer chunks would be truncated)")
-    frame, counts, ids = chunk_frame(frame, text_column, embedder, size, chunk_overlap)
     func = embedding_function(embedding_model)
-    schema = build_schema(frame, text_column, func, dim=embedder.dim)  # the same model, already loaded
-    # Embed before touching the database: the registry sees a filled vector column and keeps it.
-    frame[VECTOR_COLUMN] = list(_embed(embedder, frame[text_column].tolist(), counts, progress, ids))
+    columns = [*first.columns, CHUNK_COLUMN]
+    sample, _ = clean_frame(first.head(1).copy(), text_column, text_columns)
+    schema = build_schema(sample.assign(**{CHUNK_COLUMN: 0}), text_column, func, dim=embedder.dim)
+    # Nullable fields in the input's column order, as LanceDB gives a table written from a DataFrame: rows
+    # added later with plain LanceDB (`table.add`) may leave metadata columns out.
+    fields = {field.name: field for field in schema.to_arrow_schema()}
+    arrow_schema = pa.schema([fields[c].with_nullable(True) for c in [*columns, VECTOR_COLUMN]])
+    counted = {"documents": 0, "chunks": 0, "skipped": 0}
+    failure: list[BaseException] = []
+
+    def embedded_batches():
+        # disable=None: tqdm shows the bar only when stderr is a terminal (no bar in logs or pipes).
+        with tqdm(unit="doc", desc="embedding", disable=None if progress else True, leave=False,
+                  dynamic_ncols=True) as bar:
+            for frame in itertools.chain([first], frames):
+                frame, skipped = clean_frame(_same_columns(frame, first.columns, source, counted),
+                                             text_column, text_columns)
+                counted["skipped"] += skipped
+                if frame.empty:
+                    continue
+                chunks, counts, ids = chunk_frame(frame, text_column, embedder, size, chunk_overlap)
+                chunks[VECTOR_COLUMN] = list(_embed(embedder, chunks[text_column].tolist(), counts, bar, ids))
+                done = counted["documents"]
+                counted["documents"] += len(counts)
+                counted["chunks"] += len(chunks)
+                yield from _arrow(chunks, arrow_schema, source, range(done + 1, done + len(counts))).to_batches()
+                del chunks, frame, ids
+                hardware.release_memory()  # else freed batches stay in the heap: RSS grows with the input
+        if not counted["documents"]:
+            raise RagrpoError(f"{source}: column {text_column!r} is empty in every row")
+
+    def kept_failure(batches):
+        # LanceDB reports an error raised while it reads the stream as its own RuntimeError; keep ours.
+        try:
+            yield from batches
+        except BaseException as exc:
+            failure.append(exc)
+            raise
+
+    reader = pa.RecordBatchReader.from_batches(arrow_schema, kept_failure(embedded_batches()))
     connection = connect(db, storage_options)
-    if upsert:
-        target = connection.open_table(table)
-        # One commit: update chunks that exist, insert new ones, and delete the chunks of re-ingested
-        # documents that the new version no longer has (a document that got shorter).
-        ids = ", ".join(_sql_literal(v) for v in frame[id_column].unique())
-        (target.merge_insert([id_column, CHUNK_COLUMN]).when_matched_update_all().when_not_matched_insert_all()
-         .when_not_matched_by_source_delete(f"{id_column} IN ({ids})").execute(frame))
-    else:
-        target = connection.create_table(table, data=frame, schema=schema,
-                                         mode="overwrite" if overwrite else "create")
+    try:
+        if upsert:
+            target = connection.open_table(table)
+            # One commit: update chunks that exist, insert new ones, and delete the chunks of re-ingested
+            # documents that the new version no longer has (a document that got shorter).
+            listed = ", ".join(_sql_literal(v) for v in ids_given)
+            (target.merge_insert([id_column, CHUNK_COLUMN]).when_matched_update_all().when_not_matched_insert_all()
+             .when_not_matched_by_source_delete(f"{id_column} IN ({listed})").execute(reader))
+        else:
+            target = connection.create_table(table, data=reader, schema=schema,
+                                             mode="overwrite" if overwrite else "create")
+    except BaseException as exc:
+        if not exists:  # a create that failed leaves data files without a manifest: remove them
+            _drop_debris(connection, table)
+        if failure and failure[0] is not exc:
+            raise failure[0] from None
+        raise
     built = build_indexes(target, text_column, index_threshold, id_column=id_column)
     return IndexResult(
         table=table,
         db=str(db),
         rows=target.count_rows(),
-        columns=[c for c in frame.columns if c != VECTOR_COLUMN],
+        columns=columns,
         text_column=text_column,
         embedder=func.name,
-        skipped_empty=skipped,
-        documents=len(counts),
-        chunks=len(frame),
+        skipped_empty=counted["skipped"],
+        documents=counted["documents"],
+        chunks=counted["chunks"],
         upserted=upsert,
         indexes=built,
         precision=embedder.dtype,
     )
+
+
+def _same_columns(frame, columns, source: str, counted: dict):
+    """`frame` with the first frame's columns: one a later frame lacks (a JSONL key no row of it has)
+    is added empty; one the first frame lacked is an error."""
+    extra = [c for c in frame.columns if c not in columns]
+    if extra:
+        raise RagrpoError(f"{source}: column {extra[0]!r} appears after {counted['documents']} documents, "
+                          "absent from the first rows; give every row the same columns")
+    return frame.reindex(columns=columns)
+
+
+def _arrow(chunks, arrow_schema, source: str, documents: range):
+    """The chunks as an Arrow table of the table's schema; a value that does not fit its column's type
+    (decided from the first rows) is one RagrpoError naming the documents (1-based, of those with text)."""
+    import pyarrow as pa
+
+    try:
+        return pa.Table.from_pandas(chunks[arrow_schema.names], schema=arrow_schema, preserve_index=False)
+    except (pa.ArrowException, ValueError, TypeError) as exc:
+        detail = str(exc.args[0] if exc.args else exc).splitlines()[0][:200]
+        raise RagrpoError(f"{source}: a value among documents {documents.start}..{documents.stop} does not fit "
+                          f"its column's type, decided from the first rows ({detail})") from None
+
+
+def _document_ids(source: str, renames: dict, text_column: str, id_column: str, text_columns: set[str],
+                  batch_rows: int | None) -> list:
+    """The ids of the input's documents that have text, read in a first pass over the input (ids only
+    are kept); an id given twice is a RagrpoError."""
+    seen: set = set()
+    ids = []
+    for frame in iter_records(source, batch_rows):
+        frame = normalize_columns(frame, renames, source)
+        require_columns(frame, [id_column, text_column], source)
+        frame, _ = clean_frame(frame[[id_column, text_column]].copy(), text_column, text_columns & {text_column})
+        for value in frame[id_column]:
+            if value in seen:
+                raise RagrpoError(f"{source}: --id-column {id_column!r} repeats the id {_sql_literal(value)}; "
+                                  "ids must be unique for an upsert")
+            seen.add(value)
+            ids.append(value)
+    return ids
+
+
+def _drop_debris(connection, table: str) -> None:
+    """Remove what a failed create left: LanceDB lists a table folder that has data files but no manifest."""
+    if table in table_names(connection):
+        connection.drop_table(table)
 
 
 def _scalar_index_type(table, column: str, rows: int) -> str | None:

@@ -243,8 +243,10 @@ class SourceCitationDebiased(SourceCitationExact):
         scores = super().__call__(completions, context_ids=context_ids, source_id=source_id, context=context,
                                   query=query)
         referred = [set(cited_passages(answer_text(c))) for c in completions]
-        debiased = [score + 1 / len(ids) - self.rates.get(next(iter(refs)), 0.0) if score == 1.0 else score
-                    for score, refs, ids in zip(scores, referred, context_ids, strict=True)]
+        # A score of 1 means every reference is the source: one position, or several where the source
+        # document was retrieved twice; their mean rate is charged.
+        debiased = [score + 1 / len(ids) - sum(self.rates.get(n, 0.0) for n in refs) / len(refs)
+                    if score == 1.0 else score for score, refs, ids in zip(scores, referred, context_ids, strict=True)]
         for n in set(self.rates).union(*referred):
             batch_share = sum(n in refs for refs in referred) / max(len(referred), 1)
             self.rates[n] = self.decay * self.rates.get(n, 0.0) + (1 - self.decay) * batch_share

@@ -27,8 +27,8 @@ class ApiError(Exception):
 
 
 class Guard:
-    """The API key, as plain ASGI middleware. (Starlette's `BaseHTTPMiddleware` hides a client's disconnect
-    from the endpoint, which then generated on for nobody.) `BodyLimit` bounds the body."""
+    """The API key, as plain ASGI middleware (see the module's note on why not `BaseHTTPMiddleware`);
+    `BodyLimit` bounds the body."""
 
     def __init__(self, app, api_key: str | None):
         self.app, self.api_key = app, api_key
