@@ -150,6 +150,19 @@ def test_a_failure_late_in_the_stream_leaves_the_previous_table_or_none(tmp_path
     assert lancedb.connect(db).open_table("docs").version == version and len(calls) == 3
 
 
+@pytest.mark.integration
+def test_a_number_column_empty_in_the_first_row_stays_a_number(tmp_path):
+    """Types come from the whole first batch, not its first row: a rating missing from document 0 is null."""
+    from ragrpo.retrieval.index import index
+
+    rows = [{**row, "rating": None if row["doc"] == 0 else row["doc"] / 2} for row in documents(20)]
+    index(str(write_jsonl(tmp_path / "docs.jsonl", rows)), "docs", tmp_path / "db", batch_rows=8)
+    table = lancedb.connect(tmp_path / "db").open_table("docs")
+    assert str(table.schema.field("rating").type) == "double"
+    ratings = rows_of(tmp_path / "db", "docs")["rating"]
+    assert np.isnan(ratings[0]) and ratings[1:].tolist() == [n / 2 for n in range(1, 20)]
+
+
 def test_batch_rows_below_one_is_one_error_line(tmp_path):
     path = write_jsonl(tmp_path / "docs.jsonl", documents(3))
     one_error_line(ragrpo("index", path, "--table", "t", "--db", tmp_path / "db", "--batch-rows", "0"),

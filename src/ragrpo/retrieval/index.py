@@ -291,8 +291,8 @@ def index(
                           "per text (longer chunks would be truncated)")
     func = embedding_function(embedding_model)
     columns = [*first.columns, CHUNK_COLUMN]
-    sample, _ = clean_frame(first.head(1).copy(), text_column, text_columns)
-    schema = build_schema(sample.assign(**{CHUNK_COLUMN: 0}), text_column, func, dim=embedder.dim)
+    # typed from the whole first frame, as `text_columns` was (one row would type a column empty there as text)
+    schema = build_schema(first.assign(**{CHUNK_COLUMN: 0}), text_column, func, dim=embedder.dim)
     # Nullable fields in the input's column order, as LanceDB gives a table written from a DataFrame: rows
     # added later with plain LanceDB (`table.add`) may leave metadata columns out.
     fields = {field.name: field for field in schema.to_arrow_schema()}
@@ -305,7 +305,7 @@ def index(
         with tqdm(unit="doc", desc="embedding", disable=None if progress else True, leave=False,
                   dynamic_ncols=True) as bar:
             for frame in itertools.chain([first], frames):
-                frame, skipped = clean_frame(_same_columns(frame, first.columns, source, counted),
+                frame, skipped = clean_frame(_same_columns(frame, first.columns, source, counted["documents"]),
                                              text_column, text_columns)
                 counted["skipped"] += skipped
                 if frame.empty:
@@ -315,7 +315,7 @@ def index(
                 done = counted["documents"]
                 counted["documents"] += len(counts)
                 counted["chunks"] += len(chunks)
-                yield from _arrow(chunks, arrow_schema, source, range(done + 1, done + len(counts))).to_batches()
+                yield from _arrow(chunks, arrow_schema, source, done + 1, done + len(counts)).to_batches()
                 del chunks, frame, ids
                 hardware.release_memory()  # else freed batches stay in the heap: RSS grows with the input
         if not counted["documents"]:
@@ -365,17 +365,17 @@ def index(
     )
 
 
-def _same_columns(frame, columns, source: str, counted: dict):
+def _same_columns(frame, columns, source: str, documents_before: int):
     """`frame` with the first frame's columns: one a later frame lacks (a JSONL key no row of it has)
     is added empty; one the first frame lacked is an error."""
     extra = [c for c in frame.columns if c not in columns]
     if extra:
-        raise RagrpoError(f"{source}: column {extra[0]!r} appears after {counted['documents']} documents, "
+        raise RagrpoError(f"{source}: column {extra[0]!r} appears after {documents_before} documents, "
                           "absent from the first rows; give every row the same columns")
     return frame.reindex(columns=columns)
 
 
-def _arrow(chunks, arrow_schema, source: str, documents: range):
+def _arrow(chunks, arrow_schema, source: str, first: int, last: int):
     """The chunks as an Arrow table of the table's schema; a value that does not fit its column's type
     (decided from the first rows) is one RagrpoError naming the documents (1-based, of those with text)."""
     import pyarrow as pa
@@ -384,7 +384,7 @@ def _arrow(chunks, arrow_schema, source: str, documents: range):
         return pa.Table.from_pandas(chunks[arrow_schema.names], schema=arrow_schema, preserve_index=False)
     except (pa.ArrowException, ValueError, TypeError) as exc:
         detail = str(exc.args[0] if exc.args else exc).splitlines()[0][:200]
-        raise RagrpoError(f"{source}: a value among documents {documents.start}..{documents.stop} does not fit "
+        raise RagrpoError(f"{source}: a value among documents {first}..{last} does not fit "
                           f"its column's type, decided from the first rows ({detail})") from None
 
 
