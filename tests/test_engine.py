@@ -198,7 +198,7 @@ def test_decode_loop_is_greedy_generate_with_repeats_padding_and_repetition_pena
     short, long = torch.randint(5, 1000, (4,)).tolist(), torch.randint(5, 1000, (9,)).tolist()
     prompts = [long, short, long, short, short]  # repeated and of two lengths: deduplicated, left-padded
     for config in (_greedy(), _greedy(repetition_penalty=1.5)):
-        assert copy._decode(prompts, config, 0, [2]) == _generate_one_by_one(copy.model, prompts, config)
+        assert copy._decode(prompts, config, [2]) == _generate_one_by_one(copy.model, prompts, config)
 
 
 def test_decode_loop_honours_min_new_tokens_and_top_k(policy):
@@ -213,11 +213,11 @@ def test_decode_loop_honours_min_new_tokens_and_top_k(policy):
     # every token but the last ends a sequence: until min_new_tokens only the last one may be drawn
     ends = list(range(vocab - 1))
     config = GenerationConfig(max_new_tokens=9, min_new_tokens=4, do_sample=True, top_k=0, pad_token_id=0)
-    for row in copy._decode([prompt] * 3, config, 0, ends):
+    for row in copy._decode([prompt] * 3, config, ends):
         assert row[:4] == [vocab - 1] * 4 and len(row) == 5 and row[4] in ends
     # top_k=1 sampling is greedy decoding
     sampled = GenerationConfig(max_new_tokens=8, do_sample=True, top_k=1, temperature=0.7, pad_token_id=0)
-    assert copy._decode([prompt] * 2, sampled, 0, [2]) == copy._decode([prompt] * 2, _greedy(8), 0, [2])
+    assert copy._decode([prompt] * 2, sampled, [2]) == copy._decode([prompt] * 2, _greedy(8), [2])
 
 
 def test_settings_beyond_the_loop_fall_back_to_generate():
@@ -336,7 +336,7 @@ def test_a_plain_model_is_sampled_as_it_is(tiny_causal_lm, force_hardware):
     ids = torch.randint(0, 1000, (2, 7))
     torch.testing.assert_close(_logits(copy.model, ids), _logits(model, ids))
     prompts = [torch.randint(5, 1000, (6,)).tolist(), torch.randint(5, 1000, (3,)).tolist()]
-    assert copy._decode(prompts, _greedy(), 0, [2]) == _generate_one_by_one(model, prompts, _greedy())
+    assert copy._decode(prompts, _greedy(), [2]) == _generate_one_by_one(model, prompts, _greedy())
 
     force_hardware(BF16="1", PACK="0")
     assert evaluation_sampler(model) is None  # no packed weights: generate on the model as it is

@@ -296,7 +296,8 @@ def test_registry_names_are_metric_keys_with_one_line_descriptions():
                              "citation", "source_citation", "source_citation_grounded", "source_citation_answered",
                              "source_citation_only", "source_citation_exact", "source_citation_exact_1w", "source_citation_debiased_1w",
                              "answer_match",
-                             "context_reliance", "relevance", "repetition"]
+                             "context_reliance", "relevance", "repetition",
+                             "search_found_source", "search_format", "search_cost"]
     funcs, _ = resolve_rewards(list(REWARDS))
     assert [f.__name__ for f in funcs] == list(REWARDS)
     for func in REWARDS.values():

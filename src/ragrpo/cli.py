@@ -113,14 +113,19 @@ def main():
 @click.option("--order", type=click.Choice(["balanced", "retrieved"]), default="balanced", show_default=True,
               help="Passage order in training prompts: the source at each position equally often (seeded), or as "
               "retrieved (with --from-index).")
+@click.option("--agentic", is_flag=True, help="No passages up front: the model searches the table itself with "
+              "<search> query </search> while it answers, and learns from the search rewards (with --from-index).")
+@click.option("--max-searches", type=int, default=3, show_default=True, help="Search calls per answer (with --agentic).")
 @user_errors
 def train(config_file, rewards, overwrite, resume, from_index, db, storage_options, where, k, mode, questions,
-          reasoning, cite, max_documents, passage_header, order, **options):
+          reasoning, cite, max_documents, passage_header, order, agentic, max_searches, **options):
     """GRPO fine-tuning with a LoRA adapter; writes adapter/, merged/, config.json and metrics.jsonl.
 
     Example: ragrpo train --max-steps 20 --reward length --reward token_diversity=0.5 --output runs/demo
 
     Example: ragrpo train --from-index movies --db lancedb --where "release_year < 1990" --output runs/rag
+
+    Example: ragrpo train --from-index movies --agentic --max-searches 2 --output runs/agentic
     """
     from ragrpo.config import build_run_config
     from ragrpo.tuning.train import train as run_training
@@ -133,7 +138,7 @@ def train(config_file, rewards, overwrite, resume, from_index, db, storage_optio
 
         source = IndexSource(from_index, db, where=where, k=k, mode=mode, questions=questions, reasoning=reasoning,
                              cite=cite, held_out=cfg.held_out, max_documents=max_documents, header=passage_header,
-                             order=order, order_seed=cfg.seed)
+                             order=order, order_seed=cfg.seed, agentic=agentic, max_searches=max_searches)
         from ragrpo.config import load_config_file
 
         given = bool(rewards) or bool(config_file and "rewards" in load_config_file(config_file))

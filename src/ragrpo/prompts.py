@@ -19,6 +19,19 @@ first passage's header to it) and a header line per passage that names it:
 The label word ("Movie") comes from the table's name, singular; the header from its metadata columns
 (`{title} ({release_year})` for the built-in movies), or from `--passage-header`. A passage is cited by
 its number in brackets, `[1]`, the same mark its header shows; "Movie 1" in an answer also counts.
+
+The agentic protocol (`train --from-index --agentic`, `ask --agentic`) gives no passages up front. The
+prompt holds the instructions and the question, and the assistant's turn opens with `<search>`, so the
+model's first words are a query. A query ends at `</search>`. The results come back as the same passage
+layout inside `<information>` and `</information>`, numbered on from the previous results, and the
+model may search again or answer:
+
+    <search>ferryman ledger thames</search>
+    <information>
+    ## Movie [1]: The Ferryman's Ledger (1923)
+    ...
+    </information>
+    Jakob Marten keeps the ledger [1].
 """
 
 from __future__ import annotations
@@ -37,6 +50,16 @@ REASONING_INSTRUCTION = ("First reason about the context inside <think> </think>
 # It lists every passage's number; a single example ("e.g. [2]") pulled the 135M model's citations to [2]
 # whatever the source (bench/results/from-index/NOTES.md).
 CITE_INSTRUCTION = "After the answer, cite the {label} it comes from by its number: {numbers}."
+# `--agentic`: the instructions of a prompt without passages; written for this project.
+# Telling the model its reply already opened a search was what made the base 135M model close a query at
+# all (found its source 5/32 rows against 0/32 for a plain "write a query inside <search> </search>").
+AGENTIC_INSTRUCTION = ("Answer the question from the {plural}. Your reply starts inside a search: write a short "
+                       "query for the {plural}, then </search>. The results come back inside <information> "
+                       "</information>, each {label} numbered [n]. You may search up to {searches} times, each as "
+                       "<search> query </search>. Then answer in one sentence and cite the {label} the answer "
+                       "comes from by its number.")
+SEARCH_OPEN, SEARCH_CLOSE = "<search>", "</search>"
+INFORMATION_OPEN, INFORMATION_CLOSE = "<information>", "</information>"
 DEFAULT_QUERY = "What's common in movies where the protagonist turns out to be the bad guy"
 DEFAULT_LABEL = "Passage"
 
@@ -193,3 +216,58 @@ def cited_passages(text: str) -> list[int]:
 def without_references(text: str) -> str:
     """`text` without its references to passages ("[1]", "Movie- 2"): a reference is no claim."""
     return PASSAGE_NAME.sub(" ", CITATION.sub(" ", text))
+
+
+# ---- the agentic protocol -------------------------------------------------------------------------
+
+
+def build_agentic_prompt(query: str, max_searches: int, label: str = DEFAULT_LABEL) -> str:
+    """The user's turn of an agentic prompt: the instructions, then the question (no passages)."""
+    noun = label.lower()
+    instruction = AGENTIC_INSTRUCTION.format(plural=noun + "s", label=noun, searches=max_searches)
+    return f"{instruction}\n\nQuestion: {query}"
+
+
+def render_information(passages: list, first: int, label: str = DEFAULT_LABEL, note: str = "") -> str:
+    """A search's results as the model reads them: the prompt's passage layout numbered from `first`, or
+    `note` alone (an empty query, a failed search, no searches left), inside <information> tags."""
+    shown = [_as_passage(p) for p in passages]
+    body = "\n\n".join(f"## {label} [{n}]: {p.header}".rstrip() + f"\n{p.text}" for n, p in enumerate(shown, first))
+    body = "\n\n".join(part for part in (note, body) if part)
+    return f"\n{INFORMATION_OPEN}\n{body}\n{INFORMATION_CLOSE}\n"
+
+
+_SEARCH = re.compile(re.escape(SEARCH_OPEN) + r".*?(?:" + re.escape(SEARCH_CLOSE) + r"|$)", re.DOTALL)
+
+
+def transcript(completion: str) -> str:
+    """An agentic completion as the model wrote it: TRL's completion starts after the `<search>` that
+    opened the assistant's turn, so that tag goes back in front."""
+    return completion if completion.lstrip().startswith(SEARCH_OPEN) else SEARCH_OPEN + completion
+
+
+def is_agentic(text: str) -> bool:
+    """Whether a completion holds a search call or its results (else it is an ordinary answer)."""
+    return SEARCH_CLOSE in text or INFORMATION_OPEN in text
+
+
+def agentic_answer(text: str) -> str:
+    """What an agentic completion answers: its text after the last results, search calls removed; "" when
+    it ends inside a query or inside results (no answer was written)."""
+    text = transcript(text)
+    end = text.rfind(INFORMATION_CLOSE)
+    tail = text[end + len(INFORMATION_CLOSE):] if end >= 0 else text
+    if INFORMATION_OPEN in tail or tail.rfind(SEARCH_OPEN) > tail.rfind(SEARCH_CLOSE):
+        return ""  # results or a query that never closed
+    if end < 0 and SEARCH_CLOSE in tail and not tail.rsplit(SEARCH_CLOSE, 1)[1].strip():
+        return ""  # it stopped at a query
+    return _SEARCH.sub(" ", tail).strip()
+
+
+def segment_query(segment: str) -> str | None:
+    """The query of a model segment that ended at `</search>`: the text after its last `<search>`, spaces
+    folded (may be empty), or None when the segment closes a search it never opened."""
+    body = segment.rsplit(SEARCH_CLOSE, 1)[0]
+    if SEARCH_OPEN not in body:
+        return None
+    return " ".join(body.rsplit(SEARCH_OPEN, 1)[1].split())

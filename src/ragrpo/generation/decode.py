@@ -65,13 +65,28 @@ class Sampling:
             self.do_sample, self.temperature = False, 1.0  # temperature 0 is greedy, as OpenAI's API means it
 
 
-class Row:
-    """A sequence being decoded: its tokens so far, its settings, and whether it has ended."""
+def holds_stop(new: list[int], stop: tuple[str, ...], decode) -> bool:
+    """Whether the text of a row's new tokens holds one of the `stop` strings. Only the last tokens are read:
+    a token holds at least one character, so as many tokens as the longest string has characters suffice."""
+    text = decode(new[-max(len(s) for s in stop):])
+    return any(s in text for s in stop)
 
-    def __init__(self, prompt: list[int], sampling: Sampling, eos: list[int], device):
+
+class Row:
+    """A sequence being decoded: its tokens so far, its settings, and whether it has ended.
+
+    `stop` strings end the row (finish reason 'stop', the string's tokens kept) as soon as the text of its
+    last tokens holds one; `decode` (a tokenizer's) turns those tokens into text. The agentic loop stops
+    a row at `</search>` this way, whatever tokens the model spelled it with."""
+
+    def __init__(self, prompt: list[int], sampling: Sampling, eos: list[int], device, stop: tuple[str, ...] = (),
+                 decode=None):
         import torch
 
         self.prompt, self.sampling, self.eos = list(prompt), sampling, set(eos)
+        self.stop, self.decode = tuple(s for s in stop if s), decode
+        if self.stop and decode is None:
+            raise ValueError("stop strings need a decode function to read the row's text")
         self.new: list[int] = []
         self.finish_reason: str | None = None
         self.generator = None
@@ -84,7 +99,7 @@ class Row:
 
     def accept(self, token: int) -> None:
         self.new.append(token)
-        if token in self.eos:
+        if token in self.eos or self.stop and holds_stop(self.new, self.stop, self.decode):
             self.finish_reason = "stop"
         elif len(self.new) >= self.sampling.max_new_tokens:
             self.finish_reason = "length"

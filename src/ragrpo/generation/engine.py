@@ -36,10 +36,11 @@ policy up to rounding, as with TRL's vLLM sampler.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
 
 from ragrpo import hardware
-from ragrpo.generation.decode import Engine, Row, Sampling, left_pad
+from ragrpo.generation.decode import Engine, Row, Sampling, holds_stop, left_pad
 
 
 class SamplingCopy:
@@ -82,37 +83,83 @@ class SamplingCopy:
             self.packed = _projections(self.model, self.fused, pack=True)
 
     def generate(self, prompt_ids: list[list[int]], generation_config, pad_token_id: int,
-                 eos_token_ids: list[int]) -> list[list[int]]:
-        """Sample one completion per prompt (token ids, cut after the first end-of-sequence token): with the
-        decode loop below where it covers the model and the settings, else with transformers' `generate`."""
+                 eos_token_ids: list[int], *, stop: tuple[str, ...] = (), tokenizer=None,
+                 budgets: list[int] | None = None) -> list[list[int]]:
+        """Sample one completion per prompt (token ids, cut after the first end-of-sequence token or `stop`
+        string): with the decode loop below where it covers the model and the settings, else with transformers'
+        `generate`. `budgets`: each row's own `max_new_tokens` (default the config's); `stop` needs `tokenizer`."""
         import torch
 
         with torch.no_grad():
             # the loop wins where its weights are packed (bf16 on a CPU: 5.2 s against generate's 9.8 s for 6 x 128
             # tokens); unpacked, transformers' generate with a static cache is as fast or faster
             if self.packed is not None and _loop_settings(generation_config, self.model.generation_config):
-                return self._decode(prompt_ids, generation_config, pad_token_id, eos_token_ids)
-            input_ids, attention_mask = left_pad(prompt_ids, pad_token_id)
-            width = input_ids.size(1)
-            output = self.model.generate(
-                input_ids=input_ids.to(self.model.device), attention_mask=attention_mask.to(self.model.device),
-                generation_config=generation_config, cache_implementation="static", use_cache=True,
-            )  # (B, width + new)
-        return [_cut(row, eos_token_ids) for row in output[:, width:].tolist()]
+                return self._decode(prompt_ids, generation_config, eos_token_ids, stop, tokenizer, budgets)
+            return generate_ids(self.model, prompt_ids, generation_config, pad_token_id, eos_token_ids, stop=stop,
+                                tokenizer=tokenizer, budgets=budgets, cache_implementation="static")
 
-    def _decode(self, prompt_ids, generation_config, pad_token_id: int, eos_token_ids: list[int]) -> list[list[int]]:
+    def _decode(self, prompt_ids, generation_config, eos_token_ids: list[int], stop=(), tokenizer=None,
+                budgets=None) -> list[list[int]]:
         """transformers' sampling, token by token, without `generate`: the rows go through `decode.Engine`
         (each distinct prompt prefilled once, one fused projection for q/k/v and one for gate/up per layer)."""
         sampling = loop_sampling(_loop_settings(generation_config, self.model.generation_config))
+        budgets = budgets or [sampling.max_new_tokens] * len(prompt_ids)
         projections = self.packed or _projections(self.model, self.fused, pack=False)
-        capacity = max(len(ids) for ids in prompt_ids) + sampling.max_new_tokens
+        capacity = max(len(ids) + budget for ids, budget in zip(prompt_ids, budgets, strict=True))
         engine = Engine(self.model, projections, slots=len(prompt_ids), capacity=capacity)
-        rows = [Row(ids, sampling, eos_token_ids, self.model.device) for ids in prompt_ids]
+        decode = tokenizer.decode if tokenizer is not None else None
+        rows = [Row(ids, dataclasses.replace(sampling, max_new_tokens=budget), eos_token_ids, self.model.device,
+                    stop=stop, decode=decode) for ids, budget in zip(prompt_ids, budgets)]
         engine.add(rows)
         while engine.rows:
             for row in engine.step():
                 engine.remove(row)
         return [row.new for row in rows]
+
+
+def generate_ids(model, prompt_ids: list[list[int]], generation_config, pad_token_id: int, eos_token_ids: list[int],
+                 *, stop: tuple[str, ...] = (), tokenizer=None, budgets: list[int] | None = None,
+                 **generate_kwargs) -> list[list[int]]:
+    """`SamplingCopy.generate` through transformers' `generate` on any model: one left-padded batch, each row
+    cut after its end-of-sequence token or `stop` string, and to its own budget (the batch runs to the largest)."""
+    import torch
+
+    if budgets:
+        generation_config = copy.deepcopy(generation_config)
+        generation_config.max_new_tokens = max(budgets)
+    input_ids, attention_mask = left_pad(prompt_ids, pad_token_id)
+    width = input_ids.size(1)
+    if stop:  # the decode loop's rule (`decode.holds_stop`: the new tokens' text), not generate's stop_strings,
+        # which also match across the prompt's end, so both paths cut a row at the same token
+        generate_kwargs["stopping_criteria"] = _stop_criteria(width, stop, tokenizer.decode)
+    with torch.no_grad():
+        output = model.generate(input_ids=input_ids.to(model.device), attention_mask=attention_mask.to(model.device),
+                                generation_config=generation_config, use_cache=True, **generate_kwargs)  # (B, width + new)
+    rows = [_cut(row, eos_token_ids) for row in output[:, width:].tolist()]
+    if budgets:
+        rows = [row[:budget] for row, budget in zip(rows, budgets, strict=True)]
+    return [_cut_at_stop(row, stop, tokenizer.decode) for row in rows] if stop else rows
+
+
+def _stop_criteria(width: int, stop: tuple[str, ...], decode):
+    """A `generate` stopping criterion that ends each row once its new tokens (after `width`) hold a stop string."""
+    import torch
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
+    class OnText(StoppingCriteria):
+        def __call__(self, input_ids, scores, **kwargs):  # input_ids: (B, width + new so far)
+            return torch.tensor([holds_stop(row[width:].tolist(), stop, decode) for row in input_ids],
+                                dtype=torch.bool, device=input_ids.device)
+
+    return StoppingCriteriaList([OnText()])
+
+
+def _cut_at_stop(row: list[int], stop: tuple[str, ...], decode) -> list[int]:
+    """A completion up to the token that completes its first `stop` string (`generate` pads after it)."""
+    for end in range(1, len(row) + 1):
+        if holds_stop(row[:end], stop, decode):
+            return row[:end]
+    return row
 
 
 # ---- the decode loop's reach ----
@@ -352,14 +399,17 @@ def fast_trainer_class():
             if self.use_vllm or self.use_transformers_continuous_batching or images is not None or multimodal_fields:
                 return super()._generate_single_turn(prompt_ids, images, multimodal_fields, num_generations,
                                                      has_tool_images)
-            model = self.accelerator.unwrap_model(self.model)
+            completions = self.sampling_copy().generate(prompt_ids, self.generation_config,
+                                                        self._tokenizer.pad_token_id, self.eos_token_ids)
+            return completions, None
+
+        def sampling_copy(self) -> SamplingCopy:
+            """The policy's sampling copy, synced to the current optimizer step (the agentic rollout samples on it)."""
             if self._sampler is None:
-                self._sampler = SamplingCopy(model)
+                self._sampler = SamplingCopy(self.accelerator.unwrap_model(self.model))
             if self._sampler.synced_step != self.state.global_step:
                 self._sampler.sync(self.state.global_step)
-            completions = self._sampler.generate(prompt_ids, self.generation_config,
-                                                 self._tokenizer.pad_token_id, self.eos_token_ids)
-            return completions, None
+            return self._sampler
 
         def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep,
                                                batch_size=None, compute_entropy=False, compute_aux_loss=False,

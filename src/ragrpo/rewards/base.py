@@ -80,8 +80,13 @@ def ngrams(tokens: list[str], n: int) -> list[tuple[str, ...]]:
 
 
 def answer_text(completion) -> str:
-    """The answer of a completion: its last `<answer>` section, else the text without `<think>` sections."""
+    """The answer of a completion: its last `<answer>` section, else the text without `<think>` sections. An
+    agentic completion (one with search calls) answers after its last results (`prompts.agentic_answer`)."""
+    from ragrpo.prompts import agentic_answer, is_agentic
+
     text = completion_text(completion)
+    if is_agentic(text):
+        text = agentic_answer(text)
     sections = _ANSWER.findall(text)
     return (sections[-1] if sections else _THINK.sub(" ", text)).strip()
 

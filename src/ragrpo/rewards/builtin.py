@@ -26,6 +26,7 @@ from collections.abc import Callable
 
 from ragrpo import RagrpoError
 from ragrpo.prompts import cited_passages, without_references  # noqa: F401  (cited_passages: re-exported)
+from ragrpo.rewards.agentic import SearchCost, SearchFormat, SearchFoundSource
 from ragrpo.rewards.base import (  # noqa: F401  (re-exported: what rewards read is importable from here)
     STOP_WORDS,
     Reward,
@@ -271,7 +272,9 @@ class AnswerMatch(Reward):
     carries the field it asks for (the title a "which film" question asks for, the year of a "what year"
     one, the name a "who ..." question was cut from), so the reward is label-free in the sense the
     curriculum is. The distractors are the other retrieved passages' titles and years: without them, listing
-    every passage's header scores on every title question. A row without targets (a summary request)
+    every passage's header scores on every title question. An agentic row's passages are known only after
+    its searches: the rollout gives their `passage_names` (with `context_ids`), and the distractors are
+    taken from those. A row without targets (a summary request)
     scores 0 for every completion of its group, which gives no advantage either way. The `distractors`
     column is optional.
 
@@ -283,19 +286,30 @@ class AnswerMatch(Reward):
 
     __name__ = "answer_match"
 
-    def __call__(self, completions, targets=None, distractors=None, **kwargs) -> list[float]:
+    def __call__(self, completions, targets=None, distractors=None, passage_names=None, context_ids=None,
+                 source_id=None, **kwargs) -> list[float]:
         """1 when the answer names what its question asks for (the 'targets' column) and no other passage."""
         from ragrpo.evaluation.gold import answer_accuracy
 
         if targets is None:
             raise RagrpoError("needs a 'targets' column (what each question asks for); `ragrpo train --from-index` "
                               "builds it")
+        if distractors is None and passage_names is not None:  # an agentic row: its passages came from its searches
+            distractors = [hedges(names, ids, source)
+                           for names, ids, source in zip(passage_names, context_ids, source_id, strict=True)]
         others = distractors if distractors is not None else [()] * len(completions)
         return [answer_accuracy(answer_text(c), t, d) if t else 0.0
                 for c, t, d in zip(completions, targets, others, strict=True)]
 
 
 answer_match = AnswerMatch()
+
+
+def hedges(names: list[list[str]], ids: list[str], source: str) -> list[str]:
+    """The names (`prompts.passage_names`) of the shown passages that are not the source's, bar the source's own."""
+    own = {name for group, doc in zip(names, ids) if doc == source for name in group}
+    return list(dict.fromkeys(name for group, doc in zip(names, ids) if doc != source for name in group
+                              if name not in own))
 
 
 REWARDS: dict[str, Callable] = {
@@ -316,6 +330,9 @@ REWARDS: dict[str, Callable] = {
     "context_reliance": ContextReliance(),
     "relevance": Relevance(),
     "repetition": Repetition(),
+    "search_found_source": SearchFoundSource(),
+    "search_format": SearchFormat(),
+    "search_cost": SearchCost(),
 }
 
 

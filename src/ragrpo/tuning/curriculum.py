@@ -40,7 +40,15 @@ from pathlib import Path
 
 from ragrpo import RagrpoError
 from ragrpo.config import RunConfig
-from ragrpo.prompts import TITLE_COLUMNS, YEAR_COLUMNS, PassageStyle, build_prompt, passage_names, table_style
+from ragrpo.prompts import (
+    TITLE_COLUMNS,
+    YEAR_COLUMNS,
+    PassageStyle,
+    build_agentic_prompt,
+    build_prompt,
+    passage_names,
+    table_style,
+)
 from ragrpo.retrieval.index import DEFAULT_DB, VECTOR_COLUMN, open_table
 from ragrpo.retrieval.search import MODES, text_column
 from ragrpo.rewards.builtin import STOP_WORDS, words
@@ -58,6 +66,9 @@ DEFAULT_GRPO = {"beta": 0.0, "use_adaptive_entropy": True, "entropy_target": 1.0
                 "entropy_coef_max": 0.3}
 DEFAULT_GROUP = {"num_generations": 8, "per_device_train_batch_size": 8}  # only when neither is given
 REASONING_REWARDS = ["format=0.5"]
+# `--agentic`: the answer and citation terms above, plus what the searches did (rewards/agentic.py)
+AGENTIC_REWARDS = ["answer_match=2", "source_citation_debiased_1w", "search_found_source", "search_format=0.5",
+                   "search_cost"]
 # Written for this project: the model writes one question about a passage, in its own words.
 QUESTION_PROMPT = ("Read the passage below and write one question that it answers. Reply with the question "
                    "only.\n\nPassage:\n{text}")
@@ -80,8 +91,14 @@ class IndexSource:
     header: str | None = None  # the passage header template; None: from the table's columns
     order: str = "balanced"  # passage order in a prompt: source position spread evenly over 1..k, or as retrieved
     order_seed: int = 0
+    agentic: bool = False  # no passages up front: the model searches the table itself (`tuning.agentic`)
+    max_searches: int = 3
 
     def __post_init__(self):
+        if self.max_searches < 1:
+            raise RagrpoError(f"--max-searches must be at least 1, got {self.max_searches}")
+        if self.agentic and self.reasoning:
+            raise RagrpoError("--agentic and --reasoning cannot be combined: an agentic answer follows its searches")
         if self.questions not in QUESTION_MODES:
             raise RagrpoError(f"--questions {self.questions!r}: use one of {', '.join(QUESTION_MODES)}")
         if self.k < 1:
@@ -366,9 +383,20 @@ def retrieve_all(table, queries: list[str], *, where: str | None, k: int, mode: 
             for query, vector in zip(queries, vectors, strict=True)]
 
 
+def agentic_example(question: Question, label: str, max_searches: int) -> dict:
+    """One agentic training row: the question and the instructions, no passages (the rollout searches and
+    fills `context`, `context_ids` and `distractors` per completion)."""
+    return {"prompt": [{"role": "user", "content": build_agentic_prompt(question.query, max_searches, label)}],
+            "query": question.query, "source_id": question.source_id, "kind": question.kind,
+            "targets": list(question.meta.get("targets", []))}
+
+
 def rag_examples(table, questions: list[Question], column: str, source: IndexSource) -> list[dict]:
-    """A prompt row per question: retrieved as `ask` retrieves, headed in the table's style, in `source.order`."""
+    """A prompt row per question: retrieved as `ask` retrieves, headed in the table's style, in `source.order`;
+    with `source.agentic`, the question alone (`agentic_example`)."""
     style = table_style(table, source.header)
+    if source.agentic:
+        return [agentic_example(q, style.label, source.max_searches) for q in questions]
     hits = retrieve_all(table, [q.query for q in questions], where=source.where, k=source.k, mode=source.mode)
     if source.order == "balanced":
         ids = [[document_id(hit, column) for hit in h] for h in hits]
@@ -453,7 +481,8 @@ def from_index_config(cfg: RunConfig, source: IndexSource, rewards_given: bool) 
     """The run configuration of a from-index run: its own default rewards and aggregation unless rewards were
     given, and its GRPO settings (`DEFAULT_GRPO`, `DEFAULT_GROUP`) wherever the configuration is silent."""
     if not rewards_given:
-        cfg.rewards = DEFAULT_REWARDS + (REASONING_REWARDS if source.reasoning else [])
+        cfg.rewards = (AGENTIC_REWARDS if source.agentic else DEFAULT_REWARDS) + (
+            REASONING_REWARDS if source.reasoning else [])
         cfg.grpo.setdefault("multi_objective_aggregation", DEFAULT_AGGREGATION)
     for name, value in DEFAULT_GRPO.items():
         cfg.grpo.setdefault(name, value)
@@ -501,4 +530,9 @@ def train_from_index(cfg: RunConfig, source: IndexSource, *, overwrite: bool = F
         cfg.dataset = str(staged)
         dataset = build_dataset(cfg, tokenizer)
     cfg.dataset = str(output / "curriculum" / "train.jsonl")
-    return train(cfg, overwrite=overwrite, dataset=dataset, files=files), curriculum
+    rollout = None
+    if source.agentic:
+        from ragrpo.tuning.agentic import rollout_for
+
+        rollout = rollout_for(curriculum.split_record(), storage_options)
+    return train(cfg, overwrite=overwrite, dataset=dataset, files=files, rollout=rollout), curriculum

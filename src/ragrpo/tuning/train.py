@@ -199,8 +199,9 @@ def _progress_bar():
 # ---- training -------------------------------------------------------------------------------------
 
 
-def make_trainer(cfg: RunConfig, model, tokenizer, dataset, output: Path, callbacks=()):
-    """A GRPOTrainer that trains the run's LoRA adapter on `model`; `callbacks` are added to ragrpo's own."""
+def make_trainer(cfg: RunConfig, model, tokenizer, dataset, output: Path, callbacks=(), rollout=None):
+    """A GRPOTrainer that trains the run's LoRA adapter on `model`; `callbacks` are added to ragrpo's own;
+    `rollout` is TRL's `rollout_func` (the agentic search loop, `tuning.agentic`)."""
     import torch
     from transformers import PrinterCallback, ProgressCallback
     from trl import GRPOTrainer
@@ -226,6 +227,7 @@ def make_trainer(cfg: RunConfig, model, tokenizer, dataset, output: Path, callba
             train_dataset=dataset,
             processing_class=tokenizer,
             callbacks=[_metrics_logger(output / "metrics.jsonl"), _progress_bar(), *callbacks],
+            rollout_func=rollout,
         )
     except ValueError as exc:  # TRL checks batch/generation divisibility and similar settings here
         raise RagrpoError(f"bad GRPO setting: {str(exc).splitlines()[0]}") from None
@@ -343,7 +345,7 @@ def _swap_in(staging: Path, output: Path) -> None:
 
 
 def train(cfg: RunConfig, *, overwrite: bool = False, resume: bool = False, dataset=None,
-          files: dict[str, str] | None = None, callbacks=()) -> TrainResult:
+          files: dict[str, str] | None = None, callbacks=(), rollout=None) -> TrainResult:
     """Run GRPO as `cfg` says and write the run folder.
 
     `resume=True` continues the run in `cfg.output` from its last checkpoint, with the configuration it
@@ -354,7 +356,8 @@ def train(cfg: RunConfig, *, overwrite: bool = False, resume: bool = False, data
 
     `dataset` (a `datasets.Dataset`) replaces the one built from `cfg.dataset` on a fresh start, and
     `files` (relative path -> text) are written into the run folder next to config.json; the
-    from-index curriculum uses both. `callbacks` (transformers TrainerCallbacks) join the trainer's.
+    from-index curriculum uses both. `callbacks` (transformers TrainerCallbacks) join the trainer's, and
+    `rollout` is TRL's `rollout_func` (an agentic run's search loop; `--resume` rebuilds it from the run).
 
     Under `accelerate launch` (or torchrun) every rank runs this: each trains on its share of the
     prompts, and the main process alone writes the run folder (config, metrics, adapter, merged model).
@@ -372,6 +375,11 @@ def train(cfg: RunConfig, *, overwrite: bool = False, resume: bool = False, data
         checkpoint = _latest_checkpoint(output)
         if checkpoint is None:
             raise RagrpoError(f"{output} has no checkpoint to resume from; start the run again with --overwrite")
+        split = output / "curriculum" / "split.json"
+        if rollout is None and split.exists() and json.loads(split.read_text())["source"].get("agentic"):
+            from ragrpo.tuning.agentic import rollout_for
+
+            rollout = rollout_for(json.loads(split.read_text()))
     elif output.exists() and any(output.iterdir()) and not overwrite:
         raise RagrpoError(f"output folder {output} is not empty; pass --overwrite, --resume or another --output")
     resolve_rewards(cfg.rewards)  # fail on an unknown reward before loading anything heavy
@@ -389,7 +397,7 @@ def train(cfg: RunConfig, *, overwrite: bool = False, resume: bool = False, data
     work.mkdir(parents=True, exist_ok=True)
     trainer = None
     try:
-        trainer = make_trainer(cfg, model, tokenizer, dataset, work, callbacks)
+        trainer = make_trainer(cfg, model, tokenizer, dataset, work, callbacks, rollout)
         if checkpoint is None and main:
             _write_config(cfg, trainer, work, output)
             for name, text in (files or {}).items():
