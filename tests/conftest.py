@@ -140,3 +140,55 @@ def needs_packing(dtype):
     if not hardware.can_pack(dtype):
         pytest.skip(f"oneDNN cannot pack {dtype} weights on this CPU (bf16 needs AVX512-BF16, AMX or "
                     f"AVX-NE-CONVERT); the plain path is tested instead")
+
+
+def scripted_searcher(base_model_dir, folder, query: str = " Thames ferryman ledger", answer: str = " Inspector Hale [1]."):
+    """A tiny Llama, built in memory and saved to `folder`, that greedily writes `query` and a newline after any
+    agentic prompt (which ends with `<search>`), and `answer` and its end of turn after any search results.
+
+    Attention and MLP outputs are zero, so each position's hidden state is its own token's embedding and the
+    model is a bigram table: the output head maps each token of the script to the next. Its behaviour is fixed
+    by construction, not learned, so tests of the search loop, `ask --agentic`, `serve` and `eval --agentic`
+    know what it will search for on any CPU."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from ragrpo.generation.agentic import agentic_prompt_ids
+    from ragrpo.prompts import SEARCH_CLOSE, render_information
+
+    tokenizer = AutoTokenizer.from_pretrained(base_model_dir)
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=2048,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                         bos_token_id=tokenizer.bos_token_id, tie_word_embeddings=False)
+    model = LlamaForCausalLM(config)
+    encode = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]
+    opened = agentic_prompt_ids(tokenizer, [{"role": "user", "content": "a question"}])[-1]  # the prompt's last
+    results = encode(SEARCH_CLOSE + render_information([], 1, note="results"))[-1]  # the inserted block's last
+    first = [opened, *encode(query + "\n")]
+    second = [results, *encode(answer), tokenizer.eos_token_id]
+    pairs = list(zip(first, first[1:])) + list(zip(second, second[1:]))
+    assert len({a for a, _ in pairs}) == len(pairs), "each token of the script needs one successor"
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
+        model.model.norm.weight.fill_(1.0)
+        embed = model.model.embed_tokens.weight
+        head = model.lm_head.weight
+        head.mul_(0.01)
+        for a, b in pairs:
+            e = embed[a] / embed[a].pow(2).mean().sqrt()
+            head[b] += 50.0 * e / e.norm()
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def searcher_dir(tmp_path_factory, base_model_dir):
+    """`scripted_searcher` saved once per session: it searches " Thames ferryman ledger" and answers
+    " Inspector Hale [1]."."""
+    return scripted_searcher(base_model_dir, tmp_path_factory.mktemp("searcher"))

@@ -306,3 +306,183 @@ def test_an_agentic_run_hands_trl_the_mask_of_inserted_tokens(tmp_path, movie_db
     # TRL normalises the loss by the tokens it trains on: the model's own, not the inserted results
     written = sum(min(sum(m), int(c.sum())) for m, c in zip(out["env_mask"], scored["completion_mask"]))
     assert int(scored["num_items_in_batch"]) == int((scored["completion_mask"] * tool_mask).sum()) == written
+
+
+def test_the_first_query_also_ends_with_its_line_and_the_loop_closes_the_tag(tokenizer, movies):
+    prompt = _prompt(tokenizer, "Who keeps the ledger?")
+    sample = Scripted(tokenizer, [prompt], [[" Thames ferryman ledger\n", " Hale [1]." + tokenizer.eos_token]])
+    [row] = run(sample, tokenizer, [prompt], SearchTool(movies, k=2), max_new_tokens=40)
+    assert [s.query for s in row.searches] == ["Thames ferryman ledger"] and row.searches[0].error is None
+    assert sample.stops == [(SEARCH_CLOSE, "\n"), (SEARCH_CLOSE,)]  # only the query the prompt opened ends so
+    assert _inserted(tokenizer, row).startswith(SEARCH_CLOSE + "\n" + INFORMATION_OPEN)  # not the model's token
+    assert _written(tokenizer, row) == " Thames ferryman ledger\n Hale [1]." + tokenizer.eos_token
+    assert agentic_answer(tokenizer.decode(row.ids, skip_special_tokens=True)) == "Hale [1]."
+
+
+def test_a_scripted_model_searches_answers_and_can_be_cancelled(searcher_dir, movies):
+    """The whole loop on a real (tiny, scripted) model through `generate`: the search it writes, the results it
+    reads, its answer; and a loop cancelled before its first round samples nothing."""
+    from ragrpo.generation.agentic import search_and_answer
+    from ragrpo.models import load_model
+
+    model, tokenizer = load_model(str(searcher_dir))
+    tool = SearchTool(movies, k=3, mode="hybrid")
+    rows = search_and_answer(model, tokenizer, ["Who helps the inspector?", "Which film has bees?"], tool,
+                             max_searches=2, max_new_tokens=32)
+    for row in rows:
+        assert [s.query for s in row.searches] == ["Thames ferryman ledger"] and row.finish_reason == "stop"
+        assert row.searches[0].numbers == [1, 2, 3] and "The Ferryman's Ledger (1923)" in row.context[0]
+        assert agentic_answer(row.text(tokenizer)) == "Inspector Hale [1]."
+        assert tokenizer.decode([t for t, m in zip(row.ids, row.mask) if m]) == (
+            " Thames ferryman ledger\n Inspector Hale [1]." + tokenizer.eos_token)
+    [cancelled] = search_and_answer(model, tokenizer, ["q"], tool, cancelled=lambda: True)
+    assert cancelled.finish_reason == "cancelled" and cancelled.ids == [] and cancelled.searches == []
+
+
+def test_agentic_figures_from_transcripts():
+    from ragrpo.evaluation.agentic import score_transcripts
+    from ragrpo.tuning.curriculum import Question
+
+    questions = [Question("Who helps?", "person", "ferry", {"answers": ["Hale"]}),
+                 Question("Which film?", "title", "salt", {"answers": ["The Salt Clock"]}),
+                 Question("Who?", "person", "ferry", {"answers": ["Hale"]})]
+    shown = [["The Ferryman's Ledger", "1923"], ["The Salt Clock", "1921"]]
+    records = [
+        # found the source, answered it, cited its passage
+        {"completion": " ferry</search>\n<information>\n.\n</information>\nHale [1].", "context_ids": ["ferry", "salt"],
+         "names": shown, "searches": [{"query": "ferry", "found": ["ferry", "salt"], "error": None}]},
+        # found the source at [2], but hedged between both films and cited [1]
+        {"completion": " clock</search>\n<information>\n.\n</information>\nThe Salt Clock or The Ferryman's Ledger [1].",
+         "context_ids": ["ferry", "salt"], "names": shown,
+         "searches": [{"query": "clock", "found": ["ferry", "salt"], "error": None},
+                      {"query": "", "found": [], "error": "The query was empty; no search was run."}]},
+        # never closed its query: no search, no answer
+        {"completion": " who is it", "context_ids": [], "names": [], "searches": []},
+    ]
+    figures, counts = score_transcripts(records, questions)
+    assert figures["search found source"] == pytest.approx(2 / 3)
+    assert figures["searches per answer"] == pytest.approx(1.0) and figures["failed calls per answer"] == pytest.approx(1 / 3)
+    assert figures["answered"] == pytest.approx(2 / 3)
+    assert figures["answer accuracy"] == pytest.approx(1 / 3)  # the hedge does not count
+    assert figures["answer accuracy, hedges allowed"] == pytest.approx(2 / 3)
+    assert figures["cites source only"] == pytest.approx(1 / 3)
+    assert figures["answer accuracy, kind person"] == pytest.approx(0.5) and counts["answer accuracy, kind title"] == 1
+
+
+def test_ask_agentic_prints_each_search_and_the_answer(searcher_dir, movie_db):
+    import json
+
+    from click.testing import CliRunner
+
+    from ragrpo.cli import main
+
+    args = ["ask", "Who helps the Thames police?", "--table", "movies", "--db", str(movie_db), "--agentic",
+            "--model", str(searcher_dir), "-k", "2", "--mode", "hybrid", "--max-new-tokens", "32"]
+    shown = CliRunner().invoke(main, args)
+    assert shown.exit_code == 0, shown.output
+    lines = shown.output.splitlines()
+    assert lines[0] == "search: Thames ferryman ledger -> passages [1, 2]"
+    assert "Inspector Hale [1]." in lines and "  [1] The Ferryman's Ledger (1923)" in lines
+    record = json.loads(CliRunner().invoke(main, [*args, "--json"]).output)
+    assert record["searches"] == [{"query": "Thames ferryman ledger", "passages": [1, 2], "error": None}]
+    assert record["answer"] == "Inspector Hale [1]." and record["sources"][0]["label"] == "The Ferryman's Ledger (1923)"
+
+
+@pytest.mark.parametrize("extra, fragment", [
+    (["--where", "release_year >"], "invalid --where"),
+    (["--max-searches", "0"], "--max-searches must be at least 1"),
+])
+def test_ask_agentic_bad_input_is_one_line(movie_db, tmp_path, extra, fragment):
+    from test_cli import assert_user_error, ragrpo
+
+    # the model path does not exist: the input is refused before any model would load
+    assert_user_error(ragrpo("ask", "q", "--table", "movies", "--db", movie_db, "--agentic", "--model",
+                             tmp_path / "none", *extra), fragment)
+
+
+def test_eval_agentic_needs_an_agentic_from_index_run(index_run_dir):
+    from test_cli import assert_user_error, ragrpo
+
+    assert_user_error(ragrpo("eval", str(index_run_dir), "--agentic"), "add --from-index TABLE")
+    assert_user_error(ragrpo("eval", "--from-index", "movies", str(index_run_dir), "--agentic"),
+                      "was not trained with --agentic")
+
+
+@pytest.fixture(scope="module")
+def agentic_run(tmp_path_factory, movie_db, searcher_dir):
+    """A 2-step agentic from-index run that starts from the scripted searcher (so the run searches from step 1)."""
+    from ragrpo.config import build_run_config
+    from ragrpo.tuning.curriculum import IndexSource, from_index_config, train_from_index
+
+    source = IndexSource("movies", str(movie_db), k=2, mode="hybrid", held_out=0.2, max_documents=40, agentic=True,
+                         max_searches=2)
+    cfg = build_run_config(output=str(tmp_path_factory.mktemp("runs") / "agentic"), model=str(searcher_dir),
+                           max_steps=2, num_generations=2, max_completion_length=16, learning_rate=1e-3,
+                           grpo={"per_device_train_batch_size": 4, "logging_steps": 1, "save_strategy": "no"})
+    result, curriculum = train_from_index(from_index_config(cfg, source, rewards_given=False), source)
+    return result, curriculum
+
+
+@pytest.fixture(scope="module")
+def index_run_dir(tmp_path_factory, movie_db, tiny_model_dir_module):
+    """A plain (not agentic) from-index run folder with its curriculum: what `eval --agentic` must refuse."""
+    from ragrpo.tuning.curriculum import IndexSource, build_curriculum
+
+    folder = tmp_path_factory.mktemp("runs") / "plain"
+    curriculum = build_curriculum(IndexSource("movies", str(movie_db), k=2, held_out=0.2, max_documents=20))
+    for name, text in curriculum.files().items():
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_text(text)
+    (folder / "merged").mkdir()
+    return folder
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir_module(tmp_path_factory, base_model_dir):
+    from conftest import tiny_llama
+
+    model, tokenizer = tiny_llama(base_model_dir, max_position_embeddings=2048)
+    folder = tmp_path_factory.mktemp("tiny-lm")
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def test_an_agentic_run_trains_on_its_searches_and_eval_reports_them(agentic_run, movie_db, searcher_dir, tmp_path):
+    import json
+
+    from ragrpo.evaluation.agentic import compare_agentic
+    from ragrpo.retrieval.index import open_table
+    from ragrpo.tuning.curriculum import document_id
+
+    result, curriculum = agentic_run
+    run = result.output
+    split = json.loads((run / "curriculum" / "split.json").read_text())
+    assert split["source"]["agentic"] is True and split["source"]["max_searches"] == 2
+    config = json.loads((run / "config.json").read_text())["run"]
+    assert config["rewards"] == ["answer_match=2", "source_citation_debiased_1w", "search_found_source",
+                                 "search_format=0.5", "search_cost"]
+    logged = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in logged if "rewards/search_found_source/mean" in r]
+    assert len(steps) == 2
+    # the scripted model searched once per completion: every call ran, so the format reward is at least 1/2
+    assert all(r["rewards/search_format/mean"] >= 0.5 and r["rewards/search_cost/mean"] == 0 for r in steps)
+
+    comparison = compare_agentic(run, base=str(searcher_dir), seeds=[0, 1], max_questions=6, output=tmp_path / "e")
+    base = comparison.summary("base")
+    assert comparison.questions == 6 and base["searches per answer"]["mean"] == 1.0
+    assert base["failed calls per answer"]["mean"] == 0.0 and base["answered"]["mean"] == 1.0
+    # the scripted query finds what a search for it finds, whatever the question: checked against LanceDB directly
+    table = open_table("movies", movie_db)
+    from ragrpo.evaluation.from_index import gold_questions
+    from ragrpo.retrieval.search import search
+
+    _, golds = gold_questions(split, None)
+    from ragrpo.evaluation.agentic import spread_over
+
+    asked = spread_over(golds, 6)
+    found = {document_id(hit, "movie_plot") for hit in search(table, "Thames ferryman ledger", k=2, mode="hybrid")}
+    assert base["search found source"]["mean"] == pytest.approx(sum(q.source_id in found for q in asked) / 6)
+    report = (tmp_path / "e" / "report.md").read_text()
+    assert "## Done when" in report and "search found source" in report and "single-shot" in report
+    assert json.loads((tmp_path / "e" / "results.json").read_text())["verbatim_found"] == comparison.verbatim_found

@@ -279,14 +279,19 @@ def search(query, table, db, storage_options, where, k, as_json, mode, rerank):
               "'{title} ({release_year})' [default: the model's training setting, else the table's title and year].")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object (answer, sources, token counts) "
               "at the end instead of streaming text.")
+@click.option("--agentic", is_flag=True, help="No passages up front: the model searches the table itself "
+              "(<search> query </search>), sees the results and answers; each search is printed as it is made.")
+@click.option("--max-searches", type=int, default=3, show_default=True, help="Search calls per answer (with --agentic).")
 @user_errors
 def ask(query, table, model, db, storage_options, where, k, max_new_tokens, temperature, repetition_penalty, mode, rerank,
-        reasoning, cite, passage_header, as_json):
+        reasoning, cite, passage_header, as_json, agentic, max_searches):
     """Retrieve K passages for QUERY, answer from them with the model (streamed as it is written), and list
     the sources. With --reasoning the answer is shown once complete, without its <think> part.
 
     Example: ragrpo ask "What's common in movies where the protagonist is the bad guy" --table movies
     --where "release_year < 1990" --model runs/demo/merged
+
+    Example: ragrpo ask "Who keeps the ferry ledger?" --table movies --agentic --model runs/agentic/merged
     """
     from ragrpo.answer_settings import resolve_settings
     from ragrpo.generation.rag import ask_stream
@@ -299,7 +304,19 @@ def ask(query, table, model, db, storage_options, where, k, max_new_tokens, temp
         click.echo(notice, err=True)
     mode, k, cite, reasoning, passage_header = (settings.mode, settings.k, settings.cite, settings.reasoning,
                                                 settings.header)
-    if reasoning:  # the <think> part is not shown, so there is nothing to stream before the answer
+    if agentic:
+        from ragrpo.generation.agentic import ask_agentic
+
+        if max_searches < 1:
+            raise UserError(f"--max-searches must be at least 1, got {max_searches}")
+        shown = None if as_json else lambda call: click.echo(
+            f"search: {call.query or '(empty)'} -> " + (call.error or f"passages {call.numbers or 'none new'}"))
+        result = ask_agentic(query, table, model, db=db, where=where, k=k, mode=mode, header=passage_header,
+                             max_searches=max_searches, max_new_tokens=max_new_tokens, temperature=temperature,
+                             storage_options=storage_options, on_search=shown)
+        answer, sources = result.text, result.sources
+        record = {"query": query, "answer": answer, "searches": result.searches, "completion": result.raw}
+    elif reasoning:  # the <think> part is not shown, so there is nothing to stream before the answer
         from ragrpo.generation.rag import ask as run_ask
 
         result = run_ask(query, table, model, db=db, where=where, k=k, max_new_tokens=max_new_tokens,
@@ -322,9 +339,10 @@ def ask(query, table, model, db, storage_options, where, k, max_new_tokens, temp
         record["sources"] = [{"label": source_label(s), **s} for s in sources]
         click.echo(json.dumps(record, default=str))
         return
-    if reasoning:
-        click.echo(answer)
-    click.echo("\n\nSources:" if not reasoning else "\nSources:")
+    streamed = not (agentic or reasoning)  # else the answer is shown once complete
+    if not streamed:
+        click.echo(answer or "(no answer: the model ended its turn before answering)")
+    click.echo("\n\nSources:" if streamed else "\nSources:")
     for n, source in enumerate(sources, 1):
         click.echo(f"  [{n}] {source_label(source)}")
 
@@ -437,9 +455,12 @@ def rewards_score(specs, completion, context_file, query):
               help="Passage order: the source at each position equally often, or as retrieved (with --from-index).")
 @click.option("--table-version", type=int, default=None, help="Read the table at this LanceDB version "
               "[default: the version the run trained on] (with --from-index).")
+@click.option("--agentic", is_flag=True, help="The models search for themselves, as an agentic run trained: "
+              "how often their searches find the source, searches per answer, answer accuracy against single-shot "
+              "RAG; writes MODEL/eval-agentic (with --from-index).")
 @user_errors
 def evaluate(model, base, dataset, prompt_template, rewards, samples, max_new_tokens, max_prompts, seed, as_json,
-             from_index, db, storage_options, seeds, output, qa, order, table_version):
+             from_index, db, storage_options, seeds, output, qa, order, table_version, agentic):
     """Score MODEL and its base on held-out prompts: each reward's mean, side by side.
 
     MODEL is a run folder (its dataset, template, rewards and held-out split are reused) or a model
@@ -449,9 +470,13 @@ def evaluate(model, base, dataset, prompt_template, rewards, samples, max_new_to
     Example: ragrpo eval runs/demo --samples 4
 
     Example: ragrpo eval --from-index movies runs/rag --seeds 0,1,2
+
+    Example: ragrpo eval --from-index movies runs/agentic --agentic --max-prompts 120
     """
     from ragrpo.evaluation.evaluate import compare_run
 
+    if agentic and not from_index:
+        raise UserError("--agentic evaluates a `train --from-index --agentic` run: add --from-index TABLE")
     if from_index:
         from ragrpo.evaluation.from_index import compare_from_index
         from ragrpo.retrieval.index import parse_storage_options
@@ -460,6 +485,15 @@ def evaluate(model, base, dataset, prompt_template, rewards, samples, max_new_to
             seed_list = [int(s) for s in seeds.split(",") if s.strip()]
         except ValueError:
             raise UserError(f"--seeds {seeds!r}: give integers separated by commas, e.g. 0,1,2") from None
+        if agentic:
+            from ragrpo.evaluation.agentic import compare_agentic
+
+            result = compare_agentic(model, from_index, base=base, db=db, seeds=seed_list,
+                                     max_new_tokens=max_new_tokens, max_questions=max_prompts, output=output, qa=qa,
+                                     table_version=table_version, storage_options=parse_storage_options(storage_options),
+                                     echo=lambda line: click.echo(line, err=True))
+            click.echo(json.dumps(result.to_dict()) if as_json else result.table())
+            return
         result = compare_from_index(model, from_index, base=base, db=db, seeds=seed_list,
                                     max_new_tokens=max_new_tokens, max_questions=max_prompts, output=output,
                                     qa=qa, order=order, table_version=table_version,

@@ -237,9 +237,6 @@ def cached_answers(folder: Path, side: str, name: str | None, rows: list[dict], 
                    max_new_tokens: int, loaded: dict, temperature: float = 1.0) -> list[str]:
     """A side's answers for one seed, kept in `folder/answers/SIDE-seedN.json` and reused when the model,
     the prompts, the token budget and the sampler are the same (rewriting a report regenerates nothing)."""
-    from ragrpo.generation.engine import evaluation_sampler
-    from ragrpo.models import load_model
-
     path = folder / "answers" / f"{side}-seed{seed}.json"
     # the queries are kept readable; the digest covers the whole prompts (retrieved passages, instructions)
     digest = hashlib.sha256(json.dumps([r["prompt"] for r in rows]).encode()).hexdigest()
@@ -250,16 +247,24 @@ def cached_answers(folder: Path, side: str, name: str | None, rows: list[dict], 
         cached.setdefault("temperature", 1.0)  # answers saved before the key existed were sampled at 1
         if {k: cached.get(k) for k in key} == key:
             return cached["completions"]
-    if side not in loaded:
-        loaded.clear()  # one model in memory at a time
-        model, tokenizer = load_model(name)
-        loaded[side] = model, tokenizer, evaluation_sampler(model)
-    model, tokenizer, sampler = loaded[side]
+    model, tokenizer, sampler = load_side(loaded, side, name)
     completions = answer_all(model, tokenizer, rows, seed=seed, max_new_tokens=max_new_tokens, sampler=sampler,
                              temperature=temperature)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({**key, "seed": seed, "completions": completions}))
     return completions
+
+
+def load_side(loaded: dict, side: str, name: str | None) -> tuple:
+    """`side`'s model, tokenizer and evaluation sampler, loaded into `loaded` once; one model in memory at a time."""
+    from ragrpo.generation.engine import evaluation_sampler
+    from ragrpo.models import load_model
+
+    if side not in loaded:
+        loaded.clear()
+        model, tokenizer = load_model(name)
+        loaded[side] = model, tokenizer, evaluation_sampler(model)
+    return loaded[side]
 
 
 def gold_questions(split: dict, qa: str | Path | None) -> tuple[str | None, list]:

@@ -29,6 +29,7 @@ from ragrpo.prompts import (
     SEARCH_CLOSE,
     SEARCH_OPEN,
     PassageStyle,
+    build_agentic_prompt,
     passage_names,
     render_information,
     segment_query,
@@ -72,6 +73,10 @@ class Transcript:
         self.ids += ids
         self.mask += [int(written)] * len(ids)
 
+    def text(self, tokenizer) -> str:
+        """The completion as text (searches, results and answer), without special tokens."""
+        return tokenizer.decode(self.ids, skip_special_tokens=True)
+
     def record(self) -> dict:
         """What the rewards read beside the completion (TRL hands these to them as columns)."""
         return {"context": self.context, "context_ids": self.context_ids,
@@ -107,15 +112,20 @@ def document_id(row: dict, column: str) -> str:
 
 
 def run(sample, tokenizer, prompt_ids: list[list[int]], tool: SearchTool, *, max_searches: int = DEFAULT_MAX_SEARCHES,
-        max_new_tokens: int = 96, eos_token_ids=(), on_search=None) -> list[Transcript]:
+        max_new_tokens: int = 96, eos_token_ids=(), on_search=None, cancelled=None) -> list[Transcript]:
     """The loop over a batch of prompts (token ids ending in `<search>`, `prompt_ids`). `sample(prefixes,
     budgets, stop)` continues each prefix by at most its budget of tokens, stopping after one of the `stop`
     strings or an end of sequence. `max_new_tokens` counts the model's own tokens only. `on_search(row_index,
-    Search)` is called after each call (streaming shows it)."""
+    Search)` is called after each call (streaming shows it); `cancelled()`, asked between rounds, ends every
+    unfinished row (finish reason 'cancelled': a client that left)."""
     rows = [Transcript(list(ids)) for ids in prompt_ids]
     eos = set(eos_token_ids) | ({tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set())
     first = True
     while live := [(n, row) for n, row in enumerate(rows) if row.finish_reason is None]:
+        if cancelled is not None and cancelled():
+            for _, row in live:
+                row.finish_reason = "cancelled"
+            break
         budgets = [max_new_tokens - row.written for _, row in live]
         stop = FIRST_QUERY_ENDS if first else (SEARCH_CLOSE,)
         segments = sample([row.prompt_ids + row.ids for _, row in live], budgets, stop)
@@ -176,6 +186,66 @@ def _shown(row: Transcript, call: Search, tool: SearchTool) -> str:
         return render_information([], 1, label, note=note)
     passages = [tool.style.passage(hit, tool.column) for hit in row.hits[call.numbers[0] - 1:]]
     return render_information(passages, call.numbers[0], label)
+
+
+def search_and_answer(model, tokenizer, questions: list[str], tool: SearchTool, *,
+                      max_searches: int = DEFAULT_MAX_SEARCHES, max_new_tokens: int = 96, temperature: float = 0.0,
+                      seed: int | None = None, sampler=None, on_search=None, cancelled=None) -> list[Transcript]:
+    """Each question through the loop with `model` (greedy at temperature 0): the prompt training uses
+    (`prompts.build_agentic_prompt`), sampled by `sampler` (an `engine.evaluation_sampler`) where given, else by
+    the model's `generate`. `ask --agentic`, `serve` and `eval --agentic` all come here."""
+    import torch
+    from transformers import GenerationConfig
+
+    settings = GenerationConfig(max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
+                                **({"do_sample": True, "temperature": temperature, "top_k": 50, "top_p": 1.0}
+                                   if temperature > 0 else {"do_sample": False}))
+    eos = _eos_ids(model, tokenizer)
+    sample = (copy_sampler(sampler, settings, tokenizer, eos) if sampler is not None
+              else model_sampler(model, settings, tokenizer, eos))
+    label = tool.style.label
+    prompts = [agentic_prompt_ids(tokenizer, [{"role": "user", "content": build_agentic_prompt(q, max_searches, label)}])
+               for q in questions]
+    if seed is not None:
+        torch.manual_seed(seed)
+    with torch.no_grad():
+        return run(sample, tokenizer, prompts, tool, max_searches=max_searches, max_new_tokens=max_new_tokens,
+                   eos_token_ids=eos, on_search=on_search, cancelled=cancelled)
+
+
+def ask_agentic(query: str, table: str, model: str | None, *, db="lancedb", where: str | None = None, k: int = 3,
+                mode: str = "hybrid", header: str | None = None, max_searches: int = DEFAULT_MAX_SEARCHES,
+                max_new_tokens: int = 128, temperature: float = 0.0, storage_options: dict[str, str] | None = None,
+                on_search=None):
+    """`ask` where the model searches for itself: the table opens (and a bad filter fails) before the model
+    loads; returns a `rag.Answer` whose `searches` are the calls made and `sources` the rows they showed."""
+    from ragrpo.generation.rag import Answer, answer_sources, retrieve
+    from ragrpo.models import load_model
+    from ragrpo.prompts import agentic_answer, table_style
+    from ragrpo.retrieval.index import open_table
+
+    handle = open_table(table, db, storage_options)
+    retrieve(handle, query, where=where, k=k, mode=mode)  # a bad filter or mode is one line before the model loads
+    tool = SearchTool(handle, where=where, k=k, mode=mode, style=table_style(handle, header))
+    lm, tokenizer = load_model(model)
+    [row] = search_and_answer(lm, tokenizer, [query], tool, max_searches=max_searches, max_new_tokens=max_new_tokens,
+                              temperature=temperature, on_search=None if on_search is None else
+                              (lambda _, call: on_search(call)))
+    raw = row.text(tokenizer)
+    return Answer(query=query, text=agentic_answer(raw), sources=answer_sources(row.hits, tool.column), raw=raw,
+                  searches=[public(call) for call in row.searches])
+
+
+def public(call: Search) -> dict:
+    """A search call as `ask --json` and the server show it: the query, the numbers of the passages it showed
+    (indexes into the answer's sources, from 1) and why it did not run, if it did not."""
+    return {"query": call.query, "passages": call.numbers, "error": call.error}
+
+
+def _eos_ids(model, tokenizer) -> list[int]:
+    ids = model.generation_config.eos_token_id
+    ids = set(ids if isinstance(ids, list) else [ids] if ids is not None else [])
+    return sorted(ids | ({tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()))
 
 
 def agentic_prompt_ids(tokenizer, prompt) -> list[int]:

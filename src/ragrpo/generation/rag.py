@@ -18,6 +18,7 @@ class Answer:
     sources: list[dict] = field(default_factory=list)
     prompt: str = ""
     raw: str = ""  # the whole completion; with reasoning, `text` is its <answer> section only
+    searches: list[dict] = field(default_factory=list)  # an agentic answer's search calls (`agentic.public`)
 
 
 def generate(

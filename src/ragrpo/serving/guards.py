@@ -1,5 +1,6 @@
 """The server's guards, as plain ASGI middleware and small helpers: the API key, the body size limit,
-OpenAI-shaped errors, and taking a turn at the one-at-a-time model while watching for the client leaving.
+OpenAI-shaped errors, taking a turn at the one-at-a-time model while watching for the client leaving, and
+the two reply pieces both chat paths send (a server-sent event, labelled sources).
 
 Plain ASGI, not Starlette's `BaseHTTPMiddleware`, which hides a client's disconnect from the endpoint
 (it then generated on for nobody).
@@ -14,6 +15,18 @@ import secrets
 import threading
 
 from fastapi.responses import JSONResponse
+
+
+def sse(payload) -> str:
+    """One server-sent event holding `payload` (JSON, or a string such as "[DONE]" as it is)."""
+    return f"data: {payload if isinstance(payload, str) else json.dumps(payload, default=str)}\n\n"
+
+
+def labelled(rows: list[dict]) -> list[dict]:
+    """The rows an answer cites, each with its `label` ('Title (1987)')."""
+    from ragrpo.prompts import source_label
+
+    return [{"label": source_label(row), **row} for row in rows]
 
 
 class ApiError(Exception):

@@ -11,6 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 MAX_MESSAGES = 64
 MAX_MESSAGE_CHARS = 16_000
 MAX_K = 20
+MAX_SEARCHES = 8
 
 
 SURROGATE = re.compile("[\ud800-\udfff]")
@@ -83,6 +84,8 @@ class ChatRequest(RetrievalFields):
     repetition_penalty: float | None = Field(default=None, gt=0.0, le=5.0)
     min_tokens: int = Field(default=0, ge=0)
     cite: bool | None = None  # ask for [n] citations; None: the server's setting
+    agentic: bool = False  # the model searches the table itself (`generation.agentic`); no passages up front
+    max_searches: int = Field(default=3, ge=1, le=MAX_SEARCHES)  # with `agentic`
 
     @field_validator("messages")
     @classmethod

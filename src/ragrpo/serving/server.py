@@ -2,7 +2,8 @@
 
     POST /v1/chat/completions   RAG on the last user message; `stream: true` sends server-sent events
                                 ending with `data: [DONE]`. Extra body fields: `where` (SQL prefilter),
-                                `k`, `mode`, `repetition_penalty`, `min_tokens`. The answer's sources come
+                                `k`, `mode`, `repetition_penalty`, `min_tokens`, and `agentic` (the model
+                                searches for itself: `serving/agentic.py`). The answer's sources come
                                 back as `sources` (in the first chunk when streaming).
     GET  /v1/models             the one model served
     POST /v1/search             the rows retrieval would use, without generating
@@ -46,6 +47,8 @@ from ragrpo import RagrpoError
 from ragrpo.answer_settings import AnswerSettings
 from ragrpo.prompts import PassageStyle
 from ragrpo.serving.guards import ApiError, BodyLimit, Guard, take_turn, within
+from ragrpo.serving.guards import labelled as _labelled
+from ragrpo.serving.guards import sse as _sse
 from ragrpo.serving.request_bodies import ChatRequest, RetrievalFields, SearchRequest
 
 API_KEY_ENV = "RAGRPO_API_KEY"
@@ -182,19 +185,8 @@ async def batched_pieces(generation, client_gone):
             generation.cancel()
 
 
-def _sse(payload) -> str:
-    return f"data: {payload if isinstance(payload, str) else json.dumps(payload, default=str)}\n\n"
-
-
 def _sources(stream) -> list[dict]:
     return _labelled(stream.sources)
-
-
-def _labelled(rows: list[dict]) -> list[dict]:
-    """The rows an answer cites, each with its `label` ('Title (1987)')."""
-    from ragrpo.prompts import source_label
-
-    return [{"label": source_label(row), **row} for row in rows]
 
 
 def create_app(server: Server):
@@ -296,7 +288,11 @@ def create_app(server: Server):
         if max_tokens > server.max_tokens:
             raise ApiError(400, f"max_tokens: at most {server.max_tokens}, got {max_tokens}", param="max_tokens")
         question = body.messages[-1].text()
-        hits, column = await find(question, body)
+        hits, column = await find(question, body)  # with `agentic` too: a bad filter or mode is a 400 up front
+        if body.agentic:
+            from ragrpo.serving.agentic import agentic_chat
+
+            return await agentic_chat(server, body, request, question, max_tokens)
         history = [{"role": m.role if m.role != "developer" else "system", "content": m.text()}
                    for m in body.messages[:-1]]
         penalty = body.repetition_penalty or server.repetition_penalty
