@@ -28,12 +28,22 @@ def free_port() -> int:
 @pytest.fixture(scope="module")
 def server(movie_db, base_model_dir):
     """`ragrpo serve` in a subprocess, the API key from the environment; yields its base URL."""
+    yield from serving(movie_db)
+
+
+@pytest.fixture(scope="module")
+def searcher_server(movie_db, searcher_dir):
+    """`ragrpo serve` over the scripted searcher model (conftest.scripted_searcher), one request at a time."""
+    yield from serving(movie_db, "--model", str(searcher_dir), "--max-batch", "1")
+
+
+def serving(movie_db, *args):
     port = free_port()
     # float32 weights: then rows decoded together give exactly the tokens each gives alone (in bf16 the matmul
     # kernels' blocking depends on the batch size, and near-ties can flip; tests/test_decode.py bounds that)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "RAGRPO_API_KEY": KEY, "RAGRPO_BF16": "0"}
     process = subprocess.Popen([sys.executable, "-m", "ragrpo.cli", "serve", "--table", "movies", "--db", str(movie_db),
-                                "--port", str(port), "--max-tokens", "64"], env=env, stdout=subprocess.PIPE,
+                                "--port", str(port), "--max-tokens", "64", *args], env=env, stdout=subprocess.PIPE,
                                stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 300
@@ -283,3 +293,50 @@ def test_web_page_streams_an_answer_with_sources(server):
         assert driver.find_element(By.ID, "model").text == "SmolLM2-135M-Instruct"
     finally:
         driver.quit()
+
+
+def test_an_agentic_request_returns_the_searches_beside_the_sources(searcher_server, searcher_dir):
+    body = {"messages": [{"role": "user", "content": "Who helps the police on the Thames?"}], "agentic": True, "k": 2,
+            "mode": "hybrid", "max_tokens": 32}
+    status, plain = request(searcher_server, "/v1/chat/completions", body)
+    assert status == 200, plain
+    assert plain["searches"] == [{"query": "Thames ferryman ledger", "passages": [1, 2], "error": None}]
+    assert [s["label"] for s in plain["sources"]][0] == "The Ferryman's Ledger (1923)" and len(plain["sources"]) == 2
+    assert "movie_plot" not in plain["sources"][0]
+    [choice] = plain["choices"]
+    assert choice["message"] == {"role": "assistant", "content": "Inspector Hale [1]."}
+    # usage counts the tokens the model wrote (the query line, the answer, its end of turn), not the results
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(searcher_dir)
+    written = tokenizer(" Thames ferryman ledger\n Inspector Hale [1].", add_special_tokens=False)["input_ids"]
+    assert choice["finish_reason"] == "stop" and plain["usage"]["completion_tokens"] == len(written) + 1
+
+    # streamed: the search arrives as its own chunk before the answer, which comes with the sources
+    connection = http.client.HTTPConnection(searcher_server.removeprefix("http://"), timeout=300)
+    connection.request("POST", "/v1/chat/completions", json.dumps({**body, "stream": True}),
+                       {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"})
+    events = [e.removeprefix("data: ") for e in connection.getresponse().read().decode().split("\n\n") if e]
+    connection.close()
+    assert events[-1] == "[DONE]"
+    chunks = [json.loads(e) for e in events[:-1]]
+    searched = [c for c in chunks if c.get("searches")]
+    answered = [n for n, c in enumerate(chunks) if c["choices"][0]["delta"].get("content")]
+    assert [c["searches"] for c in searched] == [plain["searches"]] and chunks.index(searched[0]) < answered[0]
+    assert chunks[answered[0]]["choices"][0]["delta"]["content"] == "Inspector Hale [1]."
+    assert chunks[answered[0]]["sources"] == plain["sources"]
+    assert [c["choices"][0]["finish_reason"] for c in chunks if c["choices"][0]["finish_reason"]] == ["stop"]
+    state = health(searcher_server)
+    assert state["running"] == 0 and state["served"] >= 2
+
+
+@pytest.mark.parametrize("extra, fragment", [
+    ({"where": "release_year >"}, "invalid --where"),
+    ({"max_searches": 0}, "max_searches: "),
+    ({"max_searches": 9}, "max_searches: "),
+    ({"agentic": "sometimes"}, "agentic: "),
+])
+def test_bad_agentic_requests_get_a_400(searcher_server, extra, fragment):
+    body = {"messages": [{"role": "user", "content": "Who?"}], "agentic": True, **extra}
+    status, answer = request(searcher_server, "/v1/chat/completions", body)
+    assert status == 400 and fragment in answer["error"]["message"], answer
