@@ -150,6 +150,8 @@ def scripted_searcher(base_model_dir, folder, query: str = " Thames ferryman led
     model is a bigram table: the output head maps each token of the script to the next. Its behaviour is fixed
     by construction, not learned, so tests of the search loop, `ask --agentic`, `serve` and `eval --agentic`
     know what it will search for on any CPU."""
+    import itertools
+
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
@@ -168,7 +170,7 @@ def scripted_searcher(base_model_dir, folder, query: str = " Thames ferryman led
     results = encode(SEARCH_CLOSE + render_information([], 1, note="results"))[-1]  # the inserted block's last
     first = [opened, *encode(query + "\n")]
     second = [results, *encode(answer), tokenizer.eos_token_id]
-    pairs = list(zip(first, first[1:])) + list(zip(second, second[1:]))
+    pairs = list(itertools.pairwise(first)) + list(itertools.pairwise(second))
     assert len({a for a, _ in pairs}) == len(pairs), "each token of the script needs one successor"
     with torch.no_grad():
         for layer in model.model.layers:

@@ -212,9 +212,8 @@ def test_the_decode_loop_and_generate_stop_at_the_same_token_for_a_stop_string(t
     """The sampler's stop strings: the decode loop and `generate` both end a row on the token that completes
     the string (found in the greedy text), so the search loop sees the same segments on either path."""
     import torch
-    from transformers import GenerationConfig
-
     from conftest import needs_packing
+    from transformers import GenerationConfig
 
     from ragrpo.generation.engine import SamplingCopy, generate_ids
 
@@ -455,7 +454,7 @@ def test_an_agentic_run_trains_on_its_searches_and_eval_reports_them(agentic_run
     from ragrpo.retrieval.index import open_table
     from ragrpo.tuning.curriculum import document_id
 
-    result, curriculum = agentic_run
+    result, _ = agentic_run
     run = result.output
     split = json.loads((run / "curriculum" / "split.json").read_text())
     assert split["source"]["agentic"] is True and split["source"]["max_searches"] == 2

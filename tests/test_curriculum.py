@@ -682,9 +682,8 @@ def test_from_index_settings_fill_only_what_the_configuration_leaves_open():
 def test_a_run_records_its_table_version_and_eval_reads_the_table_as_it_was(movie_db, tmp_path):
     import shutil
 
-    from ragrpo.evaluation.from_index import checkout_version
     from ragrpo.retrieval.index import open_table
-    from ragrpo.tuning.curriculum import IndexSource, build_curriculum
+    from ragrpo.tuning.curriculum import IndexSource, build_curriculum, checkout_version
 
     shutil.copytree(movie_db, tmp_path / "db")
     source = IndexSource("movies", str(tmp_path / "db"), k=2, held_out=0.2)

@@ -230,10 +230,15 @@ def test_a_from_index_run_on_s3_records_the_uri_and_version_and_eval_reads_that_
                                                                                        tmp_path):
     import pandas as pd
 
-    from ragrpo.evaluation.from_index import open_run_table
     from ragrpo.generation.rag import retrieve
     from ragrpo.retrieval.index import index, open_table
-    from ragrpo.tuning.curriculum import IndexSource, build_curriculum, document_id, read_curriculum
+    from ragrpo.tuning.curriculum import (
+        IndexSource,
+        build_curriculum,
+        document_id,
+        open_run_table,
+        read_curriculum,
+    )
 
     index(str(movies_csv), "movies", s3_db, id_column="title")
     curriculum = build_curriculum(IndexSource("movies", s3_db, k=2, held_out=0.3))

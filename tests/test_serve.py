@@ -301,7 +301,7 @@ def test_an_agentic_request_returns_the_searches_beside_the_sources(searcher_ser
     status, plain = request(searcher_server, "/v1/chat/completions", body)
     assert status == 200, plain
     assert plain["searches"] == [{"query": "Thames ferryman ledger", "passages": [1, 2], "error": None}]
-    assert [s["label"] for s in plain["sources"]][0] == "The Ferryman's Ledger (1923)" and len(plain["sources"]) == 2
+    assert plain["sources"][0]["label"] == "The Ferryman's Ledger (1923)" and len(plain["sources"]) == 2
     assert "movie_plot" not in plain["sources"][0]
     [choice] = plain["choices"]
     assert choice["message"] == {"role": "assistant", "content": "Inspector Hale [1]."}

@@ -149,7 +149,13 @@ def train(config_file, rewards, overwrite, resume, from_index, db, storage_optio
                        f"{len(curriculum.held_ids)} documents held out")
             click.echo(f"trained {result.steps} steps; merged model: {result.merged}; metrics: {result.metrics}")
         return
-    result = run_training(cfg, overwrite=overwrite, resume=resume)
+    if resume:
+        from ragrpo.retrieval.index import parse_storage_options
+        from ragrpo.tuning.curriculum import resume as resume_run
+
+        result = resume_run(cfg, parse_storage_options(storage_options))
+    else:
+        result = run_training(cfg, overwrite=overwrite)
     if world()[0] == 0:
         click.echo(f"trained {result.steps} steps; merged model: {result.merged}; metrics: {result.metrics}")
 

@@ -162,9 +162,15 @@ def compare_agentic(run_dir: str | Path, table: str | None = None, *, base: str 
     """Score an agentic run's merged model and `base` searching for themselves on the gold questions about the
     run's held-out documents, beside a verbatim search and their own single-shot RAG; write report.md."""
     from ragrpo.config import PRESETS
-    from ragrpo.evaluation.from_index import cached_answers, gold_questions, open_run_table, score_answers
+    from ragrpo.evaluation.from_index import cached_answers, gold_questions, score_answers
     from ragrpo.tuning.agentic import run_tool
-    from ragrpo.tuning.curriculum import IndexSource, document_id, rag_examples, read_curriculum
+    from ragrpo.tuning.curriculum import (
+        IndexSource,
+        document_id,
+        open_run_table,
+        rag_examples,
+        read_curriculum,
+    )
     from ragrpo.tuning.train import load_run_config
 
     started = time.time()
@@ -247,12 +253,12 @@ def write_report(result: AgenticComparison, folder: Path) -> Path:
                      f"({verdict['spread']:.3f})")
     found = result.verdicts()["search found source"]
     met = "met" if found["gain"] > found["spread"] else "NOT met"
-    lines += ["", "## Done when", "",
-              f"- the tuned model's own searches find the source more often than the base model's, beyond the "
-              f"spread: **{met}** ({found['gain']:+.3f} against {found['spread']:.3f})",
-              f"- answer accuracy against single-shot RAG, tuned: {tuned['answer accuracy']['mean']:.3f} searching, "
-              f"{tuned['single-shot answer accuracy']['mean']:.3f} single-shot; base: "
-              f"{base['answer accuracy']['mean']:.3f} searching, {base['single-shot answer accuracy']['mean']:.3f} "
-              f"single-shot", ""]
+    searched = (f"- the tuned model's own searches find the source more often than the base model's, beyond the "
+                f"spread: **{met}** ({found['gain']:+.3f} against {found['spread']:.3f})")
+    against = (f"- answer accuracy against single-shot RAG, tuned: {tuned['answer accuracy']['mean']:.3f} searching, "
+               f"{tuned['single-shot answer accuracy']['mean']:.3f} single-shot; base: "
+               f"{base['answer accuracy']['mean']:.3f} searching, {base['single-shot answer accuracy']['mean']:.3f} "
+               "single-shot")
+    lines += ["", "## Done when", "", searched, against, ""]
     (folder / "report.md").write_text("\n".join(lines))
     return folder / "report.md"

@@ -318,32 +318,6 @@ def greedy_gold_scores(model, tokenizer, rows: list[dict], *, max_new_tokens: in
     return {name: figures[name] for name in names if name in figures}
 
 
-def checkout_version(table, version: int | None, echo):
-    """`table` as it was at `version` (read-only), or the latest when `version` is None (with a notice)."""
-    if version is None:
-        echo(f"notice: the run recorded no table version; reading the latest ({table.version})")
-        return table
-    if version != table.version:
-        known = [v.version if hasattr(v, "version") else v["version"] for v in table.list_versions()]
-        if version not in known:
-            raise RagrpoError(f"table {table.name!r} has no version {version} (it has {min(known)} to {max(known)}); "
-                              "pass --table-version with one of them")
-        table.checkout(version)
-    return table
-
-
-def open_run_table(split: dict, table: str | None = None, db: str | None = None, table_version: int | None = None,
-                   storage_options: dict[str, str] | None = None, echo=lambda line: None):
-    """The table a from-index run trained on (its split record names it), at the version it recorded,
-    or at `table_version`; `table` and `db` point elsewhere."""
-    from ragrpo.retrieval.index import open_table
-
-    source = split["source"]
-    handle = open_table(table or source["table"], db or source["db"], storage_options)
-    return checkout_version(handle, table_version if table_version is not None else split.get("table_version"),
-                            echo)
-
-
 def compare_from_index(run_dir: str | Path, table: str | None = None, *, base: str | None = None,
                        db: str | None = None, seeds: list[int] = (0, 1, 2), max_new_tokens: int | None = None,
                        max_questions: int | None = None, output: str | Path | None = None, qa: str | Path | None = None,
@@ -356,7 +330,7 @@ def compare_from_index(run_dir: str | Path, table: str | None = None, *, base: s
     since do not change the evaluation; `table_version` pins another. A run recorded before versions
     were kept reads the latest, and says so through `echo`."""
     from ragrpo.config import PRESETS
-    from ragrpo.tuning.curriculum import IndexSource, rag_examples, read_curriculum
+    from ragrpo.tuning.curriculum import IndexSource, open_run_table, rag_examples, read_curriculum
     from ragrpo.tuning.train import load_run_config
 
     started = time.time()

@@ -34,6 +34,7 @@ from ragrpo.prompts import (
     render_information,
     segment_query,
 )
+from ragrpo.retrieval.index import document_id
 
 DEFAULT_MAX_SEARCHES = 3
 FIRST_QUERY_ENDS = (SEARCH_CLOSE, "\n")  # the query the prompt opened ends at the tag or with its line
@@ -103,12 +104,6 @@ class SearchTool:
             return search(self.table, query, where=self.where, k=self.k, mode=self.mode), None
         except Exception as exc:  # the model's query must not end the run; it reads why instead
             return [], f"The search failed: {str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__}"
-
-
-def document_id(row: dict, column: str) -> str:
-    from ragrpo.tuning.curriculum import document_id as curriculum_id
-
-    return curriculum_id(row, column)
 
 
 def run(sample, tokenizer, prompt_ids: list[list[int]], tool: SearchTool, *, max_searches: int = DEFAULT_MAX_SEARCHES,

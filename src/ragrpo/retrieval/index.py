@@ -32,6 +32,7 @@ complete table without them: a plain re-run of the same command then builds the 
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import re
 from dataclasses import dataclass
@@ -48,6 +49,7 @@ DEFAULT_DB = "lancedb"
 WIKI_RENAMES = {"Release Year": "release_year", "Title": "title", "Plot": "movie_plot"}
 TEXT_COLUMN_GUESSES = ("movie_plot", "text", "content", "plot", "document", "body", "passage")
 VECTOR_COLUMN = "vector"
+ID_COLUMNS = ("id", "doc_id", "document_id")  # a row's own id, where it has one (else a hash of its text)
 CHUNK_COLUMN = "chunk"
 DEFAULT_OVERLAP = 32  # embedder tokens shared by consecutive chunks of one document
 INDEX_THRESHOLD = 10_000  # rows from which the vector and scalar indexes are built
@@ -72,6 +74,14 @@ class IndexResult:
     precision: str = "float32"
     repaired: bool = False  # an existing table only had its missing indexes built; no rows were written
 
+
+
+def document_id(row: dict, column: str) -> str:
+    """A row's document id: its first non-empty `ID_COLUMNS` value, else a hash of its `column` text."""
+    for name in ID_COLUMNS:
+        if row.get(name) not in (None, ""):
+            return str(row[name])
+    return "sha1:" + hashlib.sha1(str(row[column]).encode()).hexdigest()[:12]
 
 def parse_renames(pairs: list[str] | tuple[str, ...]) -> dict[str, str]:
     """["Release Year=release_year", ...] -> {"Release Year": "release_year", ...}"""

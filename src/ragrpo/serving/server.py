@@ -28,7 +28,6 @@ without Content-Length is held to it too), 503 when the queue is full.
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 import uuid
 from dataclasses import dataclass, field

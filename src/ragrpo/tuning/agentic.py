@@ -65,12 +65,3 @@ def run_tool(split: dict, table) -> SearchTool:
     source = split["source"]
     return SearchTool(table, where=source.get("where"), k=source["k"], mode=source["mode"],
                       style=table_style(table, source.get("header")))
-
-
-def rollout_for(split: dict, storage_options: dict[str, str] | None = None) -> AgenticRollout:
-    """The rollout of an agentic from-index run, from its split record (`curriculum/split.json`): the table at
-    the version it was trained on, searched as `run_tool` says."""
-    from ragrpo.evaluation.from_index import open_run_table
-
-    table = open_run_table(split, None, None, None, storage_options, lambda line: None)
-    return AgenticRollout(run_tool(split, table), split["source"].get("max_searches", 3))

@@ -49,11 +49,10 @@ from ragrpo.prompts import (
     passage_names,
     table_style,
 )
-from ragrpo.retrieval.index import DEFAULT_DB, VECTOR_COLUMN, open_table
+from ragrpo.retrieval.index import DEFAULT_DB, ID_COLUMNS, VECTOR_COLUMN, document_id, open_table  # noqa: F401
 from ragrpo.retrieval.search import MODES, text_column
 from ragrpo.rewards.builtin import STOP_WORDS, words
 
-ID_COLUMNS = ("id", "doc_id", "document_id")
 ORDERS = ("balanced", "retrieved")
 QUESTION_MODES = ("templates", "model")
 # The recipe of a from-index run, r14's (bench/results/from-index/NOTES.md says how each piece was found):
@@ -122,13 +121,6 @@ class Question:
 
 
 # ---- documents ------------------------------------------------------------------------------------
-
-
-def document_id(row: dict, column: str) -> str:
-    for name in ID_COLUMNS:
-        if row.get(name) not in (None, ""):
-            return str(row[name])
-    return "sha1:" + hashlib.sha1(str(row[column]).encode()).hexdigest()[:12]
 
 
 def read_documents(table, where: str | None = None) -> list[dict]:
@@ -474,6 +466,30 @@ def read_curriculum(run_dir: str | Path) -> tuple[dict, list[Question]]:
     return split, held
 
 
+def checkout_version(table, version: int | None, echo):
+    """`table` as it was at `version` (read-only), or the latest when `version` is None (with a notice)."""
+    if version is None:
+        echo(f"notice: the run recorded no table version; reading the latest ({table.version})")
+        return table
+    if version != table.version:
+        known = [v.version if hasattr(v, "version") else v["version"] for v in table.list_versions()]
+        if version not in known:
+            raise RagrpoError(f"table {table.name!r} has no version {version} (it has {min(known)} to {max(known)}); "
+                              "pass --table-version with one of them")
+        table.checkout(version)
+    return table
+
+
+def open_run_table(split: dict, table: str | None = None, db: str | None = None, table_version: int | None = None,
+                   storage_options: dict[str, str] | None = None, echo=lambda line: None):
+    """The table a from-index run trained on (its split record names it), at the version it recorded,
+    or at `table_version`; `table` and `db` point elsewhere."""
+    source = split["source"]
+    handle = open_table(table or source["table"], db or source["db"], storage_options)
+    return checkout_version(handle, table_version if table_version is not None else split.get("table_version"),
+                            echo)
+
+
 # ---- training -------------------------------------------------------------------------------------
 
 
@@ -530,9 +546,25 @@ def train_from_index(cfg: RunConfig, source: IndexSource, *, overwrite: bool = F
         cfg.dataset = str(staged)
         dataset = build_dataset(cfg, tokenizer)
     cfg.dataset = str(output / "curriculum" / "train.jsonl")
-    rollout = None
-    if source.agentic:
-        from ragrpo.tuning.agentic import rollout_for
-
-        rollout = rollout_for(curriculum.split_record(), storage_options)
+    rollout = agentic_rollout(curriculum.split_record(), storage_options) if source.agentic else None
     return train(cfg, overwrite=overwrite, dataset=dataset, files=files, rollout=rollout), curriculum
+
+
+def agentic_rollout(split: dict, storage_options: dict[str, str] | None = None):
+    """The search loop of an agentic run as TRL's `rollout_func`, over the table at the version it trained on."""
+    from ragrpo.tuning.agentic import AgenticRollout, run_tool
+
+    table = open_run_table(split, storage_options=storage_options)
+    return AgenticRollout(run_tool(split, table), split["source"].get("max_searches", 3))
+
+
+def resume(cfg: RunConfig, storage_options: dict[str, str] | None = None):
+    """`ragrpo train --resume`: a run continues from its last checkpoint; an agentic from-index run gets its
+    search loop back (its split record says how it searched)."""
+    from ragrpo.tuning.train import train
+
+    split = Path(cfg.output) / "curriculum" / "split.json"
+    rollout = None
+    if split.exists() and json.loads(split.read_text())["source"].get("agentic"):
+        rollout = agentic_rollout(json.loads(split.read_text()), storage_options)
+    return train(cfg, resume=True, rollout=rollout)

@@ -357,7 +357,7 @@ def train(cfg: RunConfig, *, overwrite: bool = False, resume: bool = False, data
     `dataset` (a `datasets.Dataset`) replaces the one built from `cfg.dataset` on a fresh start, and
     `files` (relative path -> text) are written into the run folder next to config.json; the
     from-index curriculum uses both. `callbacks` (transformers TrainerCallbacks) join the trainer's, and
-    `rollout` is TRL's `rollout_func` (an agentic run's search loop; `--resume` rebuilds it from the run).
+    `rollout` is TRL's `rollout_func` (an agentic run's search loop; `curriculum.resume` rebuilds it).
 
     Under `accelerate launch` (or torchrun) every rank runs this: each trains on its share of the
     prompts, and the main process alone writes the run folder (config, metrics, adapter, merged model).
@@ -377,9 +377,8 @@ def train(cfg: RunConfig, *, overwrite: bool = False, resume: bool = False, data
             raise RagrpoError(f"{output} has no checkpoint to resume from; start the run again with --overwrite")
         split = output / "curriculum" / "split.json"
         if rollout is None and split.exists() and json.loads(split.read_text())["source"].get("agentic"):
-            from ragrpo.tuning.agentic import rollout_for
-
-            rollout = rollout_for(json.loads(split.read_text()))
+            raise RagrpoError(f"{output} is an agentic run: resume it with `ragrpo train --resume` or "
+                              "`tuning.curriculum.resume`, which bring its search loop back")
     elif output.exists() and any(output.iterdir()) and not overwrite:
         raise RagrpoError(f"output folder {output} is not empty; pass --overwrite, --resume or another --output")
     resolve_rewards(cfg.rewards)  # fail on an unknown reward before loading anything heavy
