@@ -196,6 +196,22 @@ def test_search_rewards_need_the_rollout_columns():
         SearchCost(-1)
 
 
+def test_groundedness_and_citation_score_an_agentic_answer_on_what_its_searches_showed():
+    """The rollout's `context` is the passages the searches showed: the answer after the results is scored
+    against them, and the query and the results themselves are not part of the answer."""
+    from ragrpo.rewards.builtin import REWARDS
+
+    context = ["The Ferryman's Ledger (1923)\nWalter Crouch helps Inspector Hale.", "The Salt Clock (1921)\nA widow."]
+    shown = " ferryman pirates</search>\n<information>\n## Movie [1]: ...\n</information>\n"
+    completions = [shown + "Walter Crouch helps Inspector Hale [1].", shown + "Captain Pirate [1].",
+                   shown + "Walter Crouch helps Inspector Hale [2]."]
+    columns = {"context": [context] * 3, "context_ids": [["ferry", "salt"]] * 3, "source_id": ["ferry"] * 3,
+               "query": ["Who helps?"] * 3}
+    assert REWARDS["groundedness"](completions, **columns) == [1.0, 0.0, 1.0]  # "pirates" in the query is no claim
+    cited = REWARDS["source_citation_exact"](completions, **columns)
+    assert cited[0] > 0 and cited[2] <= 0  # [2] is not the source's passage
+
+
 def test_answer_match_takes_an_agentic_rows_distractors_from_what_its_searches_showed():
     from ragrpo.rewards.builtin import answer_match
 
@@ -485,3 +501,41 @@ def test_an_agentic_run_trains_on_its_searches_and_eval_reports_them(agentic_run
     report = (tmp_path / "e" / "report.md").read_text()
     assert "## Done when" in report and "search found source" in report and "single-shot" in report
     assert json.loads((tmp_path / "e" / "results.json").read_text())["verbatim_found"] == comparison.verbatim_found
+
+
+@pytest.mark.integration
+def test_a_killed_agentic_run_resumes_with_its_search_loop(movie_db, searcher_dir, tmp_path):
+    """`--resume` brings the search loop back: the resumed steps still search (their search rewards are logged,
+    which the rewards can only do with the rollout's `searches` column), and a library `train(resume=True)`
+    without the loop is refused rather than trained without searches."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from conftest import kill_at_checkpoint
+
+    from ragrpo import RagrpoError
+    from ragrpo.config import build_run_config
+    from ragrpo.tuning.train import train
+
+    (tmp_path / "run.toml").write_text("[grpo]\nmax_steps = 3\nsave_steps = 1\nnum_generations = 2\n"
+                                       "per_device_train_batch_size = 2\nmax_completion_length = 12\nlogging_steps = 1\n")
+    output = tmp_path / "run"
+    command = [sys.executable, "-m", "ragrpo.cli", "train", "--output", str(output)]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    kill_at_checkpoint(command + ["--from-index", "movies", "--db", str(movie_db), "-k", "2", "--max-documents", "30",
+                                  "--agentic", "--model", str(searcher_dir), "--config", str(tmp_path / "run.toml")],
+                       output / "checkpoints" / "checkpoint-1", env)
+    with pytest.raises(RagrpoError, match="agentic run"):
+        train(build_run_config(output=str(output), model=str(searcher_dir)), resume=True)
+
+    result = subprocess.run(command + ["--resume"], env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "trained 3 steps" in result.stdout
+    steps = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in steps if "reward" in r]
+    assert [r["step"] for r in steps] == [1, 2, 3]
+    # the scripted searcher searches once per answer on every step, resumed ones included
+    assert all(r["rewards/search_format/mean"] >= 0.5 for r in steps)
+    assert (output / "merged" / "config.json").exists()
