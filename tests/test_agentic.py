@@ -201,10 +201,11 @@ def test_groundedness_and_citation_score_an_agentic_answer_on_what_its_searches_
     against them, and the query and the results themselves are not part of the answer."""
     from ragrpo.rewards.builtin import REWARDS
 
-    context = ["The Ferryman's Ledger (1923)\nWalter Crouch helps Inspector Hale.", "The Salt Clock (1921)\nA widow."]
+    context = ["The Ferryman's Ledger (1923)\nThames ferryman Walter Crouch helps Inspector Hale.",
+               "The Salt Clock (1921)\nA widow."]
     shown = " ferryman pirates</search>\n<information>\n## Movie [1]: ...\n</information>\n"
-    completions = [shown + "Walter Crouch helps Inspector Hale [1].", shown + "Captain Pirate [1].",
-                   shown + "Walter Crouch helps Inspector Hale [2]."]
+    answer = "Walter Crouch, the Thames ferryman, helps Inspector Hale"
+    completions = [shown + answer + " [1].", shown + "Captain Pirate [1].", shown + answer + " [2]."]
     columns = {"context": [context] * 3, "context_ids": [["ferry", "salt"]] * 3, "source_id": ["ferry"] * 3,
                "query": ["Who helps?"] * 3}
     assert REWARDS["groundedness"](completions, **columns) == [1.0, 0.0, 1.0]  # "pirates" in the query is no claim
