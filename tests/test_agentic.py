@@ -501,6 +501,7 @@ def test_an_agentic_run_trains_on_its_searches_and_eval_reports_them(agentic_run
     assert base["search found source"]["mean"] == pytest.approx(sum(q.source_id in found for q in asked) / 6)
     report = (tmp_path / "e" / "report.md").read_text()
     assert "## Done when" in report and "search found source" in report and "single-shot" in report
+    assert (tmp_path / "e" / "curves.png").stat().st_size > 0
     assert json.loads((tmp_path / "e" / "results.json").read_text())["verbatim_found"] == comparison.verbatim_found
 
 

@@ -151,7 +151,7 @@ def spread_over(items: list, limit: int | None) -> list:
     """At most `limit` of `items`, taken evenly over the list (the gold set is in document order)."""
     if not limit or len(items) <= limit:
         return items
-    return items[::len(items) // limit][:limit]
+    return [items[n * len(items) // limit] for n in range(limit)]
 
 
 def compare_agentic(run_dir: str | Path, table: str | None = None, *, base: str | None = None, db: str | None = None,
@@ -229,8 +229,11 @@ def compare_agentic(run_dir: str | Path, table: str | None = None, *, base: str 
 
 
 def write_report(result: AgenticComparison, folder: Path) -> Path:
-    """report.md and results.json in `folder`."""
+    """report.md, results.json and curves.png (the run's training log) in `folder`."""
+    from ragrpo.evaluation.evaluate import plot_run
+
     folder.mkdir(parents=True, exist_ok=True)
+    plot_run(result.run_dir, folder / "curves.png")
     (folder / "results.json").write_text(json.dumps(result.to_dict(), indent=2))
     base, tuned = result.summary("base"), result.summary("tuned")
     fmt = lambda values: ", ".join(f"{v:.3f}" for v in values)
@@ -259,6 +262,6 @@ def write_report(result: AgenticComparison, folder: Path) -> Path:
                f"{tuned['single-shot answer accuracy']['mean']:.3f} single-shot; base: "
                f"{base['answer accuracy']['mean']:.3f} searching, {base['single-shot answer accuracy']['mean']:.3f} "
                "single-shot")
-    lines += ["", "## Done when", "", searched, against, ""]
+    lines += ["", "## Done when", "", searched, against, "", "![training curves](curves.png)", ""]
     (folder / "report.md").write_text("\n".join(lines))
     return folder / "report.md"

@@ -15,7 +15,7 @@ search beyond `max_searches` or a search that fails (a full-text query LanceDB c
 one-line note inside the `<information>` tags instead of results. The note is recorded on the call
 (`Search.error`), and the rewards score it low.
 
-One engine serves every caller: `sample(prefixes, budgets)` is a `SamplingCopy`'s decode loop in
+One engine serves every caller: `sample(prefixes, budgets, stop)` is a `SamplingCopy`'s decode loop in
 training and evaluation, and a plain model's `generate` elsewhere (`copy_sampler`, `model_sampler`).
 Simplified: each round prefills a row's whole text again (prompt, earlier rounds, results) instead of
 extending its cache; a round costs one prefill per row, about 0.1 s per 100 tokens here.
