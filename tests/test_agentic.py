@@ -541,3 +541,19 @@ def test_a_killed_agentic_run_resumes_with_its_search_loop(movie_db, searcher_di
     # the scripted searcher searches once per answer on every step, resumed ones included
     assert all(r["rewards/search_format/mean"] >= 0.5 for r in steps)
     assert (output / "merged" / "config.json").exists()
+
+
+@pytest.mark.parametrize("items, limit, expected", [
+    (list(range(10)), 4, [0, 2, 5, 7]),  # evenly over the whole list, not its first part
+    (list(range(274)), 120, None),
+    (list(range(3)), 5, [0, 1, 2]),
+    (list(range(3)), None, [0, 1, 2]),
+])
+def test_a_question_limit_spreads_over_the_gold_set(items, limit, expected):
+    from ragrpo.evaluation.agentic import spread_over
+
+    kept = spread_over(items, limit)
+    if expected is None:
+        assert len(kept) == limit == len(set(kept)) and kept[-1] >= len(items) - 3
+    else:
+        assert kept == expected
