@@ -416,8 +416,11 @@ def test_ask_agentic_bad_input_is_one_line(movie_db, tmp_path, extra, fragment):
                              tmp_path / "none", *extra), fragment)
 
 
-def test_eval_agentic_needs_an_agentic_from_index_run(index_run_dir):
+def test_eval_agentic_needs_an_agentic_from_index_run(index_run_dir, tmp_path):
     from test_cli import assert_user_error, ragrpo
+
+    assert_user_error(ragrpo("train", "--agentic", "--output", tmp_path / "run"), "add --from-index TABLE")
+    assert not (tmp_path / "run").exists()
 
     assert_user_error(ragrpo("eval", str(index_run_dir), "--agentic"), "add --from-index TABLE")
     assert_user_error(ragrpo("eval", "--from-index", "movies", str(index_run_dir), "--agentic"),

@@ -131,6 +131,8 @@ def train(config_file, rewards, overwrite, resume, from_index, db, storage_optio
     from ragrpo.tuning.train import train as run_training
     from ragrpo.tuning.train import world
 
+    if agentic and not (from_index or resume):
+        raise UserError("--agentic searches a table while training: add --from-index TABLE")
     cfg = build_run_config(config_file, rewards=list(rewards) or None, **options)
     if from_index and not resume:
         from ragrpo.retrieval.index import parse_storage_options
