@@ -378,7 +378,7 @@ def test_agentic_figures_from_transcripts():
     figures, counts = score_transcripts(records, questions)
     assert figures["search found source"] == pytest.approx(2 / 3)
     assert figures["searches per answer"] == pytest.approx(1.0) and figures["failed calls per answer"] == pytest.approx(1 / 3)
-    assert figures["answered"] == pytest.approx(2 / 3)
+    assert figures["text after the results"] == pytest.approx(2 / 3)
     assert figures["answer accuracy"] == pytest.approx(1 / 3)  # the hedge does not count
     assert figures["answer accuracy, hedges allowed"] == pytest.approx(2 / 3)
     assert figures["cites source only"] == pytest.approx(1 / 3)
@@ -490,7 +490,7 @@ def test_an_agentic_run_trains_on_its_searches_and_eval_reports_them(agentic_run
     comparison = compare_agentic(run, base=str(searcher_dir), seeds=[0, 1], max_questions=6, output=tmp_path / "e")
     base = comparison.summary("base")
     assert comparison.questions == 6 and base["searches per answer"]["mean"] == 1.0
-    assert base["failed calls per answer"]["mean"] == 0.0 and base["answered"]["mean"] == 1.0
+    assert base["failed calls per answer"]["mean"] == 0.0 and base["text after the results"]["mean"] == 1.0
     # the scripted query finds what a search for it finds, whatever the question: checked against LanceDB directly
     table = open_table("movies", movie_db)
     from ragrpo.evaluation.from_index import gold_questions

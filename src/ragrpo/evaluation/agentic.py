@@ -10,7 +10,8 @@ loop (`generation.agentic`), at the run's training temperature and token budget.
                              which needs no model (the retriever's own hit rate)
     searches per answer      search calls per answer, refused and failed ones included
     failed calls per answer  calls that ran no search (empty query, unopened tag, beyond the limit, an error)
-    answered                 share of completions with an answer after their results
+    text after the results   share of completions that wrote anything after their last results (what
+                             `search_format` pays half for): not that it answers, which the next two say
     answer accuracy          a gold answer in the answer, naming no other passage the searches showed
                              (`evaluation.gold.answer_accuracy`, the shown passages' names as distractors);
                              also by question kind and with hedges allowed
@@ -32,8 +33,8 @@ from pathlib import Path
 
 from ragrpo import RagrpoError
 
-HEADLINE = ("search found source", "searches per answer", "answered", "answer accuracy", "cites source only",
-            "single-shot answer accuracy")
+HEADLINE = ("search found source", "searches per answer", "text after the results", "answer accuracy",
+            "cites source only", "single-shot answer accuracy")
 BATCH = 12  # questions through the loop at once
 
 
@@ -91,8 +92,8 @@ def score_transcripts(records: list[dict], questions: list) -> tuple[dict[str, f
     from ragrpo.rewards.builtin import hedges
 
     answers = [agentic_answer(r["completion"]) for r in records]
-    per = {"search found source": [], "searches per answer": [], "failed calls per answer": [], "answered": [],
-           "answer accuracy": [], "answer accuracy, hedges allowed": [], "cites source only": [],
+    per = {"search found source": [], "searches per answer": [], "failed calls per answer": [],
+           "text after the results": [], "answer accuracy": [], "answer accuracy, hedges allowed": [], "cites source only": [],
            "answer length, chars": []}
     kinds: dict[str, list[float]] = {}
     for record, answer, question in zip(records, answers, questions, strict=True):
@@ -100,7 +101,7 @@ def score_transcripts(records: list[dict], questions: list) -> tuple[dict[str, f
         per["search found source"].append(float(any(source in call["found"] for call in calls)))
         per["searches per answer"].append(float(len(calls)))
         per["failed calls per answer"].append(float(sum(bool(call["error"]) for call in calls)))
-        per["answered"].append(float(bool(answer)))
+        per["text after the results"].append(float(bool(answer)))
         golds = question.meta["answers"]
         correct = answer_accuracy(answer, golds, hedges(record["names"], ids, source))
         per["answer accuracy"].append(correct)
