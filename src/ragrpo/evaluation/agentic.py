@@ -232,29 +232,19 @@ def compare_agentic(run_dir: str | Path, table: str | None = None, *, base: str 
 def write_report(result: AgenticComparison, folder: Path) -> Path:
     """report.md, results.json and curves.png (the run's training log) in `folder`."""
     from ragrpo.evaluation.evaluate import plot_run
+    from ragrpo.evaluation.from_index import figure_lines
 
     folder.mkdir(parents=True, exist_ok=True)
     plot_run(result.run_dir, folder / "curves.png")
     (folder / "results.json").write_text(json.dumps(result.to_dict(), indent=2))
     base, tuned = result.summary("base"), result.summary("tuned")
-    fmt = lambda values: ", ".join(f"{v:.3f}" for v in values)
     lines = [f"# Agentic evaluation of {Path(result.run_dir).name} on table `{result.table_name}`", "",
              (f"{result.questions} gold questions ({result.gold}) about documents the run never trained on; "
               f"{len(result.seeds)} sampling seeds per model ({', '.join(map(str, result.seeds))}), temperature "
               f"{result.temperature:g}, up to {result.max_searches} searches. A search of the question verbatim "
               f"finds the source for **{result.verbatim_found:.3f}** of them (no model involved). "
               f"This call took {result.seconds / 60:.1f} min."), "",
-             "| figure | answers | base mean | base spread | tuned mean | tuned spread | base per seed | tuned per seed |",
-             "|---|---|---|---|---|---|---|---|"]
-    for name in base:
-        b, t = base[name], tuned[name]
-        lines.append(f"| {name} | {result.counts.get(name, result.questions)} | {b['mean']:.3f} | {b['spread']:.3f} | "
-                     f"{t['mean']:.3f} | {t['spread']:.3f} | {fmt(b['seeds'])} | {fmt(t['seeds'])} |")
-    lines += ["", "Spread is max - min over the seeds.", "", "## Gain against seed spread", ""]
-    for name, verdict in result.verdicts().items():
-        word = "exceeds" if verdict["exceeds_spread"] else "does NOT exceed"
-        lines.append(f"- {name}: tuned - base = {verdict['gain']:+.3f}, which {word} the larger spread "
-                     f"({verdict['spread']:.3f})")
+             *figure_lines(base, tuned, result.counts, result.questions, result.verdicts())]
     found = result.verdicts()["search found source"]
     met = "met" if found["gain"] > found["spread"] else "NOT met"
     searched = (f"- the tuned model's own searches find the source more often than the base model's, beyond the "

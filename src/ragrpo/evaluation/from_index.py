@@ -459,6 +459,24 @@ def done_when(result: IndexComparison) -> list[str]:
     return lines
 
 
+def figure_lines(base: dict, tuned: dict, counts: dict[str, int], questions: int, verdicts: dict) -> list[str]:
+    """A report's figure table (each model's mean, spread and every seed's value; `summary()` shapes) and its
+    gain-against-spread lines (`verdicts()`)."""
+    fmt = lambda values: ", ".join(f"{v:.3f}" for v in values)
+    lines = ["| figure | answers | base mean | base spread | tuned mean | tuned spread | base per seed | tuned per seed |",
+             "|---|---|---|---|---|---|---|---|"]
+    for name, b in base.items():
+        t = tuned[name]
+        lines.append(f"| {name} | {counts.get(name, questions)} | {b['mean']:.3f} | {b['spread']:.3f} | "
+                     f"{t['mean']:.3f} | {t['spread']:.3f} | {fmt(b['seeds'])} | {fmt(t['seeds'])} |")
+    lines += ["", "Spread is max - min over the seeds.", "", "## Gain against seed spread", ""]
+    for name, verdict in verdicts.items():
+        word = "exceeds" if verdict["exceeds_spread"] else "does NOT exceed"
+        lines.append(f"- {name}: tuned - base = {verdict['gain']:+.3f}, which {word} the larger spread "
+                     f"({verdict['spread']:.3f})")
+    return lines
+
+
 def write_report(result: IndexComparison, folder: Path) -> Path:
     """report.md, results.json, curves.png (the run's log), histograms.png and by-position.png in `folder`."""
     from ragrpo.evaluation.evaluate import plot_run
@@ -479,19 +497,7 @@ def write_report(result: IndexComparison, folder: Path) -> Path:
               f"score about that much on `cites source only`. "
               f"This evaluation call took {result.seconds / 60:.1f} min (answers already in answers/ for the same "
               f"model, questions and token budget are reused, not generated again)."), "",
-             "| figure | answers | base mean | base spread | tuned mean | tuned spread | base per seed | tuned per seed |",
-             "|---|---|---|---|---|---|---|---|"]
-    fmt = lambda values: ", ".join(f"{v:.3f}" for v in values)
-    counts = result.base[0].counts
-    for name in base:
-        b, t = base[name], tuned[name]
-        lines.append(f"| {name} | {counts.get(name, result.questions)} | {b['mean']:.3f} | {b['spread']:.3f} | "
-                     f"{t['mean']:.3f} | {t['spread']:.3f} | {fmt(b['seeds'])} | {fmt(t['seeds'])} |")
-    lines += ["", "Spread is max - min over the seeds.", "", "## Gain against seed spread", ""]
-    for name, verdict in result.verdicts().items():
-        word = "exceeds" if verdict["exceeds_spread"] else "does NOT exceed"
-        lines.append(f"- {name}: tuned - base = {verdict['gain']:+.3f}, which {word} the larger spread "
-                     f"({verdict['spread']:.3f})")
+             *figure_lines(base, tuned, result.base[0].counts, result.questions, result.verdicts())]
     lines += ["", "## Done when", ""] + done_when(result)
     lines += ["", "## Reward latency (ms per completion, mean over seeds)", "", "| reward | base | tuned |",
               "|---|---|---|"]
