@@ -33,4 +33,5 @@ AVX2_ONLY := ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUC
 test: setup browser
 	$(BIN)/python -m pytest -q
 	$(AVX2_ONLY) $(BIN)/python -m pytest -q -m "not integration" tests/test_hardware.py tests/test_engine.py \
-		tests/test_families.py tests/test_config.py
+		tests/test_families.py tests/test_config.py \
+		tests/test_agentic.py::test_the_decode_loop_and_generate_stop_at_the_same_token_for_a_stop_string
