@@ -155,7 +155,7 @@ def train(config_file, rewards, overwrite, resume, from_index, db, storage_optio
         from ragrpo.retrieval.index import parse_storage_options
         from ragrpo.tuning.curriculum import resume as resume_run
 
-        result = resume_run(cfg, parse_storage_options(storage_options))
+        result = resume_run(cfg, parse_storage_options(storage_options), overwrite=overwrite)
     else:
         result = run_training(cfg, overwrite=overwrite)
     if world()[0] == 0:

@@ -558,13 +558,13 @@ def agentic_rollout(split: dict, storage_options: dict[str, str] | None = None):
     return AgenticRollout(run_tool(split, table), split["source"].get("max_searches", 3))
 
 
-def resume(cfg: RunConfig, storage_options: dict[str, str] | None = None):
+def resume(cfg: RunConfig, storage_options: dict[str, str] | None = None, overwrite: bool = False):
     """`ragrpo train --resume`: a run continues from its last checkpoint; an agentic from-index run gets its
-    search loop back (its split record says how it searched)."""
+    search loop back (its split record says how it searched). `overwrite` is refused, by `train`."""
     from ragrpo.tuning.train import train
 
     split = Path(cfg.output) / "curriculum" / "split.json"
     rollout = None
-    if split.exists() and json.loads(split.read_text())["source"].get("agentic"):
+    if not overwrite and split.exists() and json.loads(split.read_text())["source"].get("agentic"):
         rollout = agentic_rollout(json.loads(split.read_text()), storage_options)
-    return train(cfg, resume=True, rollout=rollout)
+    return train(cfg, resume=True, overwrite=overwrite, rollout=rollout)
