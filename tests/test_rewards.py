@@ -412,7 +412,8 @@ def test_every_builtin_reward_pickles_with_its_name_and_scores():
     """Multi-process and asynchronous trainers send rewards to other processes: each built-in, bare and
     guarded, comes back from a pickle with the same name and the same scores."""
     columns = {"context": [DOCS] * 2, "query": ["Who invents New Thule?"] * 2, "context_ids": [["a", "b"]] * 2,
-               "source_id": ["a"] * 2, "targets": [["Finch"]] * 2, "distractors": [["Gulls"]] * 2}
+               "source_id": ["a"] * 2, "targets": [["Finch"]] * 2, "distractors": [["Gulls"]] * 2,
+               "searches": [[{"query": "Finch", "found": ["a"], "error": None}], []]}  # the agentic rollout's
     completions = ["Finch invents New Thule [1].", "<think>hm</think><answer>Gulls [2]</answer>"]
     for name, reward in REWARDS.items():
         for func in (reward, guarded(reward)):
