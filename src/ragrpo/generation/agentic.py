@@ -192,10 +192,12 @@ def search_and_answer(model, tokenizer, questions: list[str], tool: SearchTool, 
     import torch
     from transformers import GenerationConfig
 
+    from ragrpo.generation.decode import eos_ids
+
     settings = GenerationConfig(max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
                                 **({"do_sample": True, "temperature": temperature, "top_k": 50, "top_p": 1.0}
                                    if temperature > 0 else {"do_sample": False}))
-    eos = _eos_ids(model, tokenizer)
+    eos = eos_ids(model, tokenizer)
     sample = (copy_sampler(sampler, settings, tokenizer, eos) if sampler is not None
               else model_sampler(model, settings, tokenizer, eos))
     label = tool.style.label
@@ -235,12 +237,6 @@ def public(call: Search) -> dict:
     """A search call as `ask --json` and the server show it: the query, the numbers of the passages it showed
     (indexes into the answer's sources, from 1) and why it did not run, if it did not."""
     return {"query": call.query, "passages": call.numbers, "error": call.error}
-
-
-def _eos_ids(model, tokenizer) -> list[int]:
-    ids = model.generation_config.eos_token_id
-    ids = set(ids if isinstance(ids, list) else [ids] if ids is not None else [])
-    return sorted(ids | ({tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()))
 
 
 def agentic_prompt_ids(tokenizer, prompt) -> list[int]:

@@ -65,6 +65,13 @@ class Sampling:
             self.do_sample, self.temperature = False, 1.0  # temperature 0 is greedy, as OpenAI's API means it
 
 
+def eos_ids(model, tokenizer) -> list[int]:
+    """The tokens that end a row: the model's generation config's end-of-sequence ids and the tokenizer's."""
+    ids = model.generation_config.eos_token_id
+    ids = set(ids if isinstance(ids, list) else [ids] if ids is not None else [])
+    return sorted(ids | ({tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()))
+
+
 def holds_stop(new: list[int], stop: tuple[str, ...], decode) -> bool:
     """Whether the text of a row's new tokens holds one of the `stop` strings. Only the last tokens are read:
     a token holds at least one character, so as many tokens as the longest string has characters suffice."""

@@ -152,10 +152,10 @@ class TextStream:
             pass
         return self.text
 
-    def _eos_ids(self) -> set[int]:
-        ids = self.model.generation_config.eos_token_id
-        ids = set(ids if isinstance(ids, list) else [ids] if ids is not None else [])
-        return ids | ({self.tokenizer.eos_token_id} if self.tokenizer.eos_token_id is not None else set())
+    def _eos_ids(self) -> list[int]:
+        from ragrpo.generation.decode import eos_ids
+
+        return eos_ids(self.model, self.tokenizer)
 
     def _tokens(self):
         """Token ids so far, one step at a time; sets finish_reason when it ends by itself. Through the decode
@@ -180,7 +180,7 @@ class TextStream:
                             do_sample=self.temperature > 0, temperature=self.temperature or 1.0, top_p=self.top_p,
                             repetition_penalty=self.repetition_penalty, seed=self.seed)
         engine = Engine(self.model, projections, slots=1, capacity=self.prompt_tokens + self.max_new_tokens)
-        row = Row(self.prompt_ids, sampling, sorted(self._eos_ids()), self.model.device)
+        row = Row(self.prompt_ids, sampling, self._eos_ids(), self.model.device)
         with torch.inference_mode():
             engine.add([row])
             while not row.finish_reason:
@@ -213,7 +213,7 @@ class TextStream:
         generator = None
         if sample and self.seed is not None:
             generator = torch.Generator(self.model.device).manual_seed(self.seed)
-        eos = sorted(self._eos_ids())
+        eos = self._eos_ids()
         ids = torch.tensor([self.prompt_ids], device=self.model.device)  # (1, prompt + generated so far)
         step_input, cache = ids, None
         with torch.no_grad():

@@ -329,7 +329,7 @@ async def batched_chat(server: Server, body: ChatRequest, request: Request, ques
                        max_tokens: int, penalty: float):
     """The chat endpoint's answer as one row of the running batch (`batching.Batcher`)."""
     from ragrpo.generation.batching import QueueFull
-    from ragrpo.generation.decode import Sampling
+    from ragrpo.generation.decode import Sampling, eos_ids
     from ragrpo.generation.rag import answer_sources
     from ragrpo.prompts import build_prompt
 
@@ -344,8 +344,7 @@ async def batched_chat(server: Server, body: ChatRequest, request: Request, ques
     sampling = Sampling(max_new_tokens=max_tokens, min_new_tokens=min(body.min_tokens, max_tokens),
                         do_sample=body.temperature > 0, temperature=body.temperature or 1.0, top_p=body.top_p,
                         repetition_penalty=penalty, seed=body.seed)
-    eos = server.model.generation_config.eos_token_id
-    eos = sorted(set(eos if isinstance(eos, list) else [eos] if eos is not None else []) | {tokenizer.eos_token_id})
+    eos = eos_ids(server.model, tokenizer)
     try:
         generation = batcher.submit(prompt_ids, sampling, eos, body.stop or [])
     except QueueFull as exc:
