@@ -142,6 +142,14 @@ def needs_packing(dtype):
                     f"AVX-NE-CONVERT); the plain path is tested instead")
 
 
+def needs_fp16():
+    """Skip where torch has no fbgemm fp16 GEMM (it needs an x86 CPU with AVX2)."""
+    from ragrpo import hardware
+
+    if not hardware.can_fp16():
+        pytest.skip("no fbgemm fp16 GEMM here (x86 CPUs with AVX2 only); the float32 paths are tested instead")
+
+
 def scripted_searcher(base_model_dir, folder, query: str = " Thames ferryman ledger", answer: str = " Inspector Hale [1]."):
     """A tiny Llama, built in memory and saved to `folder`, that greedily writes `query` and a newline after any
     agentic prompt (which ends with `<search>`), and `answer` and its end of turn after any search results.

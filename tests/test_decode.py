@@ -8,9 +8,9 @@ from ragrpo.generation.decode import Engine, Row, Sampling, choose
 from ragrpo.generation.engine import SamplingCopy, _projections
 
 
-def _engine(model, slots=4, capacity=64, pack=False):
+def _engine(model, slots=4, capacity=64, kind="plain"):
     copy = SamplingCopy(model, dtype=torch.float32)
-    return Engine(copy.model, _projections(copy.model, copy.fused, pack=pack), slots=slots, capacity=capacity), copy
+    return Engine(copy.model, _projections(copy.model, copy.fused, kind), slots=slots, capacity=capacity), copy
 
 
 def _alone(model, prompt, sampling, eos=(2,)):
@@ -111,12 +111,16 @@ def test_a_row_beyond_the_capacity_or_the_slots_is_refused(tiny_causal_lm):
         engine.add([Row([5, 6], Sampling(max_new_tokens=4), [2], "cpu")])
 
 
-def test_staggered_greedy_rows_on_the_packaged_model(base_model, force_hardware):
-    """The packaged SmolLM2, packed where oneDNN packs float32: rows that join a running batch decode the
-    tokens they decode alone."""
-    from conftest import needs_packing
+@pytest.mark.parametrize("kind", ["onednn", "fp16"])
+def test_staggered_greedy_rows_on_the_packaged_model(base_model, force_hardware, kind):
+    """The packaged SmolLM2 in float32, with its weights packed for oneDNN or in fp16 for fbgemm: rows that join
+    a running batch decode the tokens they decode alone."""
+    from conftest import needs_fp16, needs_packing
 
-    needs_packing(torch.float32)
+    if kind == "onednn":
+        needs_packing(torch.float32)
+    else:
+        needs_fp16()
     model, tokenizer = base_model
     prompts = [tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
                                              return_dict=False)
@@ -126,7 +130,7 @@ def test_staggered_greedy_rows_on_the_packaged_model(base_model, force_hardware)
     copy = SamplingCopy(model, dtype=torch.float32)
 
     def engine():
-        return Engine(copy.model, _projections(copy.model, copy.fused, pack=True), slots=3, capacity=128)
+        return Engine(copy.model, _projections(copy.model, copy.fused, kind), slots=3, capacity=128)
 
     alone = []
     for prompt in prompts:
@@ -147,7 +151,7 @@ def test_the_batcher_bounds_its_queue_and_frees_a_cancelled_row(tiny_causal_lm):
 
     model, tokenizer = tiny_causal_lm
     copy = SamplingCopy(model, dtype=torch.float32)
-    batcher = Batcher(copy.model, _projections(copy.model, copy.fused, pack=False), tokenizer, max_batch=1,
+    batcher = Batcher(copy.model, _projections(copy.model, copy.fused, "plain"), tokenizer, max_batch=1,
                       max_waiting=1, capacity=256)
     try:
         long = Sampling(max_new_tokens=200, min_new_tokens=200, do_sample=False)
@@ -177,7 +181,7 @@ def test_bf16_rows_decoded_together_stay_within_rounding_of_each_alone(base_mode
     needs_packing(torch.bfloat16)
     model, tokenizer = base_model
     copy = SamplingCopy(model, dtype=torch.bfloat16)
-    projections = _projections(copy.model, copy.fused, pack=True)
+    projections = _projections(copy.model, copy.fused, "onednn")
     prompts = [tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
                                              return_dict=False) for text in ("Name a red fruit.", "Count to five.")]
     greedy = Sampling(max_new_tokens=8, do_sample=False)

@@ -253,7 +253,7 @@ def _loop_tracks_the_forward(copy, prompt, continuation, max_gap, mean_gap, top_
     from ragrpo.generation.engine import _projections
 
     sequence = torch.tensor([prompt + continuation])
-    projections = copy.packed or _projections(copy.model, copy.fused, pack=False)
+    projections = copy.packed or _projections(copy.model, copy.fused, "plain")
     engine = Engine(copy.model, projections, slots=1, capacity=sequence.size(1) + 1)
     with torch.no_grad():
         expected = copy.model(input_ids=sequence).logits[0, len(prompt):].float()  # (new, vocab)
@@ -266,43 +266,101 @@ def _loop_tracks_the_forward(copy, prompt, continuation, max_gap, mean_gap, top_
             assert expected[n, logits.argmax()] >= expected[n].max() - top_gap  # the loop's pick is (near) the top
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
-@pytest.mark.parametrize("packed", [True, False], ids=["packed", "plain"])
-def test_decode_loop_follows_the_packaged_model_token_by_token(base_model_dir, force_hardware, dtype, packed):
-    """On the real model the loop's logits track transformers' forward along a greedy continuation, packed or
-    not, in float32 and bf16. (Tokens are not compared in bf16: its logits tie exactly, e.g. 22.375 for two
-    tokens, and either may win.)"""
-    from conftest import needs_packing
+# (dtype, how the loop holds the weights) and the variables that force it
+LOOP_WEIGHTS = {("float32", "onednn"): {"PACK": "1", "FP16": "0"}, ("float32", "fp16"): {"FP16": "1"},
+                ("float32", "plain"): {"PACK": "0", "FP16": "0"}, ("bfloat16", "onednn"): {"PACK": "1"},
+                ("bfloat16", "plain"): {"PACK": "0"}}
+
+
+@pytest.mark.parametrize("dtype_name, kind", list(LOOP_WEIGHTS), ids=["-".join(k) for k in LOOP_WEIGHTS])
+def test_decode_loop_follows_the_packaged_model_token_by_token(base_model_dir, force_hardware, dtype_name, kind):
+    """On the real model the loop's logits track transformers' forward along a greedy continuation, however its
+    weights are held, in float32 and bf16. (Tokens are not compared in bf16: its logits tie exactly, e.g. 22.375
+    for two tokens, and either may win.)"""
+    from conftest import needs_fp16, needs_packing
     from peft import LoraConfig, get_peft_model
 
     from ragrpo.models import load_model
 
-    if packed:
+    dtype = getattr(torch, dtype_name)
+    if kind == "onednn":
         needs_packing(dtype)
-    force_hardware(PACK="1" if packed else "0")
+    if kind == "fp16":
+        needs_fp16()
+    force_hardware(**LOOP_WEIGHTS[dtype_name, kind])
     model, tokenizer = load_model(None)
     policy = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", r=8, lora_alpha=32, target_modules="all-linear"))
     copy = SamplingCopy(policy, dtype=dtype)
     copy.sync()
-    assert (copy.packed is not None) is packed
+    assert copy.packed is None if kind == "plain" else {p.kind for layer in copy.packed[:-1] for p in layer} == {kind}
     prompt = tokenizer.apply_chat_template([{"role": "user", "content": "Name a red fruit and say why it is red."}],
                                            add_generation_prompt=True)["input_ids"]
     config = _greedy(12, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
     continuation = _generate_one_by_one(copy.model, [prompt], config, tokenizer.eos_token_id)[0]
-    if dtype == torch.bfloat16 and packed:
+    if dtype == torch.bfloat16 and kind == "onednn":
         # transformers' own cached decode differs from its full forward by up to 0.47 (mean 0.20) here
         _loop_tracks_the_forward(copy, prompt, continuation, 1.0, 0.4, 0.25)
     elif dtype == torch.bfloat16:
         # plain bf16 matmuls: where bf16 is emulated (ISA capped to AVX2) the loop differs by up to 1.47 (mean
         # 0.42) at one step, and transformers' own cached decode by up to 0.63; the picks stay the top ones
         _loop_tracks_the_forward(copy, prompt, continuation, 2.0, 0.5, 0.25)
+    elif kind == "fp16":
+        # each weight rounded to 11 significant bits: measured up to 0.022 apart (mean 0.0045), the same picks
+        _loop_tracks_the_forward(copy, prompt, continuation, 0.1, 0.01, 0.0)
     else:
         _loop_tracks_the_forward(copy, prompt, continuation, 2e-3, 2e-4, 0.0)
 
 
+def test_the_fp16_loop_samples_from_the_float32_distribution(base_model_dir, force_hardware):
+    """The check for sampling from fp16 weights: along sampled continuations of real prompts, the KL divergence
+    from the float32 model's next-token distribution to the fp16 loop's stays near zero (measured: mean 2.4e-6,
+    largest 2.4e-5 over 8 movie prompts; bf16 weights and activations give 1.3e-3 on the same tokens)."""
+    from conftest import needs_fp16
+
+    from ragrpo.generation.decode import Engine, Row, Sampling
+    from ragrpo.models import load_model
+
+    needs_fp16()
+    force_hardware(FP16="1")
+    model, tokenizer = load_model(None)
+    copy = SamplingCopy(model, dtype=torch.float32)
+    copy.sync()
+    divergences = []
+    for text in ("Summarize this movie plot in one sentence:\nA retired detective is pulled back for one last case.",
+                 "Name a red fruit and say why it is red."):
+        prompt = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
+                                               return_dict=False)
+        torch.manual_seed(0)
+        with torch.no_grad():
+            sampled = model.generate(input_ids=torch.tensor([prompt]), do_sample=True, max_new_tokens=24,
+                                     min_new_tokens=24)[0, len(prompt):].tolist()
+            expected = model(input_ids=torch.tensor([prompt + sampled])).logits[0, len(prompt) - 1:-1].float()
+            engine = Engine(copy.model, copy.packed, slots=1, capacity=len(prompt) + 25)
+            engine.add([Row(prompt, Sampling(max_new_tokens=24), [], "cpu")])
+            logits = [engine.pending[0]]
+            for n, token in enumerate(sampled[:-1]):
+                logits.append(engine._step(torch.tensor([token]), torch.tensor([len(prompt) + n]))[0])
+        reference, got = expected.log_softmax(-1), torch.stack(logits).log_softmax(-1)  # (24, vocab)
+        divergences.append((reference.exp() * (reference - got)).sum(-1))
+    divergence = torch.cat(divergences)
+    assert divergence.mean() < 1e-4 and divergence.max() < 1e-3
+
+
+def _rounded_to_fp16(model):
+    """A copy of `model` whose linear weights (not embeddings or norms) are rounded to fp16 and back."""
+    import copy
+
+    rounded = copy.deepcopy(model)
+    with torch.no_grad():
+        for module in rounded.modules():
+            if isinstance(module, torch.nn.Linear):
+                module.weight.copy_(module.weight.half().float())
+    return rounded
+
+
 def test_generate_takes_the_loop_only_with_packed_weights(policy, force_hardware, monkeypatch):
-    """RAGRPO_PACK=1: `generate` decodes with the packed float32 loop; RAGRPO_PACK=0: with transformers'
-    `generate`. Both give what the policy's own greedy `generate` gives."""
+    """RAGRPO_PACK=1 (and no fp16): `generate` decodes with the packed float32 loop; neither packing: with
+    transformers' `generate`. Both give what the policy's own greedy `generate` gives."""
     from conftest import needs_packing
 
     needs_packing(torch.float32)
@@ -314,12 +372,44 @@ def test_generate_takes_the_loop_only_with_packed_weights(policy, force_hardware
     decode = SamplingCopy._decode
     monkeypatch.setattr(SamplingCopy, "_decode", lambda self, *a: loops.append(1) or decode(self, *a))
     for pack, looped in (("1", True), ("0", False)):
-        force_hardware(PACK=pack)
+        force_hardware(PACK=pack, FP16="0")
         loops.clear()
         copy = SamplingCopy(model, dtype=torch.float32)
         copy.sync()
         assert copy.generate(prompts, _greedy(), 0, [2]) == expected
         assert bool(loops) is looped and (copy.packed is not None) is looped
+
+
+def _rounded_to_fp16(model):
+    """A copy of `model` whose linear weights (not embeddings or norms) are rounded to fp16 and back."""
+    import copy
+
+    rounded = copy.deepcopy(model)
+    with torch.no_grad():
+        for module in rounded.modules():
+            if isinstance(module, torch.nn.Linear):
+                module.weight.copy_(module.weight.half().float())
+    return rounded
+
+
+def test_the_fp16_loop_decodes_what_generate_decodes_on_fp16_rounded_weights(policy, force_hardware, monkeypatch):
+    """RAGRPO_FP16=1: `generate` decodes with the loop on fp16 weights (float32 activations and sums), and gives
+    the tokens transformers' own greedy `generate` gives on the merged weights rounded to fp16."""
+    from conftest import needs_fp16
+
+    needs_fp16()
+    model, _ = policy
+    torch.manual_seed(5)
+    prompts = [torch.randint(5, 1000, (n,)).tolist() for n in (6, 3, 6)]
+    loops = []
+    decode = SamplingCopy._decode
+    monkeypatch.setattr(SamplingCopy, "_decode", lambda self, *a: loops.append(1) or decode(self, *a))
+    force_hardware(PACK="0", FP16="1")
+    copy = SamplingCopy(model, dtype=torch.float32)
+    copy.sync()
+    assert {p.kind for p in copy.packed[-1:] + [p for layer in copy.packed[:-1] for p in layer]} == {"fp16"}
+    expected = _generate_one_by_one(_rounded_to_fp16(copy.model), prompts, _greedy())
+    assert copy.generate(prompts, _greedy(), 0, [2]) == expected and loops
 
 
 def test_a_plain_model_is_sampled_as_it_is(tiny_causal_lm, force_hardware):
@@ -330,6 +420,7 @@ def test_a_plain_model_is_sampled_as_it_is(tiny_causal_lm, force_hardware):
     from ragrpo.generation.engine import evaluation_sampler
 
     model, _ = tiny_causal_lm
+    force_hardware(FP16="0")  # float32 weights: the loop's tokens are generate's (fp16's are checked above)
     copy = SamplingCopy(model, dtype=torch.float32)
     copy.sync()
     assert copy.lora_layers == {}

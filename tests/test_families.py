@@ -106,14 +106,24 @@ def test_shared_prompt_logps_equal_transformers_own(name):
         torch.testing.assert_close(grad, want, atol=1e-4, rtol=1e-3)
 
 
-@pytest.mark.parametrize("pack", ["1", "0"], ids=["loop-where-it-fits", "generate"])
-@pytest.mark.parametrize("name", FAMILIES)
-def test_greedy_sampling_gives_generates_tokens(name, pack, force_hardware, monkeypatch):
-    from conftest import needs_packing
+# how the loop holds a float32 copy's weights -> the variables that force it
+LOOP_WEIGHTS = {"onednn": {"PACK": "1", "FP16": "0"}, "fp16": {"PACK": "0", "FP16": "1"},
+                "generate": {"PACK": "0", "FP16": "0"}}
 
-    if pack == "1":
+
+@pytest.mark.parametrize("kind", list(LOOP_WEIGHTS), ids=["loop-onednn", "loop-fp16", "generate"])
+@pytest.mark.parametrize("name", FAMILIES)
+def test_greedy_sampling_gives_generates_tokens(name, kind, force_hardware, monkeypatch):
+    """Where the loop covers the family, its greedy tokens are `generate`'s on the weights it holds (rounded to
+    fp16 for fbgemm's fp16 GEMM); elsewhere the copy samples through `generate` itself."""
+    from conftest import needs_fp16, needs_packing
+    from test_engine import _rounded_to_fp16
+
+    if kind == "onednn":
         needs_packing(torch.float32)
-    force_hardware(PACK=pack)
+    if kind == "fp16":
+        needs_fp16()
+    force_hardware(**LOOP_WEIGHTS[kind])
     policy = _policy(_build(name)).eval()
     torch.manual_seed(2)
     prompts = [torch.randint(5, VOCAB, (n,)).tolist() for n in (9, 5)]
@@ -123,8 +133,10 @@ def test_greedy_sampling_gives_generates_tokens(name, pack, force_hardware, monk
     monkeypatch.setattr(SamplingCopy, "_decode", lambda self, *a: looped.append(1) or decode(self, *a))
     copy = SamplingCopy(policy, dtype=torch.float32)
     copy.sync()
-    assert copy.generate(prompts, _greedy(), 0, [2]) == _one_by_one(policy, prompts, _greedy())
-    assert bool(looped) is (pack == "1" and FAMILIES[name][1] is not None)
+    loops = kind != "generate" and FAMILIES[name][1] is not None
+    expected = _one_by_one(_rounded_to_fp16(copy.model) if loops and kind == "fp16" else policy, prompts, _greedy())
+    assert copy.generate(prompts, _greedy(), 0, [2]) == expected
+    assert bool(looped) is loops
 
 
 @pytest.mark.integration

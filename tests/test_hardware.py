@@ -34,6 +34,9 @@ def test_a_forced_value_other_than_0_or_1_is_one_clear_error(force_hardware, val
     force_hardware(BF16=None, PACK=value)
     with pytest.raises(RagrpoError, match=f"RAGRPO_PACK={value!r}: use 0 or 1"):
         hardware.pack(torch.float32)
+    force_hardware(PACK=None, FP16=value)
+    with pytest.raises(RagrpoError, match=f"RAGRPO_FP16={value!r}: use 0 or 1"):
+        hardware.fp16()
 
 
 def test_packing_can_be_forced_off_and_on_where_onednn_can_pack(force_hardware):
@@ -71,17 +74,56 @@ def test_the_bf16_rule(float32_ms, bfloat16_ms, fast):
 @pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64") or "avx2" not in hardware.cpu_flags(),
                     reason="the AVX2 cap needs an x86 CPU with AVX2")
 def test_with_the_isa_capped_to_avx2_bf16_is_measured_slow_and_not_packed(tmp_path):
-    """What an AVX2-only CPU decides, on any x86 CPU: the measurement, not the CPU's flags, decides."""
+    """What an AVX2-only CPU decides, on any x86 CPU: the measurement, not the CPU's flags, decides. bf16 is
+    emulated there, so the copies stay float32, and the decode loop holds their weights in fp16."""
     code = ("import torch; from ragrpo import hardware; "
-            "print(hardware.bf16(), hardware.pack(torch.bfloat16), hardware.pack(torch.float32))")
+            "print(hardware.bf16(), hardware.pack(torch.bfloat16), hardware.pack(torch.float32), "
+            "hardware.decode_weights(torch.float32))")
     env = {**os.environ, **AVX2_ONLY, "RAGRPO_CACHE": str(tmp_path)}
-    for name in ("RAGRPO_BF16", "RAGRPO_PACK"):
+    for name in ("RAGRPO_BF16", "RAGRPO_PACK", "RAGRPO_FP16"):
         env.pop(name, None)
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
-    assert out.split() == ["False", "False", "True"]
+    assert out.split() == ["False", "False", "True", "fp16"]
     cached = json.loads((tmp_path / "hardware.json").read_text())
     (record,) = cached.values()
-    assert record["bfloat16_ms"] > record["float32_ms"], "emulated bf16 is slower than float32"
+    assert record["bf16"]["bfloat16_ms"] > record["bf16"]["float32_ms"], "emulated bf16 is slower than float32"
+    assert record["fp16_decode"]["fp16_ms"] < record["fp16_decode"]["float32_ms"], "half the bytes to read"
+
+
+@pytest.mark.parametrize("value, float32_weights", [("0", "onednn"), ("1", "fp16")])
+def test_fp16_decode_weights_can_be_forced_both_ways(force_hardware, value, float32_weights):
+    from conftest import needs_fp16, needs_packing
+
+    needs_packing(torch.float32)
+    needs_fp16()
+    force_hardware(FP16=value, PACK=None)
+    assert hardware.fp16() is (value == "1")
+    assert hardware.decode_weights(torch.float32) == float32_weights
+    assert hardware.decode_weights(torch.bfloat16) != "fp16"  # fbgemm's fp16 GEMM takes float32 activations
+    force_hardware(FP16=value, PACK="0")
+    assert hardware.decode_weights(torch.float32) == ("fp16" if value == "1" else "plain")
+
+
+def test_forcing_fp16_where_torch_has_no_fbgemm_is_refused(force_hardware, monkeypatch):
+    """On an ARM CPU torch's quantized engines are qnnpack's only; there RAGRPO_FP16=1 is one clear error and
+    the default is float32."""
+    monkeypatch.setattr(type(torch.backends.quantized), "supported_engines", ["qnnpack", "none"])
+    force_hardware(FP16="1")
+    with pytest.raises(RagrpoError, match="RAGRPO_FP16=1, but torch has no fbgemm fp16 GEMM here"):
+        hardware.fp16()
+    force_hardware(FP16=None)
+    assert hardware.fp16() is False and hardware.decode_weights(torch.float32) != "fp16"
+
+
+@pytest.mark.parametrize("float32_ms, fp16_ms, fast", [
+    (0.41, 0.18, True),   # gate/up, 6 rows, ISA capped to AVX2
+    (0.33, 0.17, True),   # the same on an AVX512-BF16 CPU
+    (1.0, 0.8, True),     # at the line
+    (1.0, 0.81, False),
+    (1.0, 1.0, False),    # no gain is no reason to round weights
+])
+def test_the_fp16_rule(float32_ms, fp16_ms, fast):
+    assert hardware.decide_fp16(float32_ms, fp16_ms)["fast"] is fast
 
 
 def test_the_measurement_is_cached_per_machine_and_isa(force_hardware, monkeypatch, tmp_path):
@@ -99,6 +141,22 @@ def test_the_measurement_is_cached_per_machine_and_isa(force_hardware, monkeypat
     hardware.reset()
     assert hardware.bf16() is False and len(calls) == 2
     assert len(json.loads((tmp_path / "hardware.json").read_text())) == 2
+
+
+def test_both_measurements_share_the_machines_cache_entry(force_hardware, monkeypatch, tmp_path):
+    from conftest import needs_fp16
+
+    needs_fp16()
+    monkeypatch.setenv("RAGRPO_CACHE", str(tmp_path))
+    force_hardware(BF16=None, FP16=None)
+    calls = []
+    monkeypatch.setattr(hardware, "measure_bf16", lambda: calls.append("bf16") or hardware.decide_bf16(2.0, 8.0))
+    monkeypatch.setattr(hardware, "measure_fp16", lambda: calls.append("fp16") or hardware.decide_fp16(0.4, 0.2))
+    assert hardware.bf16() is False and hardware.fp16() is True
+    hardware.reset()
+    assert hardware.fp16() is True and hardware.bf16() is False and calls == ["bf16", "fp16"]
+    (entry,) = json.loads((tmp_path / "hardware.json").read_text()).values()
+    assert entry["bf16"]["fast"] is False and entry["fp16_decode"] == {"float32_ms": 0.4, "fp16_ms": 0.2, "fast": True}
 
 
 def test_threads_are_set_once_from_the_variable_or_the_argument(monkeypatch):

@@ -5,6 +5,8 @@
                                  copy and for the embedder; default: measured, see `bf16`
     RAGRPO_PACK     0 | 1        linear weights packed once into oneDNN's blocked layout on the CPU (the
                                  decode loop, the embedder); default: wherever oneDNN can pack the dtype
+    RAGRPO_FP16     0 | 1        the decode loop's float32 linears hold fp16 weights for fbgemm's fp16 GEMM
+                                 (activations and sums stay float32); default: measured, see `fp16`
     RAGRPO_THREADS  N            torch's intra-op threads, set once at start-up; default: torch's own
     RAGRPO_TRIM     0 | 1        hand freed heap pages back to the OS between ingest batches (glibc's
                                  malloc_trim); default: wherever the C library is glibc
@@ -13,7 +15,8 @@ Why measure bf16 instead of reading CPU flags: whether bf16 pays depends on more
 being listed. oneDNN can be capped below what the CPU has (`ONEDNN_MAX_CPU_ISA`, `ATEN_CPU_CAPABILITY`),
 a hypervisor can hide instructions, and on a CPU without them torch emulates bf16 at 2 to 4x the cost
 of float32. So the first use on a machine times one training-sized matmul both ways (about 0.2 s) and
-keeps the answer in the cache folder, keyed by everything that could change it.
+keeps the answer in the cache folder, keyed by everything that could change it. The decode loop's weight
+format is measured the same way (`fp16`).
 
 No other module reads /proc/cpuinfo or asks torch.ops.mkldnn what it supports.
 """
@@ -36,6 +39,9 @@ from ragrpo import RagrpoError, cache_dir
 # A decision counts bf16 as fast when its matmul takes at most this share of float32's. Measured on
 # (256, 576) x (576, 1536): 0.44 on an AVX512-BF16 CPU without AMX, 5.5 on the same CPU capped to AVX2.
 FAST_RATIO = 0.8
+# The decode loop's float32 linears take fbgemm's fp16 weights when a 6-row gate/up matmul takes at most
+# this share of the packed float32 one. Measured: 0.44 capped to AVX2, 0.51 on an AVX512-BF16 CPU.
+FP16_RATIO = 0.8
 # what can move the measurement: a cached answer is reused only while all of them are the same
 _ISA_VARIABLES = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS", "DNNL_MAX_CPU_ISA")
 _FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
@@ -99,16 +105,23 @@ def bf16() -> bool:
 
 def bf16_measurement() -> dict:
     """This machine's timing of one matmul in float32 and bf16, measured once and cached per machine."""
+    return _measured("bf16", measure_bf16)
+
+
+def _measured(name: str, measure) -> dict:
+    """`measure()`'s answer for this machine: from the cache (`hardware.json`, one entry per machine key, one
+    record per decision) or measured now and added to it."""
     key = _machine_key()
     path = cache_dir() / "hardware.json"
     try:
         cached = json.loads(path.read_text())
     except (OSError, ValueError):
         cached = {}
-    if isinstance(cached.get(key), dict) and "fast" in cached[key]:
-        return cached[key]
-    result = measure_bf16()
-    cached[key] = result
+    entry = cached.get(key) if isinstance(cached.get(key), dict) else {}
+    if isinstance(entry.get(name), dict) and "fast" in entry[name]:
+        return entry[name]
+    result = measure()
+    cached[key] = {**{k: v for k, v in entry.items() if isinstance(v, dict)}, name: result}
     try:  # a read-only cache folder costs a re-measurement next time, nothing else
         path.parent.mkdir(parents=True, exist_ok=True)
         partial = path.with_suffix(f".tmp{os.getpid()}")
@@ -179,6 +192,84 @@ def pack(dtype) -> bool:
         raise RagrpoError(f"RAGRPO_PACK=1, but oneDNN cannot pack {str(dtype).removeprefix('torch.')} weights "
                           "on this CPU; unset RAGRPO_PACK")
     return possible
+
+
+def can_fp16() -> bool:
+    """Whether fbgemm's fp16 GEMM is here (x86 CPUs with AVX2: fp16 weights, float32 activations and sums)."""
+    import torch
+
+    return device() == "cpu" and "fbgemm" in torch.backends.quantized.supported_engines
+
+
+@functools.cache
+def fp16() -> bool:
+    """Whether the decode loop's float32 linears hold their weights in fp16 (`RAGRPO_FP16` if set, else
+    `fp16_measurement`). Decoding reads every weight once per token for a handful of rows, so it is bound by
+    memory: half the bytes decode 6 x 128 tokens in 4.4 s against 8.1 s for packed float32 with the ISA capped
+    to AVX2. The sampled distribution barely moves (KL 2.4e-6 from float32 on the packaged model, against
+    1.3e-3 for bf16 weights and activations), and a row's result does not depend on its neighbours."""
+    forced = _forced("RAGRPO_FP16")
+    if forced and not can_fp16():
+        raise RagrpoError("RAGRPO_FP16=1, but torch has no fbgemm fp16 GEMM here (x86 CPUs with AVX2 only); "
+                          "unset RAGRPO_FP16")
+    if forced is not None:
+        return forced
+    return can_fp16() and fp16_measurement()["fast"]
+
+
+def fp16_measurement() -> dict:
+    """This machine's timing of a decode-shaped matmul with fp16 and with packed float32 weights, cached."""
+    return _measured("fp16_decode", measure_fp16)
+
+
+def measure_fp16(rows: int = 6, copies: int = 8, repeats: int = 5) -> dict:
+    """Best-of-`repeats` milliseconds of (rows, 576) x (576, 3072), SmolLM2's fused gate/up shape, over `copies`
+    distinct weights (as a decode step reads 30 layers', not one from the cache): fp16 through fbgemm against
+    float32 packed for oneDNN (plain where oneDNN cannot pack)."""
+    import torch
+    import torch.nn.functional as F
+
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(rows, 576, generator=generator)
+    weights = [torch.randn(3072, 576, generator=generator) * 0.02 for _ in range(copies)]
+    packed = [torch.ops.mkldnn._reorder_linear_weight(w) for w in weights] if can_pack(torch.float32) else None
+    halves = [torch.ops.quantized.linear_prepack_fp16(w, None) for w in weights]
+
+    def float32():
+        for w in packed or weights:
+            if packed:
+                torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [None], "")
+            else:
+                F.linear(x, w)
+
+    def half():
+        for w in halves:
+            torch.ops.quantized.linear_dynamic_fp16(x, w)
+
+    timings = {}
+    for name, run in (("float32", float32), ("fp16", half)):
+        run()  # first call: allocation, kernel selection
+        best = float("inf")
+        for _ in range(repeats):
+            started = time.perf_counter()
+            run()
+            best = min(best, (time.perf_counter() - started) / copies)
+        timings[name] = best * 1e3
+    return decide_fp16(timings["float32"], timings["fp16"])
+
+
+def decide_fp16(float32_ms: float, fp16_ms: float) -> dict:
+    return {"float32_ms": round(float32_ms, 4), "fp16_ms": round(fp16_ms, 4), "fast": fp16_ms <= FP16_RATIO * float32_ms}
+
+
+def decode_weights(dtype) -> str:
+    """How the decode loop holds linear weights of `dtype` on this machine: 'fp16' (fbgemm, float32 models
+    only), 'onednn' (packed into oneDNN's layout) or 'plain'."""
+    import torch
+
+    if dtype == torch.float32 and fp16():
+        return "fp16"
+    return "onednn" if pack(dtype) else "plain"
 
 
 def set_threads(threads: int | None = None) -> int:
@@ -288,13 +379,19 @@ def summary() -> dict:
     record = {"cpu": cpu_name(), "cpu_flags": cpu_flags(), "torch": torch.__version__,
               "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(), "device": device(),
               "threads": torch.get_num_threads(), "bf16": bf16(),
-              "pack_float32": pack(torch.float32), "pack_bfloat16": pack(torch.bfloat16), "trim": trim(),
+              "pack_float32": pack(torch.float32), "pack_bfloat16": pack(torch.bfloat16), "fp16_decode": fp16(),
+              "decode_weights": {"float32": decode_weights(torch.float32),
+                                 "bfloat16": decode_weights(torch.bfloat16)},
+              "trim": trim(),
               "forced": {name: os.environ[name] for name in
-                         ("RAGRPO_DEVICE", "RAGRPO_BF16", "RAGRPO_PACK", "RAGRPO_THREADS", "RAGRPO_TRIM",
+                         ("RAGRPO_DEVICE", "RAGRPO_BF16", "RAGRPO_PACK", "RAGRPO_FP16", "RAGRPO_THREADS",
+                          "RAGRPO_TRIM",
                           *_ISA_VARIABLES)
                          if os.environ.get(name)}}
     if device() == "cpu" and _forced("RAGRPO_BF16") is None:
         record["bf16_measurement"] = bf16_measurement()
+    if can_fp16() and _forced("RAGRPO_FP16") is None:
+        record["fp16_measurement"] = fp16_measurement()
     return record
 
 
@@ -302,3 +399,4 @@ def reset() -> None:
     """Forget the decisions taken in this process (tests change the environment between them)."""
     device.cache_clear()
     bf16.cache_clear()
+    fp16.cache_clear()

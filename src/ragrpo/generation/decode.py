@@ -21,12 +21,14 @@ from dataclasses import dataclass
 
 
 def project(x, linear):
-    """`x @ weight.T + bias`, through oneDNN for a packed weight."""
+    """`x @ weight.T + bias`, by the kernel the weight was packed for (`engine._Linear`)."""
     import torch
     import torch.nn.functional as F
 
-    if linear.packed:
+    if linear.kind == "onednn":
         return torch.ops.mkldnn._linear_pointwise(x, linear.weight, linear.bias, "none", [None], "")
+    if linear.kind == "fp16":  # fp16 weights (bias inside), float32 x and sums
+        return torch.ops.quantized.linear_dynamic_fp16(x, linear.weight)
     return F.linear(x, linear.weight, linear.bias)
 
 
@@ -114,7 +116,7 @@ class Row:
 
 class Engine:
     """Decode steps for up to `slots` rows of at most `capacity` tokens each, on `model` through
-    `projections` (`engine._projections`: fused, and packed for oneDNN where it pays)."""
+    `projections` (`engine._projections`: fused, and packed for fbgemm's fp16 or oneDNN where it pays)."""
 
     def __init__(self, model, projections, *, slots: int, capacity: int):
         import torch

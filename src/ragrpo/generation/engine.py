@@ -68,7 +68,7 @@ class SamplingCopy:
         self.targets = {name: targets[name] for name in self.lora_layers}
         self.synced_step = None
         self.fused = _fuse_projections(self.model) if loop_family(self.model.config) else None
-        self.packed = None  # the loop's projections packed for oneDNN, after `sync`, where hardware.pack says so
+        self.packed = None  # the loop's projections, after `sync`, where `hardware.decode_weights` packs them
 
     def sync(self, step: int | None = None) -> None:
         """Copy `W + scaling * B @ A` of every adapted layer into the sampling model."""
@@ -79,8 +79,9 @@ class SamplingCopy:
                 merged = layer.base_layer.weight.float() + layer.get_delta_weight("default").float()
                 self.targets[name].weight.copy_(merged.to(self.dtype))
         self.synced_step = step
-        if self.fused is not None and hardware.pack(self.dtype):
-            self.packed = _projections(self.model, self.fused, pack=True)
+        kind = hardware.decode_weights(self.dtype)
+        if self.fused is not None and kind != "plain":
+            self.packed = _projections(self.model, self.fused, kind)
 
     def generate(self, prompt_ids: list[list[int]], generation_config, pad_token_id: int,
                  eos_token_ids: list[int], *, stop: tuple[str, ...] = (), tokenizer=None,
@@ -91,8 +92,8 @@ class SamplingCopy:
         import torch
 
         with torch.no_grad():
-            # the loop wins where its weights are packed (bf16 on a CPU: 5.2 s against generate's 9.8 s for 6 x 128
-            # tokens); unpacked, transformers' generate with a static cache is as fast or faster
+            # the loop wins where its weights are packed (fp16 for fbgemm or oneDNN's layout: bf16 on a CPU, 5.2 s
+            # against generate's 9.8 s for 6 x 128 tokens); unpacked, generate with a static cache is as fast
             if self.packed is not None and _loop_settings(generation_config, self.model.generation_config):
                 return self._decode(prompt_ids, generation_config, eos_token_ids, stop, tokenizer, budgets)
             return generate_ids(self.model, prompt_ids, generation_config, pad_token_id, eos_token_ids, stop=stop,
@@ -104,7 +105,7 @@ class SamplingCopy:
         (each distinct prompt prefilled once, one fused projection for q/k/v and one for gate/up per layer)."""
         sampling = loop_sampling(_loop_settings(generation_config, self.model.generation_config))
         budgets = budgets or [sampling.max_new_tokens] * len(prompt_ids)
-        projections = self.packed or _projections(self.model, self.fused, pack=False)
+        projections = self.packed or _projections(self.model, self.fused, "plain")
         capacity = max(len(ids) + budget for ids, budget in zip(prompt_ids, budgets, strict=True))
         engine = Engine(self.model, projections, slots=len(prompt_ids), capacity=capacity)
         decode = tokenizer.decode if tokenizer is not None else None
@@ -236,19 +237,21 @@ def _fuse_projections(model) -> list:
     return fused
 
 
-def _projections(model, fused, pack: bool) -> list:
-    """Per layer (qkv, o, gate_up, down), then the LM head, each a `_Linear` to `decode.project` with. Packed, the
-    weights are reordered into oneDNN's blocked layout once per sync: for a handful of rows its matmul reads
-    them about twice as fast as the plain one (0.16 against 0.36 ms for bf16 gate_up, 6 rows)."""
-    layers = [(_Linear(*qkv, pack), _Linear(layer.self_attn.o_proj.weight, None, pack), _Linear(*gate_up, pack),
-               _Linear(layer.mlp.down_proj.weight, None, pack))
+def _projections(model, fused, kind: str) -> list:
+    """Per layer (qkv, o, gate_up, down), then the LM head, each a `_Linear` of `kind` to `decode.project` with.
+    'onednn' reorders the weights into oneDNN's blocked layout once per sync: for a handful of rows its matmul
+    reads them about twice as fast as the plain one (0.16 against 0.36 ms for bf16 gate_up, 6 rows). 'fp16'
+    halves the bytes a float32 model's decode step reads (gate_up, 6 rows, ISA capped to AVX2: 0.18 against
+    0.41 ms packed)."""
+    layers = [(_Linear(*qkv, kind), _Linear(layer.self_attn.o_proj.weight, None, kind), _Linear(*gate_up, kind),
+               _Linear(layer.mlp.down_proj.weight, None, kind))
               for layer, (qkv, gate_up) in zip(model.model.layers, fused)]
-    return layers + [_Linear(model.lm_head.weight, getattr(model.lm_head, "bias", None), pack)]
+    return layers + [_Linear(model.lm_head.weight, getattr(model.lm_head, "bias", None), kind)]
 
 
 def fresh_projections(model) -> list | None:
     """`_projections` of a model as its weights are now, fused by copying (the model is left as it is) and
-    packed where `hardware.pack` says so; None where the decode loop does not cover the model or the device
+    packed where `hardware.decode_weights` says so; None where the decode loop does not cover the model or the device
     is not a CPU (`generate` is the path there). For one-off decoding (`ask`); training and `serve` keep a
     `SamplingCopy`."""
     import torch
@@ -263,18 +266,23 @@ def fresh_projections(model) -> list | None:
         bias = None if parts[0].bias is None else torch.cat([p.bias for p in parts])
         fused.append(((torch.cat([p.weight for p in parts]), bias),
                       (torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]), None)))
-    return _projections(model, fused, pack=hardware.pack(dtype))
+    return _projections(model, fused, hardware.decode_weights(dtype))
 
 
 class _Linear:
-    """A weight (in oneDNN's layout where packed: then it is not a plain tensor any more) and its bias."""
+    """A weight and its bias, held as `kind` says: 'plain' tensors, 'onednn' (the weight reordered into oneDNN's
+    layout) or 'fp16' (weight and bias in fbgemm's packed fp16 form; not tensors any more)."""
 
-    def __init__(self, weight, bias, pack: bool):
+    def __init__(self, weight, bias, kind: str):
         import torch
 
-        self.packed = pack
-        self.weight = torch.ops.mkldnn._reorder_linear_weight(weight) if pack else weight
-        self.bias = bias
+        self.kind, self.bias = kind, bias
+        if kind == "onednn":
+            self.weight = torch.ops.mkldnn._reorder_linear_weight(weight)
+        elif kind == "fp16":
+            self.weight = torch.ops.quantized.linear_prepack_fp16(weight.float(), None if bias is None else bias.float())
+        else:
+            self.weight = weight
 
 
 def _cut(row: list[int], eos_token_ids: list[int]) -> list[int]:
@@ -312,15 +320,19 @@ def evaluation_dtype(config):
     import torch
 
     dtype = torch.bfloat16 if hardware.bf16() else torch.float32
-    if hardware.device() != "cpu" or not loop_family(config) or not hardware.pack(dtype):
+    if hardware.device() != "cpu" or not loop_family(config) or hardware.decode_weights(dtype) == "plain":
         return None
     return dtype
 
 
 def evaluation_sampler_name(config) -> str:
-    """How evaluation samples a model of this config here: 'decode loop, bfloat16', '... float32' or 'generate'."""
+    """How evaluation samples a model of this config here: 'decode loop, bfloat16', '... float32', '... float32
+    with fp16 weights' or 'generate'."""
     dtype = evaluation_dtype(config)
-    return "generate" if dtype is None else f"decode loop, {str(dtype).removeprefix('torch.')}"
+    if dtype is None:
+        return "generate"
+    weights = " with fp16 weights" if hardware.decode_weights(dtype) == "fp16" else ""
+    return f"decode loop, {str(dtype).removeprefix('torch.')}{weights}"
 
 
 def evaluation_sampler(model) -> SamplingCopy | None:

@@ -411,7 +411,8 @@ def default_max_batch() -> int:
 
 
 def make_batcher(model, tokenizer, *, max_batch: int, max_waiting: int, max_tokens: int):
-    """A `Batcher` over a sampling copy of `model` (bf16 where it pays, packed for oneDNN where it can), or
+    """A `Batcher` over a sampling copy of `model` (bf16 where it pays; weights packed as
+    `hardware.decode_weights` says: fp16 for fbgemm or oneDNN's layout), or
     None where the decode engine does not cover the model's family."""
     import torch
 
@@ -423,7 +424,7 @@ def make_batcher(model, tokenizer, *, max_batch: int, max_waiting: int, max_toke
         return None
     copy = SamplingCopy(model, dtype=torch.bfloat16 if hardware.bf16() else torch.float32)
     copy.sync()
-    projections = copy.packed or _projections(copy.model, copy.fused, pack=False)
+    projections = copy.packed or _projections(copy.model, copy.fused, "plain")
     context = getattr(model.config, "max_position_embeddings", None) or 2048
     capacity = min(context, 1536 + max_tokens)  # prompts of up to ~1.5k tokens (k=5 passages is about 1.1k)
     return Batcher(copy.model, projections, tokenizer, max_batch=max_batch, max_waiting=max_waiting,
