@@ -346,6 +346,46 @@ def test_the_fp16_loop_samples_from_the_float32_distribution(base_model_dir, for
     assert divergence.mean() < 1e-4 and divergence.max() < 1e-3
 
 
+@pytest.mark.parametrize("kind", ["fp16", "onednn"])
+def test_sync_packs_an_lm_head_without_an_adapter_once(tiny_causal_lm, force_hardware, kind):
+    """The head is packed at the first sync and kept (nothing trains it); with an adapter on it, every sync packs
+    the merged head afresh, and the loop's head computes with the new weights."""
+    import copy as copying
+
+    from conftest import needs_fp16, needs_packing
+    from peft import LoraConfig, get_peft_model
+
+    from ragrpo.generation.decode import project
+
+    if kind == "fp16":
+        needs_fp16()
+    else:
+        needs_packing(torch.float32)
+    force_hardware(**{"fp16": {"FP16": "1"}, "onednn": {"FP16": "0", "PACK": "1"}}[kind])
+    model, _ = tiny_causal_lm
+    plain = SamplingCopy(get_peft_model(copying.deepcopy(model), LoraConfig(r=4, target_modules="all-linear")))
+    plain.sync(0)
+    head = plain.packed[-1]
+    plain.sync(1)
+    assert plain.packed[-1] is head and plain.packed[0][0] is not plain.packed[-1]
+
+    policy = get_peft_model(copying.deepcopy(model), LoraConfig(r=4, target_modules=["q_proj", "lm_head"]))
+    adapted = SamplingCopy(policy)
+    adapted.sync(0)
+    before = adapted.packed[-1]
+    with torch.no_grad():
+        for name, parameter in policy.named_parameters():
+            if "lm_head" in name and "lora_B" in name:
+                parameter.normal_(std=0.5)
+    adapted.sync(1)
+    assert adapted.packed[-1] is not before
+    x = torch.randn(3, model.config.hidden_size)
+    with torch.no_grad():
+        expected = torch.nn.functional.linear(x, adapted.model.lm_head.weight)
+        torch.testing.assert_close(project(x, adapted.packed[-1]), expected, atol=2e-3, rtol=2e-3)
+        assert (project(x, before) - expected).abs().max() > 0.1
+
+
 def _rounded_to_fp16(model):
     """A copy of `model` whose linear weights (not embeddings or norms) are rounded to fp16 and back."""
     import copy
