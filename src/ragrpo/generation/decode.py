@@ -221,7 +221,7 @@ class Engine:
         signed_sin = torch.cat([-sin[..., :half], sin[..., half:]], dim=-1)
         for layer, (qkv, o, gate_up, down), (keys, values) in zip(body.layers, self.projections[:-1], self.caches):
             attention = layer.self_attn
-            qkv_out = project(layer.input_layernorm(x), qkv).view(rows, heads + 2 * kv_heads, head_dim)
+            qkv_out = project(_norm(layer.input_layernorm, x), qkv).view(rows, heads + 2 * kv_heads, head_dim)
             qk, v = qkv_out[:, :heads + kv_heads], qkv_out[:, heads + kv_heads:]  # (B, heads + kv, d), (B, kv, d)
             if hasattr(attention, "q_norm"):  # Qwen3: RMSNorm over each head before the rotation
                 qk = torch.cat([attention.q_norm(qk[:, :heads]), attention.k_norm(qk[:, heads:])], dim=1)
@@ -233,9 +233,19 @@ class Engine:
             scores = q @ keys[:rows, :, :width].transpose(-1, -2) * attention.scaling  # (B, kv, group, T)
             probs = torch.softmax(scores + bias, dim=-1, dtype=torch.float32).to(q.dtype)
             x = x + project((probs @ values[:rows, :, :width]).reshape(rows, 1, heads * head_dim), o)
-            gate, up = project(layer.post_attention_layernorm(x), gate_up).chunk(2, dim=-1)
+            gate, up = project(_norm(layer.post_attention_layernorm, x), gate_up).chunk(2, dim=-1)
             x = x + project(F.silu(gate) * up, down)
         return project(body.norm(x)[:, 0], self.projections[-1]).float()  # (B, vocab)
+
+
+def _norm(module, x):
+    """A Llama/Qwen RMSNorm `module` applied to `x`: in float32 through torch's one fused op (equal to the bit to
+    the module's eight ops in a probe); in bf16 through the module, which rounds between its steps."""
+    import torch
+
+    if x.dtype == torch.float32:
+        return torch.rms_norm(x, (x.size(-1),), module.weight, module.variance_epsilon)
+    return module(x)
 
 
 def choose(logits, rows: list[Row], history):
