@@ -188,7 +188,8 @@ def test_the_device_can_be_forced(force_hardware):
 
 def test_no_other_module_probes_the_hardware():
     source = Path(hardware.__file__).parent
-    probes = ("/proc/cpuinfo", "_is_mkldnn_bf16_supported", "cuda.is_bf16_supported", "get_cpu_capability")
+    probes = ("/proc/cpuinfo", "_is_mkldnn_bf16_supported", "cuda.is_bf16_supported", "get_cpu_capability",
+              "supported_engines")
     for path in source.rglob("*.py"):
         if path.name != "hardware.py":
             text = path.read_text()
@@ -196,9 +197,10 @@ def test_no_other_module_probes_the_hardware():
 
 
 def test_the_summary_names_the_flags_and_each_decision(force_hardware):
-    force_hardware(BF16="0", PACK="0")
+    force_hardware(BF16="0", PACK="0", FP16="0")
     record = hardware.summary()
-    assert record["bf16"] is False and record["pack_float32"] is False
+    assert record["bf16"] is False and record["pack_float32"] is False and record["fp16_decode"] is False
+    assert record["decode_weights"] == {"float32": "plain", "bfloat16": "plain"}
     assert record["forced"]["RAGRPO_BF16"] == "0" and set(record["cpu_flags"]) <= {
         "avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile"}
 

@@ -40,7 +40,7 @@ from ragrpo import RagrpoError, cache_dir
 # (256, 576) x (576, 1536): 0.44 on an AVX512-BF16 CPU without AMX, 5.5 on the same CPU capped to AVX2.
 FAST_RATIO = 0.8
 # The decode loop's float32 linears take fbgemm's fp16 weights when a 6-row gate/up matmul takes at most
-# this share of the packed float32 one. Measured: 0.44 capped to AVX2, 0.51 on an AVX512-BF16 CPU.
+# this share of the packed float32 one. Measured: 0.38 to 0.44 capped to AVX2, 0.51 to 0.67 on an AVX512-BF16 CPU.
 FP16_RATIO = 0.8
 # what can move the measurement: a cached answer is reused only while all of them are the same
 _ISA_VARIABLES = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS", "DNNL_MAX_CPU_ISA")
