@@ -332,7 +332,7 @@ def test_eval_from_index_scores_both_models_per_seed(index_run, tiny_model_dir, 
     from ragrpo.evaluation.from_index import compare_from_index
 
     needs_packing(torch.float32)
-    force_hardware(BF16="0", PACK="1")
+    force_hardware(BF16="0", PACK="1", FP16="0")
     result, _ = index_run
     comparison = compare_from_index(result.output, base=str(tiny_model_dir), seeds=[0, 1], max_new_tokens=6,
                                     max_questions=4, output=tmp_path / "report")
@@ -351,7 +351,8 @@ def test_eval_from_index_scores_both_models_per_seed(index_run, tiny_model_dir, 
     for name in ("curves.png", "histograms.png", "by-position.png", "results.json"):
         assert (tmp_path / "report" / name).stat().st_size > 0
     assert "| answer accuracy | 4 |" in report  # each figure says how many answers it is over
-    # with packing forced on, both models are sampled through the float32 decode loop, and the cache says so
+    # with oneDNN packing forced on (and fp16 off), both models are sampled through the float32 decode loop,
+    # and the cache says so
     recorded = json.loads((tmp_path / "report" / "answers" / "base-seed0.json").read_text())
     assert recorded["sampler"] == "decode loop, float32"
     assert all(isinstance(c, str) for c in recorded["completions"]) and len(recorded["completions"]) == 4

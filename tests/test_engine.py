@@ -452,6 +452,24 @@ def test_the_fp16_loop_decodes_what_generate_decodes_on_fp16_rounded_weights(pol
     assert copy.generate(prompts, _greedy(), 0, [2]) == expected and loops
 
 
+def test_evaluation_samples_a_float32_model_on_fp16_weights_and_says_so(tiny_causal_lm, force_hardware):
+    from conftest import needs_fp16
+
+    from ragrpo.generation.engine import evaluation_sampler, evaluation_sampler_name
+
+    needs_fp16()
+    model, _ = tiny_causal_lm
+    force_hardware(BF16="0", PACK="0", FP16="1")
+    sampler = evaluation_sampler(model)
+    assert evaluation_sampler_name(model.config) == "decode loop, float32 with fp16 weights"
+    torch.manual_seed(4)
+    prompts = [torch.randint(5, 1000, (6,)).tolist(), torch.randint(5, 1000, (3,)).tolist()]
+    expected = _generate_one_by_one(_rounded_to_fp16(model), prompts, _greedy())
+    assert sampler.generate(prompts, _greedy(), 0, [2]) == expected
+    force_hardware(FP16="0")
+    assert evaluation_sampler_name(model.config) == "generate"  # neither fp16 nor oneDNN packing: generate
+
+
 def test_a_plain_model_is_sampled_as_it_is(tiny_causal_lm, force_hardware):
     """Evaluation samples base and merged models (no adapter) through the same copy and decode loop: in bf16
     where bf16 pays and oneDNN packs it, else in float32."""
