@@ -6,7 +6,8 @@ Every request asks a question about builtin:movies (k=5 passages by default, the
     forward   rag.retrieve + rag.stream_answer in this process, one request after another, on the library's
               previous token loop (transformers' forward with its cache, float32, batch 1; the fallback for
               models the decode engine does not cover): the baseline of the issue that asked for batching
-    library   the same through the decode engine (`decode.Engine`, float32 weights packed for oneDNN)
+    library   the same through the decode engine (`decode.Engine`, float32 activations; weights packed as
+              `hardware.decode_weights` says: fp16 for fbgemm where it pays, else oneDNN's layout)
     server    `ragrpo serve` in a subprocess, driven by the official openai client with stream=True, by 1, 4
               and 16 concurrent clients; its requests are rows of one continuously batched engine
 

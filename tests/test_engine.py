@@ -386,6 +386,29 @@ def test_sync_packs_an_lm_head_without_an_adapter_once(tiny_causal_lm, force_har
         assert (project(x, before) - expected).abs().max() > 0.1
 
 
+def test_fresh_projections_are_kept_until_a_weight_changes(tiny_causal_lm, force_hardware):
+    """`ask` packs a model's weights once, not per answer; a changed weight, or another decision, packs afresh."""
+    from conftest import needs_packing
+
+    from ragrpo.generation.decode import project
+    from ragrpo.generation.engine import fresh_projections
+
+    model, _ = tiny_causal_lm
+    force_hardware(PACK="0", FP16="0")
+    first = fresh_projections(model)
+    assert fresh_projections(model) is first
+    down = model.model.layers[1].mlp.down_proj.weight
+    hidden = torch.randn(2, down.size(1))
+    with torch.no_grad():
+        down.mul_(2)  # in place, as training or loading weights would
+        changed = fresh_projections(model)
+        assert changed is not first
+        torch.testing.assert_close(project(hidden, changed[1][3]), torch.nn.functional.linear(hidden, down))
+    needs_packing(torch.float32)
+    force_hardware(PACK="1", FP16="0")
+    assert fresh_projections(model) is not changed and fresh_projections(model)[0][0].kind == "onednn"
+
+
 def _rounded_to_fp16(model):
     """A copy of `model` whose linear weights (not embeddings or norms) are rounded to fp16 and back."""
     import copy

@@ -39,6 +39,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import functools
+import weakref
 
 from ragrpo import hardware
 from ragrpo.generation.decode import Engine, Row, Sampling, holds_stop, left_pad
@@ -263,14 +264,24 @@ def _projections(model, fused, kind: str, head=None) -> list:
 
 def fresh_projections(model) -> list | None:
     """`_projections` of a model as its weights are now, fused by copying (the model is left as it is) and
-    packed where `hardware.decode_weights` says so; None where the decode loop does not cover the model or the device
-    is not a CPU (`generate` is the path there). For one-off decoding (`ask`); training and `serve` keep a
-    `SamplingCopy`."""
+    packed where `hardware.decode_weights` says so; None where the decode loop does not cover the model or the
+    device is not a CPU (`generate` is the path there). For one-off decoding (`ask`, the library's streams);
+    training and `serve` keep a `SamplingCopy`. The result is kept with the model and handed out again while
+    no weight has changed (packing fp16 takes about 0.6 s, once per model rather than once per answer)."""
     import torch
 
     dtype = model.get_input_embeddings().weight.dtype
     if model.device.type != "cpu" or not loop_family(model.config):
         return None
+    kind = hardware.decode_weights(dtype)
+    linears = [module for layer in model.model.layers for module in (
+        layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj, layer.self_attn.o_proj,
+        layer.mlp.gate_proj, layer.mlp.up_proj, layer.mlp.down_proj)] + [model.lm_head]
+    # a tensor's version counts its in-place changes: the same storage and versions are the same weights
+    key = (kind, tuple((t.data_ptr(), t._version) for m in linears for t in (m.weight, m.bias) if t is not None))
+    kept = _FRESH.get(model)
+    if kept is not None and kept[0] == key:
+        return kept[1]
     fused = []
     for layer in model.model.layers:
         attention, mlp = layer.self_attn, layer.mlp
@@ -278,7 +289,12 @@ def fresh_projections(model) -> list | None:
         bias = None if parts[0].bias is None else torch.cat([p.bias for p in parts])
         fused.append(((torch.cat([p.weight for p in parts]), bias),
                       (torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]), None)))
-    return _projections(model, fused, hardware.decode_weights(dtype))
+    projections = _projections(model, fused, kind)
+    _FRESH[model] = key, projections
+    return projections
+
+
+_FRESH = weakref.WeakKeyDictionary()  # model -> (its weights' key, `fresh_projections`)
 
 
 class _Linear:
