@@ -409,18 +409,6 @@ def test_fresh_projections_are_kept_until_a_weight_changes(tiny_causal_lm, force
     assert fresh_projections(model) is not changed and fresh_projections(model)[0][0].kind == "onednn"
 
 
-def _rounded_to_fp16(model):
-    """A copy of `model` whose linear weights (not embeddings or norms) are rounded to fp16 and back."""
-    import copy
-
-    rounded = copy.deepcopy(model)
-    with torch.no_grad():
-        for module in rounded.modules():
-            if isinstance(module, torch.nn.Linear):
-                module.weight.copy_(module.weight.half().float())
-    return rounded
-
-
 def test_generate_takes_the_loop_only_with_packed_weights(policy, force_hardware, monkeypatch):
     """RAGRPO_PACK=1 (and no fp16): `generate` decodes with the packed float32 loop; neither packing: with
     transformers' `generate`. Both give what the policy's own greedy `generate` gives."""
