@@ -142,15 +142,21 @@ def measure_bf16(rows: int = 256, repeats: int = 5) -> dict:
     for dtype in (torch.float32, torch.bfloat16):
         x = torch.randn(rows, 576, generator=generator).to(dtype)
         w = torch.randn(1536, 576, generator=generator).to(dtype)
-        F.linear(x, w)  # first call: allocation, kernel selection
-        best = float("inf")
-        for _ in range(repeats):
-            started = time.perf_counter()
-            for _ in range(4):
-                F.linear(x, w)
-            best = min(best, (time.perf_counter() - started) / 4)
-        timings[str(dtype).removeprefix("torch.")] = best * 1e3
+        timings[str(dtype).removeprefix("torch.")] = _best_ms(lambda x=x, w=w: [F.linear(x, w) for _ in range(4)], 4,
+                                                              repeats)
     return decide_bf16(timings["float32"], timings["bfloat16"])
+
+
+def _best_ms(run, calls: int, repeats: int) -> float:
+    """Milliseconds per call of `run` (which makes `calls` calls), best of `repeats` after one untimed run
+    (allocation, kernel selection)."""
+    run()
+    best = float("inf")
+    for _ in range(repeats):
+        started = time.perf_counter()
+        run()
+        best = min(best, (time.perf_counter() - started) / calls)
+    return best * 1e3
 
 
 def decide_bf16(float32_ms: float, bfloat16_ms: float) -> dict:
@@ -232,30 +238,18 @@ def measure_fp16(rows: int = 6, copies: int = 8, repeats: int = 5) -> dict:
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(rows, 576, generator=generator)
     weights = [torch.randn(3072, 576, generator=generator) * 0.02 for _ in range(copies)]
-    packed = [torch.ops.mkldnn._reorder_linear_weight(w) for w in weights] if can_pack(torch.float32) else None
     halves = [torch.ops.quantized.linear_prepack_fp16(w, None) for w in weights]
+    if can_pack(torch.float32):
+        packed = [torch.ops.mkldnn._reorder_linear_weight(w) for w in weights]
 
-    def float32():
-        for w in packed or weights:
-            if packed:
-                torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [None], "")
-            else:
-                F.linear(x, w)
+        def float32():
+            return [torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [None], "") for w in packed]
+    else:
+        def float32():
+            return [F.linear(x, w) for w in weights]
 
-    def half():
-        for w in halves:
-            torch.ops.quantized.linear_dynamic_fp16(x, w)
-
-    timings = {}
-    for name, run in (("float32", float32), ("fp16", half)):
-        run()  # first call: allocation, kernel selection
-        best = float("inf")
-        for _ in range(repeats):
-            started = time.perf_counter()
-            run()
-            best = min(best, (time.perf_counter() - started) / copies)
-        timings[name] = best * 1e3
-    return decide_fp16(timings["float32"], timings["fp16"])
+    fp16_ms = _best_ms(lambda: [torch.ops.quantized.linear_dynamic_fp16(x, w) for w in halves], copies, repeats)
+    return decide_fp16(_best_ms(float32, copies, repeats), fp16_ms)
 
 
 def decide_fp16(float32_ms: float, fp16_ms: float) -> dict:
