@@ -295,7 +295,7 @@ def test_registry_names_are_metric_keys_with_one_line_descriptions():
     assert list(REWARDS) == ["length", "token_diversity", "format", "groundedness", "groundedness_beyond_question",
                              "citation", "source_citation", "source_citation_grounded", "source_citation_answered",
                              "source_citation_only", "source_citation_exact", "source_citation_exact_1w", "source_citation_debiased_1w",
-                             "answer_match",
+                             "single_citation", "answer_match",
                              "context_reliance", "relevance", "repetition",
                              "search_found_source", "search_format", "search_cost"]
     funcs, _ = resolve_rewards(list(REWARDS))
@@ -616,6 +616,39 @@ def test_debiased_source_citation_pays_little_for_a_position_habit_more_for_chan
     assert reader > 0.9 > blind > habit > 0.0  # and silence scores 0, so citing still pays
     # the plain exact score cannot tell a habit from citing at random: both earn about a third
     assert abs(_cite_batches(REWARDS["source_citation_exact_1w"], lambda s, rng: 2) - 1 / 3) < 0.15
+
+
+SINGLE_CITATION_CASES = [
+    ("Walter Crouch rows the ferry [2].", 1.0),
+    ("Walter Crouch rows the ferry [3].", 1.0),  # any shown passage: the number is the other reward's to judge
+    ("As Movie 2 shows, Walter rows.", 1.0),  # the label-and-number name is a reference too
+    ("Walter rows [2] and [2] again.", 1.0),  # one passage, named twice
+    ("Walter rows [1][2].", 0.0),
+    ("Walter rows [1, 3].", 0.0),
+    ("Walter rows [4].", 0.0),  # no passage 4 among three
+    ("Walter rows [0].", 0.0),
+    ("[2]", 0.0),  # a bare number answers nothing
+    ("Who rows the ferry? [2]", 0.0),  # only the question's words
+    ("Walter rows the ferry.", 0.0),
+    ("", 0.0),
+    ("<think>[1] or [3]?</think><answer>Walter [3].</answer>", 1.0),  # the answer section is what counts
+]
+
+
+@pytest.mark.parametrize("completion,expected", SINGLE_CITATION_CASES)
+def test_single_citation(completion, expected):
+    (reward,), _ = resolve_rewards(["single_citation"])
+    scores = reward(completions=[completion], context_ids=[["a", "b", "c"]], query=["Who rows the ferry?"])
+    assert scores == [expected]
+
+
+def test_single_citation_pays_every_position_alike_and_names_its_missing_column():
+    from ragrpo.rewards import SingleCitation
+
+    answers = [f"Walter rows [{n}]." for n in (1, 2, 3)]
+    assert SingleCitation()(answers, context_ids=[["a", "b", "c"]] * 3, query=["Who?"] * 3) == [1.0, 1.0, 1.0]
+    with pytest.raises(RagrpoError, match="context_ids"):
+        SingleCitation()(answers, query=["Who?"] * 3)
 
 
 def test_debiased_source_citation_starts_each_run_fresh_and_keeps_its_rates_through_pickle():

@@ -42,6 +42,7 @@ from ragrpo.rewards.base import (  # noqa: F401  (re-exported: what rewards read
     words,
 )
 from ragrpo.rewards.citations import (  # noqa: F401
+    SingleCitation,
     SourceCitation,
     SourceCitationAnswered,
     SourceCitationDebiased,
@@ -326,6 +327,7 @@ REWARDS: dict[str, Callable] = {
     "source_citation_exact": SourceCitationExact(),
     "source_citation_exact_1w": SourceCitationExact(min_words=1),
     "source_citation_debiased_1w": SourceCitationDebiased(min_words=1),
+    "single_citation": SingleCitation(),
     "answer_match": answer_match,
     "context_reliance": ContextReliance(),
     "relevance": Relevance(),

@@ -21,6 +21,9 @@ variant's `others`), -1 for a passage that does not exist. The variants differ i
     source_citation_debiased  ... a right reference earning 1 + 1/k less the running rate at which
                               answers cite its position, so that a habit earns little (it keeps state)
 
+`single_citation` is their format term: 1 for an answer that refers to exactly one shown passage,
+whichever it is.
+
 "Own" words leave out the question's words and the passage names. Why each variant exists, from the
 runs that needed it, is in bench/results/from-index/NOTES.md: without `grounded` or `min_words` a run
 learned to answer with bare passage names; with `others=0` citing every passage was a safe bet; with
@@ -251,6 +254,36 @@ class SourceCitationDebiased(SourceCitationExact):
             batch_share = sum(n in refs for refs in referred) / max(len(referred), 1)
             self.rates[n] = self.decay * self.rates.get(n, 0.0) + (1 - self.decay) * batch_share
         return debiased
+
+
+class SingleCitation(Reward):
+    """Referring to exactly one shown passage, whichever, in an answer with a word of its own: 1, else 0.
+
+    A format term: it makes a citation part of every answer, so that a source-citation reward beside it
+    has numbers to choose between. r14 and r15 learned to answer at the token limit and stopped citing
+    (the citation, asked for after the answer, no longer fit), so the debiased citation reward had
+    almost no citing completions to compare (bench/results/from-index/NOTES.md). Which number is right
+    is left to that reward; this one pays every position alike, so it trains no position habit.
+
+    >>> SingleCitation()(["Crouch rows [2].", "Crouch [1][2].", "Crouch [4].", "[2]", "Crouch rows."],
+    ...     context_ids=[["a", "b", "c"]] * 5, query=["Who rows?"] * 5)
+    [1.0, 0.0, 0.0, 0.0, 0.0]
+    """
+
+    __name__ = "single_citation"
+
+    def __call__(self, completions, context_ids=None, query=None, **kwargs) -> list[float]:
+        if context_ids is None:
+            raise RagrpoError("needs a 'context_ids' column (the ids of the retrieved passages, in prompt "
+                              "order); `ragrpo train --from-index` builds it")
+        queries = column(query, "query")
+        scores = []
+        for completion, ids, question in zip(completions, context_ids, queries, strict=True):
+            text = answer_text(completion)
+            refs = set(cited_passages(text))
+            one = len(refs) == 1 and 1 <= min(refs) <= len(ids)
+            scores.append(float(one and bool(own_words(text, question))))
+        return scores
 
 
 def get_source_citation_reward(grounded: bool = False, min_words: int = 0, others: float = 0.0,
