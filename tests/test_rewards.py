@@ -295,7 +295,7 @@ def test_registry_names_are_metric_keys_with_one_line_descriptions():
     assert list(REWARDS) == ["length", "token_diversity", "format", "groundedness", "groundedness_beyond_question",
                              "citation", "source_citation", "source_citation_grounded", "source_citation_answered",
                              "source_citation_only", "source_citation_exact", "source_citation_exact_1w", "source_citation_debiased_1w",
-                             "single_citation", "answer_match",
+                             "single_citation", "single_citation_debiased", "answer_match",
                              "context_reliance", "relevance", "repetition",
                              "search_found_source", "search_format", "search_cost"]
     funcs, _ = resolve_rewards(list(REWARDS))
@@ -649,6 +649,31 @@ def test_single_citation_pays_every_position_alike_and_names_its_missing_column(
     assert SingleCitation()(answers, context_ids=[["a", "b", "c"]] * 3, query=["Who?"] * 3) == [1.0, 1.0, 1.0]
     with pytest.raises(RagrpoError, match="context_ids"):
         SingleCitation()(answers, query=["Who?"] * 3)
+
+
+def test_debiased_single_citation_pays_a_position_habit_about_a_third_and_spread_citing_in_full():
+    from ragrpo.rewards import SingleCitation, SingleCitationDebiased
+
+    def mean(reward, policy):
+        return _cite_batches(reward, policy)
+
+    habit, spread = (mean(SingleCitationDebiased(), policy) for policy in (lambda s, rng: 0, lambda s, rng: rng.randrange(3)))
+    assert abs(habit - 1 / 3) < 0.07  # cited at rate 1: earns 1 + 1/3 - 1
+    assert abs(spread - 1.0) < 0.1  # even rates of 1/3
+    # the plain format term pays the habit in full: what r16 learned
+    assert mean(SingleCitation(), lambda s, rng: 0) == 1.0
+    # and its format rule holds: two passages, or none that exists, score 0 whatever the rates
+    reward = SingleCitationDebiased()
+    assert reward(["Crouch [1][2].", "Crouch [5].", "[2]"], context_ids=[["a", "b", "c"]] * 3, query=["Who?"] * 3) == [0.0] * 3
+
+
+def test_debiased_single_citation_starts_each_run_fresh():
+    shared = REWARDS["single_citation_debiased"]
+    before = dict(shared.positions.rates)
+    (first,), _ = resolve_rewards(["single_citation_debiased"])
+    (second,), _ = resolve_rewards(["single_citation_debiased"])
+    first(completions=["Crouch [3]."] * 2, context_ids=[["a", "b", "c"]] * 2, query=["Who?"] * 2)
+    assert first.func.positions.rates and not second.func.positions.rates and shared.positions.rates == before
 
 
 def test_debiased_source_citation_starts_each_run_fresh_and_keeps_its_rates_through_pickle():

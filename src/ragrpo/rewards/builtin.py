@@ -43,6 +43,7 @@ from ragrpo.rewards.base import (  # noqa: F401  (re-exported: what rewards read
 )
 from ragrpo.rewards.citations import (  # noqa: F401
     SingleCitation,
+    SingleCitationDebiased,
     SourceCitation,
     SourceCitationAnswered,
     SourceCitationDebiased,
@@ -328,6 +329,7 @@ REWARDS: dict[str, Callable] = {
     "source_citation_exact_1w": SourceCitationExact(min_words=1),
     "source_citation_debiased_1w": SourceCitationDebiased(min_words=1),
     "single_citation": SingleCitation(),
+    "single_citation_debiased": SingleCitationDebiased(),
     "answer_match": answer_match,
     "context_reliance": ContextReliance(),
     "relevance": Relevance(),

@@ -22,7 +22,8 @@ variant's `others`), -1 for a passage that does not exist. The variants differ i
                               answers cite its position, so that a habit earns little (it keeps state)
 
 `single_citation` is their format term: 1 for an answer that refers to exactly one shown passage,
-whichever it is.
+whichever it is; `single_citation_debiased` charges that 1 the running rate at which answers cite the
+position, as `source_citation_debiased` does.
 
 "Own" words leave out the question's words and the passage names. Why each variant exists, from the
 runs that needed it, is in bench/results/from-index/NOTES.md: without `grounded` or `min_words` a run
@@ -232,22 +233,41 @@ class SourceCitationDebiased(SourceCitationExact):
     stem = "source_citation_debiased"
 
     def __init__(self, min_words: int = 5, decay: float = 0.9):
-        if not 0.0 <= decay < 1.0:
-            raise RagrpoError(f"source citation: decay must be within [0, 1), not {decay}")
         super().__init__(min_words)
-        self.decay = decay
-        self.rates: dict[int, float] = {}  # passage position -> running share of answers referring to it
+        self.positions = PositionRates(decay)
+
+    @property
+    def rates(self) -> dict[int, float]:
+        return self.positions.rates
 
     def for_run(self) -> SourceCitationDebiased:
-        return SourceCitationDebiased(self.min_words, self.decay)
+        return SourceCitationDebiased(self.min_words, self.positions.decay)
 
     def __call__(self, completions, context_ids=None, source_id=None, context=None, query=None,
                  **kwargs) -> list[float]:
         scores = super().__call__(completions, context_ids=context_ids, source_id=source_id, context=context,
                                   query=query)
-        referred = [set(cited_passages(answer_text(c))) for c in completions]
         # A score of 1 means every reference is the source: one position, or several where the source
         # document was retrieved twice; their mean rate is charged.
+        return self.positions.debias(scores, completions, context_ids)
+
+
+class PositionRates:
+    """The running share of answers that refer to each passage position, whatever the source: what a
+    debiased reward charges, so that citing one position by habit earns little.
+
+    An exponential average over batches (`decay` per call), updated after the batch is scored, so a batch
+    never pays for its own choices; every rate starts at 0."""
+
+    def __init__(self, decay: float = 0.9):
+        if not 0.0 <= decay < 1.0:
+            raise RagrpoError(f"source citation: decay must be within [0, 1), not {decay}")
+        self.decay = decay
+        self.rates: dict[int, float] = {}  # passage position -> running share of answers referring to it
+
+    def debias(self, scores: list[float], completions, context_ids) -> list[float]:
+        """A score of 1 becomes `1 + 1/k - mean rate of the positions referred to`; other scores stay."""
+        referred = [set(cited_passages(answer_text(c))) for c in completions]
         debiased = [score + 1 / len(ids) - sum(self.rates.get(n, 0.0) for n in refs) / len(refs)
                     if score == 1.0 else score for score, refs, ids in zip(scores, referred, context_ids, strict=True)]
         for n in set(self.rates).union(*referred):
@@ -284,6 +304,36 @@ class SingleCitation(Reward):
             one = len(refs) == 1 and 1 <= min(refs) <= len(ids)
             scores.append(float(one and bool(own_words(text, question))))
         return scores
+
+
+class SingleCitationDebiased(SingleCitation):
+    """Referring to exactly one shown passage, earning 1 + 1/k less the running rate at which answers cite it.
+
+    `single_citation` paid every position alike, and r16 learned to open every answer with "[1]:": a
+    habit that pays the format term in full, after which a group's answers all cite alike and the
+    source-citation reward has no spread left to learn from (bench/results/from-index/NOTES.md). Here a
+    position cited by habit earns about 1/k, and citing another position pays more, so a habit does not
+    hold. The rates are kept as `source_citation_debiased` keeps them (`PositionRates`).
+
+    >>> reward = SingleCitationDebiased(decay=0.5)
+    >>> ids, question = [["a", "b", "c"]] * 4, ["Who rows?"] * 4
+    >>> reward(["Crouch [1].", "Crouch [1].", "Crouch [1].", "Crouch [2][3]."], context_ids=ids, query=question)
+    [1.3333333333333333, 1.3333333333333333, 1.3333333333333333, 0.0]
+    >>> [round(score, 3) for score in reward(["Crouch [1].", "Crouch [2]."], context_ids=ids[:2], query=question[:2])]
+    [0.958, 1.208]
+    """
+
+    __name__ = "single_citation_debiased"
+
+    def __init__(self, decay: float = 0.9):
+        self.positions = PositionRates(decay)
+
+    def for_run(self) -> SingleCitationDebiased:
+        return SingleCitationDebiased(self.positions.decay)
+
+    def __call__(self, completions, context_ids=None, query=None, **kwargs) -> list[float]:
+        scores = super().__call__(completions, context_ids=context_ids, query=query)
+        return self.positions.debias(scores, completions, context_ids)
 
 
 def get_source_citation_reward(grounded: bool = False, min_words: int = 0, others: float = 0.0,
