@@ -372,6 +372,8 @@ def test_citation_accuracy_counts_the_source_alone_and_separates_lower_ranked_so
     assert figures["cites source only"] == 2 / 5  # rows 1 and 4; naming both passages does not count
     assert figures["cites source only, source not passage 1"] == 1 / 2  # over the two rank-2 rows only
     assert figures["cites source only, worst source position"] == 1 / 2  # [1] 1/2, [2] 1/2
+    assert figures["cites one passage"] == 4 / 5  # "[1][2]" names two
+    assert figures["cites one passage, that is the source"] == 2 / 4  # rows 1 and 4 of the four single citations
 
 
 def test_a_habit_of_citing_the_last_passage_passes_below_passage_1_but_not_the_worst_position():
@@ -387,6 +389,8 @@ def test_a_habit_of_citing_the_last_passage_passes_below_passage_1_but_not_the_w
     assert figures["cites source only, source not passage 1"] == 1.0
     assert figures["cites source only, worst source position"] == 0.0
     assert figures["answer accuracy, worst source position"] == 1.0  # "Hale" is right at both positions
+    assert figures["cites one passage"] == 1.0
+    assert figures["cites one passage, that is the source"] == 1 / 2  # a habit is right as often as chance, 1/k
 
 
 def test_answer_accuracy_by_kind_and_source_position():

@@ -32,6 +32,9 @@ both models), and every seed gives one value of each figure:
     ... source at passage p    the same for each position
     ... worst source position  the lowest of those (answer accuracy too): a habit of citing any one
                        passage, not only [1], scores near 0 here (r13 cited [3]: 0.978 there, 0 elsewhere)
+    cites one passage  share of answers that refer to exactly one shown passage, whichever
+    ... that is the source   over those answers, the share citing the source: 1/k for a habit or a
+                       guess (passages in balanced order), so it tells reading from citing at random
     answer length      characters of the answer (the <answer> section with --reasoning)
     token diversity    the write-up's within-answer diversity (unique / total words, in %)
     distinct-2         unique word bigrams / all word bigrams over the seed's answers (across answers)
@@ -148,6 +151,7 @@ def score_answers(completions: list[str], rows: list[dict], reward_specs: list[s
     cites_grounded = get_source_citation_reward(grounded=True)(completions, **columns)
     only = [float(r["source_rank"] > 0 and set(cited_passages(a)) == {r["source_rank"]}) for r, a in zip(rows, answers)]
     only_below = [o for r, o in zip(rows, only) if r["source_rank"] > 1]
+    single = [len(set(cited_passages(a))) == 1 for a in answers]
     lengths = [float(len(a)) for a in answers]
     diversity = token_diversity(answers)
     figures = {}
@@ -170,6 +174,8 @@ def score_answers(completions: list[str], rows: list[dict], reward_specs: list[s
     figures |= {"groundedness": grounded, "groundedness beyond question": grounded_new, "source_citation": cites,
                "source_citation_grounded": cites_grounded, "cites source only": only,
                "cites source only, source not passage 1": only_below,
+               "cites one passage": [float(one) for one in single],
+               "cites one passage, that is the source": [o for o, one in zip(only, single) if one],
                "answer length, chars": lengths, "token diversity": diversity}
     for position in sorted({r["source_rank"] for r in rows} - {0}):
         figures[f"cites source only, source at passage {position}"] = [
