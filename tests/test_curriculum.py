@@ -65,6 +65,16 @@ def test_blank_questions_take_a_name_from_inside_a_sentence():
          ["Ezra Pike", "Pike"])]
 
 
+def test_a_blank_line_ends_a_sentence_so_no_name_runs_across_paragraphs():
+    from ragrpo.tuning.curriculum import blank_questions
+
+    # pydoc's "assert" topic: a code line without a full stop, then a paragraph that opens with a capital
+    text = ("The simple form is equivalent to an if statement that will raise AssertionError\n\n"
+            "The extended form passes the second expression to the exception it will raise in the end.")
+    targets = [q.meta["targets"] for q in blank_questions(text, None, "assert")]
+    assert targets == [["AssertionError"]]
+
+
 @pytest.mark.parametrize("text, expected", [
     ("The widow Clara Voss inherits a clock. Clara teams up with a deaf watch repairer named Samuel.",
      ("Who teams up with a deaf watch repairer named Samuel?", ["Clara"])),

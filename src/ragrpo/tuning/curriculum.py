@@ -173,7 +173,9 @@ def _listing(items: list[str]) -> str:
 # ("Who owes a fortune to ...?") whose answer is the name. Neither it nor a fill-the-blank question names
 # the film: the gold questions users ask describe it instead, and a model that finds the passage by its
 # header never learns to find it by what it says (r11, bench/results/from-index/NOTES.md).
-_SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
+# A blank line ends a sentence too: reference text (builtin:pydocs) has paragraphs and code blocks without a
+# full stop, and a name run across one ("raise AssertionError" then "The extended form") is no name.
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+|\n\s*\n")
 _NAMED_SUBJECT = re.compile(r"^((?:[A-Z][\w'’-]+ ){0,2}[A-Z][\w'’-]+) ([a-z][^.!?]{15,}?)[.!?]?$")
 
 
