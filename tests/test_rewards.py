@@ -654,14 +654,12 @@ def test_single_citation_pays_every_position_alike_and_names_its_missing_column(
 def test_debiased_single_citation_pays_a_position_habit_about_a_third_and_spread_citing_in_full():
     from ragrpo.rewards import SingleCitation, SingleCitationDebiased
 
-    def mean(reward, policy):
-        return _cite_batches(reward, policy)
-
-    habit, spread = (mean(SingleCitationDebiased(), policy) for policy in (lambda s, rng: 0, lambda s, rng: rng.randrange(3)))
+    habit = _cite_batches(SingleCitationDebiased(), lambda s, rng: 0)
+    spread = _cite_batches(SingleCitationDebiased(), lambda s, rng: rng.randrange(3))
     assert abs(habit - 1 / 3) < 0.07  # cited at rate 1: earns 1 + 1/3 - 1
     assert abs(spread - 1.0) < 0.1  # even rates of 1/3
     # the plain format term pays the habit in full: what r16 learned
-    assert mean(SingleCitation(), lambda s, rng: 0) == 1.0
+    assert _cite_batches(SingleCitation(), lambda s, rng: 0) == 1.0
     # and its format rule holds: two passages, or none that exists, score 0 whatever the rates
     reward = SingleCitationDebiased()
     assert reward(["Crouch [1][2].", "Crouch [5].", "[2]"], context_ids=[["a", "b", "c"]] * 3, query=["Who?"] * 3) == [0.0] * 3

@@ -149,9 +149,10 @@ def score_answers(completions: list[str], rows: list[dict], reward_specs: list[s
     grounded_new = get_groundedness_reward(beyond_question=True)(completions, **columns)
     cites = source_citation(completions, **columns)
     cites_grounded = get_source_citation_reward(grounded=True)(completions, **columns)
-    only = [float(r["source_rank"] > 0 and set(cited_passages(a)) == {r["source_rank"]}) for r, a in zip(rows, answers)]
+    referred = [set(cited_passages(a)) for a in answers]
+    only = [float(r["source_rank"] > 0 and refs == {r["source_rank"]}) for r, refs in zip(rows, referred)]
     only_below = [o for r, o in zip(rows, only) if r["source_rank"] > 1]
-    single = [len(set(cited_passages(a))) == 1 for a in answers]
+    single = [len(refs) == 1 for refs in referred]
     lengths = [float(len(a)) for a in answers]
     diversity = token_diversity(answers)
     figures = {}

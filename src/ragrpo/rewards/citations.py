@@ -283,7 +283,8 @@ class SingleCitation(Reward):
     has numbers to choose between. r14 and r15 learned to answer at the token limit and stopped citing
     (the citation, asked for after the answer, no longer fit), so the debiased citation reward had
     almost no citing completions to compare (bench/results/from-index/NOTES.md). Which number is right
-    is left to that reward; this one pays every position alike, so it trains no position habit.
+    is left to that reward; this one pays every position alike, and so pays a habit in full: r16 learned
+    to open every answer with "[1]:" under it (`single_citation_debiased` charges a habit).
 
     >>> SingleCitation()(["Crouch rows [2].", "Crouch [1][2].", "Crouch [4].", "[2]", "Crouch rows."],
     ...     context_ids=[["a", "b", "c"]] * 5, query=["Who rows?"] * 5)
