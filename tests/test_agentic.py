@@ -76,10 +76,10 @@ def test_a_segment_query_is_the_text_of_its_last_search(segment, expected):
 
 @pytest.mark.parametrize("completion, expected", [
     # TRL's completion starts after the <search> that opened the turn
-    (" ferry</search>\n<information>\n## Movie [1]: X\nplot\n</information>\nWalter [1].", "Walter [1]."),
+    (" ferry</search>\n<information>\n## Movie 1: X\nplot\n</information>\nWalter [1].", "Walter [1]."),
     (" a</search>\n<information>\nno\n</information>\n<search>b</search>\n<information>\nyes\n</information>\nHale",
      "Hale"),
-    (" ferry</search>\n<information>\n## Movie [1]: X\nplot", ""),  # ended inside the results
+    (" ferry</search>\n<information>\n## Movie 1: X\nplot", ""),  # ended inside the results
     (" ferry</search>\n<information>\nplot\n</information>\n<search>more", ""),  # ended inside a query
     (" ferry</search>", ""),  # stopped at a query
     (" ferry</search>\n<information>\nplot\n</information>\nIt is <search>x</search> Hale [2].", "It is   Hale [2]."),
@@ -110,7 +110,7 @@ def test_the_loop_masks_the_results_it_inserts_and_numbers_passages_on(tokenizer
     assert _written(tokenizer, row) == "".join(segments)
     inserted = _inserted(tokenizer, row)
     assert inserted.count(INFORMATION_OPEN) == inserted.count(INFORMATION_CLOSE) == 2
-    assert "## Movie [1]:" in inserted and f"## Movie [{second.numbers[0]}]:" in inserted
+    assert "## Movie 1:" in inserted and f"## Movie {second.numbers[0]}:" in inserted
     assert row.written == sum(row.mask) == sum(len(tokenizer(s, add_special_tokens=False)["input_ids"])
                                                for s in segments)
     # each round's budget is what is left of the model's own tokens; inserted results do not count
@@ -203,7 +203,7 @@ def test_groundedness_and_citation_score_an_agentic_answer_on_what_its_searches_
 
     context = ["The Ferryman's Ledger (1923)\nThames ferryman Walter Crouch helps Inspector Hale.",
                "The Salt Clock (1921)\nA widow."]
-    shown = " ferryman pirates</search>\n<information>\n## Movie [1]: ...\n</information>\n"
+    shown = " ferryman pirates</search>\n<information>\n## Movie 1: ...\n</information>\n"
     answer = "Walter Crouch, the Thames ferryman, helps Inspector Hale"
     completions = [shown + answer + " [1].", shown + "Captain Pirate [1].", shown + answer + " [2]."]
     columns = {"context": [context] * 3, "context_ids": [["ferry", "salt"]] * 3, "source_id": ["ferry"] * 3,

@@ -2,6 +2,7 @@
 and a real (tiny-model) from-index run evaluated on its held-out documents."""
 
 import json
+import re
 from collections import Counter
 
 import pytest
@@ -123,13 +124,13 @@ def test_reasoning_and_cite_prompts_extend_the_ask_prompt():
 
 
 @pytest.mark.parametrize("completion, expected", [
-    ("The source is Movie 2.", 1.0),
-    ("Movie- 2 and movie 1 agree.", 0.5),
+    ("The source is Movie 2.", 0.0),  # a name is how a header starts, no citation
+    ("Per [2] and [1].", 0.5),
     ("Per [2].", 1.0),
     ("Per [1, 3].", 0.0),
     ("See [4] and [2].", 0.0),
     ("No reference at all.", 0.0),
-    ("<think>Movie 1 is wrong</think><answer>It is Movie 2</answer>", 1.0),
+    ("<think>[1] is wrong</think><answer>It is [2]</answer>", 1.0),
     ("Per [2] and [2] again, as Movie 2 says.", 1.0),  # one passage, counted once
     ("", 0.0),
 ])
@@ -143,7 +144,7 @@ PASSAGES = ["Thames ferryman Walter Crouch keeps a ledger.",
 
 
 @pytest.mark.parametrize("completion, expected", [
-    ("Movie- 2.", 0.0),  # the right passage named, nothing said
+    ("Movie- 2 [2].", 0.0),  # the right passage cited, nothing said
     ("The ferryman is Movie 2 [2].", 0.0),  # "ferryman" is the question's word; nothing else is claimed
     ("He hid a second ledger with watches [2].", 1.0),  # hid, second, ledger, watches: all in passage 2
     ("He hid a second ledger with gold [2].", 0.75),
@@ -160,7 +161,7 @@ def test_grounded_source_citation(completion, expected):
 
 
 @pytest.mark.parametrize("completion, expected", [
-    ("Movie- 2.", 0.0),  # the right passage named, nothing said
+    ("Movie- 2 [2].", 0.0),  # the right passage cited, nothing said
     ("The ferryman is Movie 2 [2].", 0.0),
     ("He hid a second ledger with watches [2].", 0.0),  # hid, second, ledger, watches: four words, not five
     ("He hid a second ledger full of gold watches [2].", 1.0),  # five words, not all in the passage
@@ -237,8 +238,8 @@ def test_source_citation_needs_its_columns():
         guarded(source_citation)(prompts=["q"], completions=["x [1]"])
 
 
-def test_cited_passages_reads_marks_and_names():
-    assert cited_passages("As [1][3] and Movie-2 say") == [1, 3, 2]
+def test_cited_passages_reads_bracketed_numbers_only():
+    assert cited_passages("As [1][3] and Movie-2 say") == [1, 3]
 
 
 # ---- on the real table ----------------------------------------------------------------------------
@@ -264,7 +265,7 @@ def test_curriculum_rows_are_what_ask_would_see(movie_db, mode):
         assert example["context"] == [p.context() for p in shown]
         assert example["context"][0].startswith(f"{hits[example['retrieved_order'][0] - 1]['title']} (")
         assert example["prompt"][0]["content"] == build_prompt(example["query"], shown, cite=True, label="Movie")
-        assert "## Movie [1]: " in example["prompt"][0]["content"]
+        assert "## Movie 1: " in example["prompt"][0]["content"]
         assert all(years[i] < 1990 for i in example["context_ids"])
         rank = example["source_rank"]
         assert rank == 0 or example["context_ids"][rank - 1] == example["source_id"]
@@ -505,7 +506,7 @@ def test_ask_on_a_from_index_model_retrieves_and_prompts_as_the_run_trained(inde
     outcome = CliRunner().invoke(main, ["ask", row["query"], "--table", "movies", "--db", str(movie_db),
                                         "--model", str(merged), "-k", "3"])
     assert outcome.exit_code == 0 and "was trained with k=2; answering with k=3" in outcome.output
-    assert seen[-1].count("## Movie [") == 3
+    assert len(re.findall(r"## Movie \d+:", seen[-1])) == 3
 
 
 @pytest.mark.integration

@@ -28,10 +28,10 @@ def test_prompt_is_the_write_ups_with_a_header_per_passage():
     shown = [Passage("The Salt Clock (1921)", "First plot."), Passage("", "Second plot.")]
     prompt = build_prompt("Why?", shown, label="Movie")
     assert prompt.startswith("Given the Query: Why?\n\nAnd the context\n#Context\n"
-                             "## Movie [1]: The Salt Clock (1921)\nFirst plot.\n\n## Movie [2]:\nSecond plot.")
+                             "## Movie 1: The Salt Clock (1921)\nFirst plot.\n\n## Movie 2:\nSecond plot.")
     assert prompt.endswith("Answer concisely but creatively")
     assert build_prompt("Why?", ["First plot."]).startswith(
-        "Given the Query: Why?\n\nAnd the context\n#Context\n## Passage [1]:\nFirst plot.")
+        "Given the Query: Why?\n\nAnd the context\n#Context\n## Passage 1:\nFirst plot.")
 
 
 @pytest.mark.parametrize("table, label", [("movies", "Movie"), ("pydocs", "Pydoc"), ("stories", "Story"),
@@ -64,9 +64,12 @@ def test_the_cite_instruction_lists_every_number_with_the_label():
     assert cite_instruction(1, "Pydoc").endswith("cite the pydoc it comes from by its number: [1].")
 
 
-def test_citations_are_read_as_the_headers_write_them():
-    assert cited_passages("As [1][3] and Movie-2 say, [2, 1].") == [1, 3, 2, 1, 2]
-    assert cited_passages("Movie [2]: The Salt Clock") == [2]
+def test_a_citation_is_a_bracketed_number_and_a_copied_header_cites_nothing():
+    assert cited_passages("As [1][3] and Movie-2 say, [2, 1].") == [1, 3, 2, 1]
+    # r16 and r17 opened every answer with the first header when headers carried "[1]" and were paid for it
+    header = build_prompt("Why?", [Passage("The Salt Clock (1921)", "Clara...")], label="Movie").split("\n")[4]
+    assert header == "## Movie 1: The Salt Clock (1921)"
+    assert cited_passages(header.removeprefix("## ") + " is about Clara.") == []
     assert without_references("Clara [2] restores it (Movie- 1).").split() == ["Clara", "restores", "it", "(", ")."]
     ids = [["a", "b", "c"]]
     assert source_citation(["Clara restores the clock [2]."], context_ids=ids, source_id=["b"]) == [1.0]

@@ -374,8 +374,8 @@ def test_answer_text(completion, answer):
 
 def test_passages_from_a_list_or_a_string():
     assert passages(["a", "b"]) == ["a", "b"]
-    text = "## Movie [1]: A\nfirst\n\n## Movie [2]: B\nsecond\n"
-    assert passages(text) == ["## Movie [1]: A\nfirst", "## Movie [2]: B\nsecond"]
+    text = "## Movie 1: A\nfirst\n\n## Movie 2: B\nsecond\n"
+    assert passages(text) == ["## Movie 1: A\nfirst", "## Movie 2: B\nsecond"]
     assert passages(None) == []
 
 
@@ -621,7 +621,7 @@ def test_debiased_source_citation_pays_little_for_a_position_habit_more_for_chan
 SINGLE_CITATION_CASES = [
     ("Walter Crouch rows the ferry [2].", 1.0),
     ("Walter Crouch rows the ferry [3].", 1.0),  # any shown passage: the number is the other reward's to judge
-    ("As Movie 2 shows, Walter rows.", 1.0),  # the label-and-number name is a reference too
+    ("As Movie 2 shows, Walter rows.", 0.0),  # a name is how a header starts: no citation (r16, r17)
     ("Walter rows [2] and [2] again.", 1.0),  # one passage, named twice
     ("Walter rows [1][2].", 0.0),
     ("Walter rows [1, 3].", 0.0),

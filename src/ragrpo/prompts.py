@@ -9,16 +9,19 @@ first passage's header to it) and a header line per passage that names it:
 
     And the context
     #Context
-    ## Movie [1]: The Ferryman's Ledger (1923)
+    ## Movie 1: The Ferryman's Ledger (1923)
     {text of hit 1}
 
-    ## Movie [2]: ...
+    ## Movie 2: ...
     ...
     Answer concisely but creatively
 
 The label word ("Movie") comes from the table's name, singular; the header from its metadata columns
 (`{title} ({release_year})` for the built-in movies), or from `--passage-header`. A passage is cited by
-its number in brackets, `[1]`, the same mark its header shows; "Movie 1" in an answer also counts.
+its number in brackets, `[1]` (also `[1, 2]`), and only so. The header shows the number without brackets
+so that an answer which copies a header ("Movie 1: The Ferryman's Ledger ...") has cited nothing: with
+`[1]` in the headers, two runs learned to open every answer with the first header and were paid for it
+as a citation (r16, r17 in bench/results/from-index/NOTES.md).
 
 The agentic protocol (`train --from-index --agentic`, `ask --agentic`) gives no passages up front. The
 prompt holds the instructions and the question, and the assistant's turn opens with `<search>`, so the
@@ -28,7 +31,7 @@ model may search again or answer:
 
     <search>ferryman ledger thames</search>
     <information>
-    ## Movie [1]: The Ferryman's Ledger (1923)
+    ## Movie 1: The Ferryman's Ledger (1923)
     ...
     </information>
     Jakob Marten keeps the ledger [1].
@@ -67,8 +70,9 @@ TITLE_COLUMNS = ("title", "name", "heading", "topic")
 YEAR_COLUMNS = ("release_year", "year")
 
 CITATION = re.compile(r"\[(\d+(?:\s*,\s*\d+)*)\]")
-# "Movie 2", "movie-2", "Movie- 2": the built-in corpus's label followed by a number also refers to a passage.
-PASSAGE_NAME = re.compile(r"\bmovie\s*-?\s*(\d+)\b", re.IGNORECASE)
+# "Movie 2", "movie-2": the built-in corpus's label and a number, as a header starts. Not a citation,
+# and not a claim of the answer's own either (`without_references`).
+PASSAGE_NAME = re.compile(r"\bmovie\s*-?\s*\d+\b", re.IGNORECASE)
 
 
 @dataclass(frozen=True)
@@ -167,12 +171,17 @@ def cite_instruction(passages: int, label: str = DEFAULT_LABEL) -> str:
     return CITE_INSTRUCTION.format(label=label.lower(), numbers=", ".join(f"[{n}]" for n in range(1, passages + 1)))
 
 
+def heading(label: str, number: int, header: str) -> str:
+    """A passage's header line: '## Movie 2: The Salt Clock (1921)', or '## Movie 2:' without a header."""
+    return f"## {label} {number}: {header}".rstrip()
+
+
 def build_prompt(query: str, passages: list, reasoning: bool = False, cite: bool = False,
                  label: str = DEFAULT_LABEL) -> str:
     """The write-up's prompt over `passages` (`Passage`s, or plain strings without a header); `cite`
     and `reasoning` each append one sentence of instructions."""
     shown = [_as_passage(p) for p in passages]
-    context = "\n\n".join(f"## {label} [{n}]: {p.header}".rstrip() + f"\n{p.text}" for n, p in enumerate(shown, 1))
+    context = "\n\n".join(f"{heading(label, n, p.header)}\n{p.text}" for n, p in enumerate(shown, 1))
     prompt = PROMPT_TEMPLATE.format(query=query, context=context)
     prompt = f"{prompt}\n\n{cite_instruction(len(shown), label)}" if cite else prompt
     return f"{prompt}\n\n{REASONING_INSTRUCTION}" if reasoning else prompt
@@ -208,13 +217,13 @@ def source_label(row: dict) -> str:
 
 
 def cited_passages(text: str) -> list[int]:
-    """Every passage an answer refers to, in order: `[n]` marks (`[1, 2]` too) and "Movie n" names."""
-    marks = [int(n) for group in CITATION.findall(text) for n in group.split(",")]
-    return marks + [int(n) for n in PASSAGE_NAME.findall(text)]
+    """Every passage an answer refers to, in order: its `[n]` marks (`[1, 2]` too). A "Movie 2" name
+    is no citation: it is how a header starts, and a copied header cites nothing."""
+    return [int(n) for group in CITATION.findall(text) for n in group.split(",")]
 
 
 def without_references(text: str) -> str:
-    """`text` without its references to passages ("[1]", "Movie- 2"): a reference is no claim."""
+    """`text` without its citation marks and passage names ("[1]", "Movie 2"): neither is a claim."""
     return PASSAGE_NAME.sub(" ", CITATION.sub(" ", text))
 
 
@@ -232,7 +241,7 @@ def render_information(passages: list, first: int, label: str = DEFAULT_LABEL, n
     """A search's results as the model reads them: the prompt's passage layout numbered from `first`, or
     `note` alone (an empty query, a failed search, no searches left), inside <information> tags."""
     shown = [_as_passage(p) for p in passages]
-    body = "\n\n".join(f"## {label} [{n}]: {p.header}".rstrip() + f"\n{p.text}" for n, p in enumerate(shown, first))
+    body = "\n\n".join(f"{heading(label, n, p.header)}\n{p.text}" for n, p in enumerate(shown, first))
     body = "\n\n".join(part for part in (note, body) if part)
     return f"\n{INFORMATION_OPEN}\n{body}\n{INFORMATION_CLOSE}\n"
 

@@ -211,8 +211,8 @@ class Groundedness(Reward):
     """Share of the answer's content words (or n-grams) found in the 'context' passages, in [0, 1].
 
     Exact matching after lowercasing, no stemming: "invented" does not support "invents". Counts are
-    over occurrences, so a supported word said twice counts twice; references to passages (`[n]`,
-    "Movie n") are not counted. An answer with no content words (empty, or only stop words) scores 0.
+    over occurrences, so a supported word said twice counts twice; citation marks (`[n]`) and passage
+    names ("Movie n") are not counted. An answer with no content words (empty, or only stop words) scores 0.
 
     >>> context = ["Aldous Finch invented an arctic island to keep his sponsors paying."]
     >>> Groundedness()(["Finch invented the island.", "Finch was a pirate.", ""], context=[context] * 3)

@@ -3,8 +3,8 @@
 `citation` needs only the `context` column: a cited passage earns what it supports of the sentence
 citing it. The source-citation rewards need the `context_ids` (ids of the retrieved passages, in
 prompt order) and `source_id` columns that `ragrpo train --from-index` builds: they know which
-document the question was made from. A reference is `[n]` (also `[1, 2]`) or a "Movie n" name, as the
-prompt protocol reads it (`ragrpo.prompts.cited_passages`).
+document the question was made from. A reference is `[n]` (also `[1, 2]`), as the prompt protocol
+reads it (`ragrpo.prompts.cited_passages`); a "Movie n" name is none, since headers are written so.
 
 Every source-citation variant starts from the same credits, one per passage the answer refers to
 (once, however often it is named): 1 for the source's passage, 0 for another retrieved passage (the
@@ -84,7 +84,7 @@ class SourceCitation(Reward):
     >>> ids = [["a", "b", "c"]] * 5
     >>> SourceCitation()(["As Movie 2 shows, ...", "Per [1] and [2] and [2].", "See [9].", "No idea.", "[2]"],
     ...                  context_ids=ids, source_id=["b"] * 5)
-    [1.0, 0.5, -1.0, 0.0, 1.0]
+    [0.0, 0.5, -1.0, 0.0, 1.0]
     """
 
     __name__ = "source_citation"
