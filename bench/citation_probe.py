@@ -9,6 +9,9 @@ documents (passages in the balanced order `eval --from-index` uses, so the sourc
     prior        the model's choice of "[1]" .. "[k]" as its whole reply: its position habit alone
     given answer the gold answer followed by " [n]": which n the model finds likeliest once it is told
                  the answer. A model that reads the passages points at the source here
+    given answer, by name   the same with the passage's header instead of its number, "(source: The
+                 Ferryman's Ledger (1923))": whether the model would cite by name what it cannot by number
+                 (summed log-probability: the headers differ in length, and a sum is what sampling pays)
     likelihood   which passage, shown alone in the same prompt, makes the gold answer likeliest: the
                  label-free signal a context-reliance reward would train a citation on
     lexical      which passage holds the most of the gold answer's words (normalised; ties split): what
@@ -68,9 +71,14 @@ def model_scores(model, tokenizer, rows: list[dict], label: str) -> dict[str, li
     k = len(rows[0]["context"])
     prompts = [r["prompt"][0]["content"] for r in rows]
     gold = [r["answers"][0] for r in rows]
-    out = {"prior": [], "given answer": [], "likelihood": []}
+    out = {"prior": [], "given answer": [], "given answer, by name": [], "likelihood": []}
     prior = [answer_logprobs(model, tokenizer, prompts, [f"[{n}]"] * len(rows)) for n in range(1, k + 1)]
     given = [answer_logprobs(model, tokenizer, prompts, [f"{g} [{n}]" for g in gold]) for n in range(1, k + 1)]
+    named = []
+    for n in range(k):
+        cited = [f"{g} (source: {shown_passages(r)[n].header})" for g, r in zip(gold, rows, strict=True)]
+        lengths = [len(tokenizer(c, add_special_tokens=False)["input_ids"]) for c in cited]
+        named.append([m * t for m, t in zip(answer_logprobs(model, tokenizer, prompts, cited), lengths, strict=True)])
     alone = []
     for n in range(k):
         single = [build_prompt(r["query"], [shown_passages(r)[n]], cite=True, label=label) for r in rows]
@@ -78,6 +86,7 @@ def model_scores(model, tokenizer, rows: list[dict], label: str) -> dict[str, li
     for i in range(len(rows)):
         out["prior"].append([prior[n][i] for n in range(k)])
         out["given answer"].append([given[n][i] for n in range(k)])
+        out["given answer, by name"].append([named[n][i] for n in range(k)])
         out["likelihood"].append([alone[n][i] for n in range(k)])
     return out
 

@@ -27,7 +27,9 @@ class QueueFull(Exception):
 @dataclass
 class Generation:
     """One request's answer as it is generated: `pieces` (a thread-safe queue of text pieces, None at the end),
-    then `text`, `finish_reason` ('stop', 'length'; None if cancelled), `error` and the token counts."""
+    then `text`, `finish_reason` ('stop', 'length'; None if cancelled), `error` and the token counts.
+    `on_piece`, when set, is called from the engine's thread after each piece is queued: the server wakes
+    its event loop with it instead of parking a worker thread on the queue for every token."""
 
     row: Row
     detokenizer: object
@@ -35,6 +37,7 @@ class Generation:
     cancelled: bool = False
     error: str | None = None
     on_cancel: object = None
+    on_piece: object = None
 
     @property
     def prompt_tokens(self) -> int:
@@ -60,6 +63,12 @@ class Generation:
         self.cancelled = True
         if self.on_cancel is not None:
             self.on_cancel(self)
+
+    def emit(self, piece: str | None) -> None:
+        """Queue a piece of text (None: the end) and tell the reader."""
+        self.pieces.put(piece)
+        if self.on_piece is not None:
+            self.on_piece()
 
 
 class Batcher:
@@ -128,7 +137,7 @@ class Batcher:
                     self._step()
         for generation in [*self.live.values(), *self.waiting]:
             generation.error = "the server is shutting down"
-            generation.pieces.put(None)
+            generation.emit(None)
 
     def _admit(self, joining: list[Generation]) -> None:
         for generation in joining:  # one prefill each: a long prompt delays the batch by its own prefill only
@@ -157,7 +166,7 @@ class Batcher:
         for generation in list(self.live.values()):
             piece = generation.detokenizer.feed(generation.row.new)
             if piece:
-                generation.pieces.put(piece)
+                generation.emit(piece)
             if id(generation.row) in ended or generation.detokenizer.stopped:
                 self.engine.remove(generation.row)
                 self._finish(generation)
@@ -173,7 +182,7 @@ class Batcher:
         else:
             rest = generation.detokenizer.flush()
             if rest and not generation.cancelled:
-                generation.pieces.put(rest)
+                generation.emit(rest)
         with self.lock:
             self.live.pop(id(generation.row), None)
             if generation.error:
@@ -182,4 +191,4 @@ class Batcher:
                 self.cancelled += 1
             else:
                 self.served += 1
-        generation.pieces.put(None)
+        generation.emit(None)
