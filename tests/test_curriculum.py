@@ -387,6 +387,29 @@ def test_citation_accuracy_counts_the_source_alone_and_separates_lower_ranked_so
     assert figures["cites one passage, that is the source"] == 2 / 4  # rows 1 and 4 of the four single citations
 
 
+def test_drawn_from_the_source_reads_the_answer_words_not_its_citation():
+    from ragrpo.evaluation.from_index import drawn_from, score_answers
+
+    question = "What does the ferryman do?"  # its words ("ferryman") name no passage
+    assert drawn_from("He hid a second ledger with watches [1].", PASSAGES, question) == 2  # the words, not the [1]
+    assert drawn_from("Walter Crouch keeps a ledger.", PASSAGES, question) == 1
+    assert drawn_from("A widow restores the tower.", PASSAGES, question) == 3
+    assert drawn_from("The ferryman [2].", PASSAGES, question) is None  # no words of its own
+    assert drawn_from("Bananas.", PASSAGES, question) is None  # in no passage
+    assert drawn_from("A ledger.", PASSAGES, question) is None  # in passages 1 and 2 alike: a tie names none
+
+    def row(rank):  # the source is passage `rank` of three
+        ids = [["s", "y", "z"], ["x", "s", "z"], ["x", "y", "s"]][rank - 1]
+        return {"context": PASSAGES, "context_ids": ids, "source_id": "s", "query": question, "prompt": question,
+                "source_rank": rank}
+
+    rows = [row(1), row(2), row(3), row(2)]
+    answers = ["Walter Crouch keeps a ledger [2].", "He hid watches [1].", "Walter Crouch [3].", "No idea."]
+    figures = score_answers(answers, rows, ["length"]).figures
+    assert figures["drawn from the source"] == 2 / 4  # rows 1 and 2, whatever they cite
+    assert figures["drawn from the source, source not passage 1"] == 1 / 3
+
+
 def test_a_habit_of_citing_the_last_passage_passes_below_passage_1_but_not_the_worst_position():
     from ragrpo.evaluation.from_index import score_answers
 

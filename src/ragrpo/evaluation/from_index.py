@@ -35,6 +35,10 @@ both models), and every seed gives one value of each figure:
     cites one passage  share of answers that refer to exactly one shown passage, whichever
     ... that is the source   over those answers, the share citing the source: 1/k for a habit or a
                        guess (passages in balanced order), so it tells reading from citing at random
+    drawn from the source    share of answers whose own words (not the question's) are found most in
+                       the source passage, one passage ahead of the others: what the answer was read
+                       from, whatever it cites. About 1/k for a model that copies from any passage
+    ... source not passage 1   the same where the source is shown below the top
     answer length      characters of the answer (the <answer> section with --reasoning)
     token diversity    the write-up's within-answer diversity (unique / total words, in %)
     distinct-2         unique word bigrams / all word bigrams over the seed's answers (across answers)
@@ -127,6 +131,20 @@ def distinct_2(texts: list[str]) -> float:
     return len(set(grams)) / len(grams) if grams else 0.0
 
 
+def drawn_from(answer: str, passages: list[str], question: str) -> int | None:
+    """The passage (1-based) holding the largest share of the answer's own words, or None when no
+    passage holds any, or two hold the most (a tie names no passage)."""
+    from ragrpo.rewards.base import share, words
+    from ragrpo.rewards.citations import own_words
+
+    own = own_words(answer, question)
+    if not own:
+        return None
+    shares = [share(own, set(words(p))) for p in passages]
+    best = max(shares)
+    return shares.index(best) + 1 if best > 0 and shares.count(best) == 1 else None
+
+
 def score_answers(completions: list[str], rows: list[dict], reward_specs: list[str]) -> SeedScores:
     """Every figure of one seed's answers; `rows` are the matching dataset rows (context, ids, source)."""
     from ragrpo.rewards.builtin import (
@@ -153,6 +171,8 @@ def score_answers(completions: list[str], rows: list[dict], reward_specs: list[s
     only = [float(r["source_rank"] > 0 and refs == {r["source_rank"]}) for r, refs in zip(rows, referred)]
     only_below = [o for r, o in zip(rows, only) if r["source_rank"] > 1]
     single = [len(refs) == 1 for refs in referred]
+    drawn = [float(r["source_rank"] > 0 and drawn_from(a, r["context"], r["query"]) == r["source_rank"])
+             for a, r in zip(answers, rows)]
     lengths = [float(len(a)) for a in answers]
     diversity = token_diversity(answers)
     figures = {}
@@ -177,6 +197,8 @@ def score_answers(completions: list[str], rows: list[dict], reward_specs: list[s
                "cites source only, source not passage 1": only_below,
                "cites one passage": [float(one) for one in single],
                "cites one passage, that is the source": [o for o, one in zip(only, single) if one],
+               "drawn from the source": drawn,
+               "drawn from the source, source not passage 1": [d for r, d in zip(rows, drawn) if r["source_rank"] > 1],
                "answer length, chars": lengths, "token diversity": diversity}
     for position in sorted({r["source_rank"] for r in rows} - {0}):
         figures[f"cites source only, source at passage {position}"] = [
