@@ -64,7 +64,8 @@ def lexical_scores(row: dict) -> list[float]:
 
 
 def model_scores(model, tokenizer, rows: list[dict], label: str) -> dict[str, list[list[float]]]:
-    """Per row, a score for each passage under the three model readers (mean log-probability per token)."""
+    """Per row, a score for each passage under the four model readers: mean log-probability per token,
+    summed over the tokens for the by-name reader (its candidates differ in length)."""
     from ragrpo.models import answer_logprobs
     from ragrpo.prompts import build_prompt
 

@@ -184,9 +184,9 @@ async def batched_pieces(generation, client_gone):
             except queues.Empty:
                 try:
                     await asyncio.wait_for(ready.wait(), timeout=0.2)
+                    continue  # woken: a piece is queued; the client is asked only on a quiet 0.2 s
                 except TimeoutError:
-                    pass
-                piece = queues.Empty
+                    piece = queues.Empty
             if time.monotonic() - checked > 0.2 or piece is queues.Empty:  # pieces may come faster than that
                 checked = time.monotonic()
                 if await client_gone():
