@@ -104,3 +104,31 @@ def test_ask_streams_to_the_terminal_and_json_gives_one_object(movie_db, base_mo
     assert 0 < reply["completion_tokens"] <= 24 and reply["prompt_tokens"] > 100
     assert len(reply["sources"]) == 2 and reply["sources"][0]["label"] == "The Beekeeper's Confession (1997)"
     assert "movie_plot" not in reply["sources"][0]
+
+
+@pytest.mark.integration
+def test_ask_marks_the_source_the_answer_words_come_from(movie_db, base_model_dir, monkeypatch):
+    """Whatever the model cites, `ask` marks the passage its answer's words are drawn from: here an answer
+    made of words only the second passage holds, written with a "[1]" citation."""
+    import json
+
+    from click.testing import CliRunner
+
+    from ragrpo.cli import main
+    from ragrpo.generation import rag
+    from ragrpo.retrieval.index import open_table
+
+    question = "Which film is about a beekeeper who poisoned the honey?"
+    hits, column = rag.retrieve(open_table("movies", movie_db), question, k=2)
+    first, second = (set(h[column].lower().replace(".", " ").replace(",", " ").split()) for h in hits)
+    only_second = sorted(w for w in second - first if w.isalpha() and len(w) > 6)[:4]
+    assert len(only_second) == 4
+    answer = " ".join(only_second) + " [1]"
+    monkeypatch.setattr(rag, "generate", lambda *a, **kw: [f"<think>x</think><answer>{answer}</answer>"])
+    args = ["ask", question, "--table", "movies", "--db", str(movie_db), "-k", "2", "--reasoning"]
+    outcome = CliRunner().invoke(main, args)
+    assert outcome.exit_code == 0, outcome.output
+    lines = outcome.output.split("Sources:\n")[1].splitlines()
+    assert "drawn from this one" in lines[1] and "drawn from" not in lines[0]
+    record = json.loads(CliRunner().invoke(main, [*args, "--json"]).output)
+    assert record["answer"] == answer and record["drawn_from"] == 2

@@ -294,7 +294,8 @@ def search(query, table, db, storage_options, where, k, as_json, mode, rerank):
 def ask(query, table, model, db, storage_options, where, k, max_new_tokens, temperature, repetition_penalty, mode, rerank,
         reasoning, cite, passage_header, as_json, agentic, max_searches):
     """Retrieve K passages for QUERY, answer from them with the model (streamed as it is written), and list
-    the sources. With --reasoning the answer is shown once complete, without its <think> part.
+    the sources, marking the one the answer's words are drawn from (the system's attribution, whatever the
+    model cites). With --reasoning the answer is shown once complete, without its <think> part.
 
     Example: ragrpo ask "What's common in movies where the protagonist is the bad guy" --table movies
     --where "release_year < 1990" --model runs/demo/merged
@@ -322,7 +323,7 @@ def ask(query, table, model, db, storage_options, where, k, max_new_tokens, temp
         result = ask_agentic(query, table, model, db=db, where=where, k=k, mode=mode, header=passage_header,
                              max_searches=max_searches, max_new_tokens=max_new_tokens, temperature=temperature,
                              storage_options=storage_options, on_search=shown)
-        answer, sources = result.text, result.sources
+        answer, sources, drawn = result.text, result.sources, None
         record = {"query": query, "answer": answer, "searches": result.searches, "completion": result.raw}
     elif reasoning:  # the <think> part is not shown, so there is nothing to stream before the answer
         from ragrpo.generation.rag import ask as run_ask
@@ -330,7 +331,7 @@ def ask(query, table, model, db, storage_options, where, k, max_new_tokens, temp
         result = run_ask(query, table, model, db=db, where=where, k=k, max_new_tokens=max_new_tokens,
                          temperature=temperature, repetition_penalty=repetition_penalty, mode=mode, rerank=rerank,
                          reasoning=True, cite=cite, header=passage_header, storage_options=storage_options)
-        answer, sources = result.text, result.sources
+        answer, sources, drawn = result.text, result.sources, result.drawn_from
         record = {"query": query, "answer": answer, "reasoning": result.raw}
     else:
         stream = ask_stream(query, table, model, db=db, where=where, k=k, mode=mode, rerank=rerank, cite=cite,
@@ -341,10 +342,12 @@ def ask(query, table, model, db, storage_options, where, k, max_new_tokens, temp
             for piece in stream:
                 click.echo(piece, nl=False)
         answer, sources = stream.read(), stream.sources
+        drawn = stream.drawn_from()
         record = {"query": query, "answer": answer, "finish_reason": stream.finish_reason,
                   "prompt_tokens": stream.prompt_tokens, "completion_tokens": stream.completion_tokens}
     if as_json:
         record["sources"] = [{"label": source_label(s), **s} for s in sources]
+        record["drawn_from"] = drawn
         click.echo(json.dumps(record, default=str))
         return
     streamed = not (agentic or reasoning)  # else the answer is shown once complete
@@ -352,7 +355,8 @@ def ask(query, table, model, db, storage_options, where, k, max_new_tokens, temp
         click.echo(answer or "(no answer: the model ended its turn before answering)")
     click.echo("\n\nSources:" if streamed else "\nSources:")
     for n, source in enumerate(sources, 1):
-        click.echo(f"  [{n}] {source_label(source)}")
+        mark = "   <- the answer's words are drawn from this one" if n == drawn else ""
+        click.echo(f"  [{n}] {source_label(source)}{mark}")
 
 
 @main.command()

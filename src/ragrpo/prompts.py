@@ -227,6 +227,22 @@ def without_references(text: str) -> str:
     return PASSAGE_NAME.sub(" ", CITATION.sub(" ", text))
 
 
+def drawn_from(answer: str, passages: list, question: str) -> int | None:
+    """The passage (1-based) holding the largest share of the answer's own words (neither the question's nor
+    citation marks), headers included; None when no passage holds any, or two hold the most (a tie names
+    none). This is how the system attributes an answer whatever the model cites: the 135M model's own
+    "[n]" follows position, not reading (bench/results/from-index/NOTES.md, the citation probe)."""
+    from ragrpo.rewards.base import share, words
+    from ragrpo.rewards.citations import own_words
+
+    own = own_words(answer, question)
+    if not own:
+        return None
+    shares = [share(own, set(words(f"{p.header}\n{p.text}"))) for p in map(_as_passage, passages)]
+    best = max(shares)
+    return shares.index(best) + 1 if best > 0 and shares.count(best) == 1 else None
+
+
 # ---- the agentic protocol -------------------------------------------------------------------------
 
 

@@ -131,22 +131,9 @@ def distinct_2(texts: list[str]) -> float:
     return len(set(grams)) / len(grams) if grams else 0.0
 
 
-def drawn_from(answer: str, passages: list[str], question: str) -> int | None:
-    """The passage (1-based) holding the largest share of the answer's own words, or None when no
-    passage holds any, or two hold the most (a tie names no passage)."""
-    from ragrpo.rewards.base import share, words
-    from ragrpo.rewards.citations import own_words
-
-    own = own_words(answer, question)
-    if not own:
-        return None
-    shares = [share(own, set(words(p))) for p in passages]
-    best = max(shares)
-    return shares.index(best) + 1 if best > 0 and shares.count(best) == 1 else None
-
-
 def score_answers(completions: list[str], rows: list[dict], reward_specs: list[str]) -> SeedScores:
     """Every figure of one seed's answers; `rows` are the matching dataset rows (context, ids, source)."""
+    from ragrpo.prompts import drawn_from
     from ragrpo.rewards.builtin import (
         answer_text,
         cited_passages,

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ragrpo import RagrpoError
-from ragrpo.prompts import PassageStyle, build_prompt, table_style
+from ragrpo.prompts import PassageStyle, build_prompt, drawn_from, table_style
 from ragrpo.retrieval.index import DEFAULT_DB, open_table
 from ragrpo.retrieval.search import search, text_column
 
@@ -19,6 +19,7 @@ class Answer:
     prompt: str = ""
     raw: str = ""  # the whole completion; with reasoning, `text` is its <answer> section only
     searches: list[dict] = field(default_factory=list)  # an agentic answer's search calls (`agentic.public`)
+    drawn_from: int | None = None  # the source (1-based) the answer's words come from (`prompts.drawn_from`)
 
 
 def generate(
@@ -71,12 +72,14 @@ def answer_from_hits(model, tokenizer, query: str, hits: list[dict], column: str
     from ragrpo.rewards.builtin import answer_text
 
     style = style or PassageStyle()
-    prompt = build_prompt(query, style.passages(hits, column), reasoning=reasoning, cite=cite, label=style.label)
+    passages = style.passages(hits, column)
+    prompt = build_prompt(query, passages, reasoning=reasoning, cite=cite, label=style.label)
     [text] = generate(model, tokenizer, [[{"role": "user", "content": prompt}]], max_new_tokens=max_new_tokens,
                       temperature=temperature, repetition_penalty=repetition_penalty)
     sources = [{key: value for key, value in hit.items() if key != column} for hit in hits]
     shown = answer_text(text) if reasoning else text.strip()
-    return Answer(query=query, text=shown, sources=sources, prompt=prompt, raw=text.strip())
+    return Answer(query=query, text=shown, sources=sources, prompt=prompt, raw=text.strip(),
+                  drawn_from=drawn_from(shown, passages, query))
 
 
 def ask(query: str, table: str, model: str | None, *, db: str | Path = DEFAULT_DB, where: str | None = None,
@@ -119,7 +122,7 @@ class TextStream:
     def __init__(self, model, tokenizer, conversation: list[dict], *, max_new_tokens: int = 128,
                  temperature: float = 0.0, top_p: float = 1.0, repetition_penalty: float = 1.0,
                  stop: list[str] | tuple[str, ...] = (), min_new_tokens: int = 0, seed: int | None = None,
-                 sources: list[dict] | None = None):
+                 sources: list[dict] | None = None, passages: list | None = None, question: str = ""):
         if max_new_tokens < 1:
             raise RagrpoError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
         self.model, self.tokenizer = model, tokenizer
@@ -134,6 +137,7 @@ class TextStream:
         self.temperature, self.top_p, self.repetition_penalty, self.seed = temperature, top_p, repetition_penalty, seed
         self.stop = [s for s in stop if s]
         self.sources = sources or []
+        self.passages, self.question = passages or [], question
         self.text, self.finish_reason, self.completion_tokens = "", None, 0
         self._pieces = self._run()
 
@@ -151,6 +155,10 @@ class TextStream:
         for _ in self:
             pass
         return self.text
+
+    def drawn_from(self) -> int | None:
+        """The source (1-based) the text so far is drawn from (`prompts.drawn_from`); None without passages."""
+        return drawn_from(self.text, self.passages, self.question) if self.passages else None
 
     def _eos_ids(self) -> list[int]:
         from ragrpo.generation.decode import eos_ids
@@ -299,11 +307,14 @@ def answer_sources(hits: list[dict], column: str) -> list[dict]:
 def stream_answer(model, tokenizer, query: str, hits: list[dict], column: str, *, history: list[dict] = (),
                   cite: bool = False, style: PassageStyle | None = None, **options) -> TextStream:
     """A `TextStream` answering `query` from `hits` with the write-up's prompt, after the chat `history`
-    (earlier turns, if any); `options` are `TextStream`'s. The stream carries the sources."""
+    (earlier turns, if any); `options` are `TextStream`'s. The stream carries the sources and the passages
+    (for `TextStream.drawn_from`)."""
     style = style or PassageStyle()
-    prompt = build_prompt(query, style.passages(hits, column), cite=cite, label=style.label)
+    passages = style.passages(hits, column)
+    prompt = build_prompt(query, passages, cite=cite, label=style.label)
     conversation = [*history, {"role": "user", "content": prompt}]
-    return TextStream(model, tokenizer, conversation, sources=answer_sources(hits, column), **options)
+    return TextStream(model, tokenizer, conversation, sources=answer_sources(hits, column), passages=passages,
+                      question=query, **options)
 
 
 def ask_stream(query: str, table: str, model: str | None, *, db: str | Path = DEFAULT_DB, where: str | None = None,

@@ -4,7 +4,8 @@
                                 ending with `data: [DONE]`. Extra body fields: `where` (SQL prefilter),
                                 `k`, `mode`, `repetition_penalty`, `min_tokens`, and `agentic` (the model
                                 searches for itself: `serving/agentic.py`). The answer's sources come
-                                back as `sources` (in the first chunk when streaming).
+                                back as `sources` (in the first chunk when streaming), and the number of
+                                the one its words are drawn from as `drawn_from` (in the finish chunk).
     GET  /v1/models             the one model served
     POST /v1/search             the rows retrieval would use, without generating
     GET  /healthz               liveness, plus the queue: generations running, waiting, served, cancelled
@@ -334,10 +335,11 @@ def create_app(server: Server):
             choice = {"index": 0, "message": {"role": "assistant", "content": stream.text},
                       "finish_reason": stream.finish_reason}
             return {**meta, "object": "chat.completion", "choices": [choice], "usage": usage(),
-                    "sources": _sources(stream)}
+                    "sources": _sources(stream), "drawn_from": stream.drawn_from()}
 
         pieces = generate_pieces(server, stream, request.is_disconnected)
-        return _event_stream(meta, body, _sources(stream), pieces, lambda: stream.finish_reason, lambda: None, usage)
+        return _event_stream(meta, body, _sources(stream), pieces, lambda: stream.finish_reason, lambda: None, usage,
+                             stream.drawn_from)
 
     app.add_middleware(BodyLimit, limit=MAX_BODY_BYTES)  # added last: outermost, before the API key check
     return app
@@ -349,10 +351,11 @@ async def batched_chat(server: Server, body: ChatRequest, request: Request, ques
     from ragrpo.generation.batching import QueueFull
     from ragrpo.generation.decode import Sampling, eos_ids
     from ragrpo.generation.rag import answer_sources
-    from ragrpo.prompts import build_prompt
+    from ragrpo.prompts import build_prompt, drawn_from
 
     tokenizer, batcher, style = server.tokenizer, server.batcher, server.style
-    prompt = build_prompt(question, style.passages(hits, column), cite=server.cites(body), label=style.label)
+    passages = style.passages(hits, column)
+    prompt = build_prompt(question, passages, cite=server.cites(body), label=style.label)
     conversation = [*history, {"role": "user", "content": prompt}]
     text = tokenizer.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
     prompt_ids = tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -377,6 +380,9 @@ async def batched_chat(server: Server, body: ChatRequest, request: Request, ques
     def failed():
         return ApiError(500, generation.error, kind="server_error", code="generation_failed")
 
+    def drawn():
+        return drawn_from(generation.text, passages, question)
+
     pieces = batched_pieces(generation, request.is_disconnected)
     if not body.stream:
         async for _ in pieces:
@@ -385,14 +391,16 @@ async def batched_chat(server: Server, body: ChatRequest, request: Request, ques
             raise failed()
         choice = {"index": 0, "message": {"role": "assistant", "content": generation.text},
                   "finish_reason": generation.finish_reason}
-        return {**meta, "object": "chat.completion", "choices": [choice], "usage": usage(), "sources": sources}
+        return {**meta, "object": "chat.completion", "choices": [choice], "usage": usage(), "sources": sources,
+                "drawn_from": drawn()}
     return _event_stream(meta, body, sources, pieces, lambda: generation.finish_reason,
-                         lambda: failed().body() if generation.error else None, usage)
+                         lambda: failed().body() if generation.error else None, usage, drawn)
 
 
-def _event_stream(meta: dict, body: ChatRequest, sources: list[dict], pieces, finish_reason, error, usage):
+def _event_stream(meta: dict, body: ChatRequest, sources: list[dict], pieces, finish_reason, error, usage, drawn):
     """The streamed reply, as server-sent events: the role chunk with the sources, one chunk per piece, then
-    the finish reason (or the error), the usage if asked for, and [DONE]. Nothing follows a client that left."""
+    the finish reason with `drawn_from` (the source the answer's words come from, known only now) or the error,
+    the usage if asked for, and [DONE]. Nothing follows a client that left."""
     chunk = {**meta, "object": "chat.completion.chunk"}
 
     def delta(content: dict, finish=None) -> dict:
@@ -407,7 +415,7 @@ def _event_stream(meta: dict, body: ChatRequest, sources: list[dict], pieces, fi
             return
         if finish_reason() is None:  # the client left; nobody reads what would follow
             return
-        yield _sse(delta({}, finish_reason()))
+        yield _sse({**delta({}, finish_reason()), "drawn_from": drawn()})
         if (body.stream_options or {}).get("include_usage"):
             yield _sse({**chunk, "choices": [], "usage": usage()})
         yield _sse("[DONE]")
