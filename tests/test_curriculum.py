@@ -359,6 +359,7 @@ def test_eval_from_index_scores_both_models_per_seed(index_run, tiny_model_dir, 
     report = (tmp_path / "report" / "report.md").read_text()
     assert "hit@2" in report and "| groundedness |" in report and "Gain against seed spread" in report
     assert "## Done when" in report and "- cites source only, worst source position gains beyond the spread" in report
+    assert "- drawn from the source, source not passage 1 gains beyond the spread" in report
     for name in ("curves.png", "histograms.png", "by-position.png", "results.json"):
         assert (tmp_path / "report" / name).stat().st_size > 0
     assert "| answer accuracy | 4 |" in report  # each figure says how many answers it is over

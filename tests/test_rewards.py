@@ -295,7 +295,7 @@ def test_registry_names_are_metric_keys_with_one_line_descriptions():
     assert list(REWARDS) == ["length", "token_diversity", "format", "groundedness", "groundedness_beyond_question",
                              "citation", "source_citation", "source_citation_grounded", "source_citation_answered",
                              "source_citation_only", "source_citation_exact", "source_citation_exact_1w", "source_citation_debiased_1w",
-                             "single_citation", "single_citation_debiased", "answer_match",
+                             "drawn_from_source", "single_citation", "single_citation_debiased", "answer_match",
                              "context_reliance", "relevance", "repetition",
                              "search_found_source", "search_format", "search_cost"]
     funcs, _ = resolve_rewards(list(REWARDS))
@@ -690,3 +690,36 @@ def test_debiased_source_citation_starts_each_run_fresh_and_keeps_its_rates_thro
     assert after == [1.0 + 1 / 3 - first.func.rates[3]]
     with pytest.raises(RagrpoError, match="decay"):
         type(shared)(decay=1.0)
+
+
+FERRY = ["## Movie 1: The Ferryman's Ledger (1923)\nWalter Crouch rows the night ferry and keeps its ledger.",
+         "## Movie 2: Tide Clock (1931)\nInspector Hale finds watches hidden in a second ledger.",
+         "## Movie 3: Salt Tower (1940)\nA widow restores a lighthouse tower."]
+DRAWN_FROM_SOURCE_CASES = [  # the source is passage 2 ("b")
+    ("Inspector Hale finds the hidden watches [1].", 1.0),  # its words are passage 2's, whatever it cites
+    ("Walter Crouch rows the night ferry [2].", 0.0),  # cites the source, reads passage 1
+    ("Tide Clock (1931).", 1.0),  # the header is part of the passage
+    ("A ledger.", 0.0),  # passages 1 and 2 alike: a tie names none
+    ("Who keeps the ledger? [2]", 0.0),  # only the question's words and a number
+    ("Bananas and pineapples.", 0.0),  # in no passage
+    ("<think>Walter Crouch rows</think><answer>Hale found watches.</answer>", 1.0),  # the answer section counts
+]
+
+
+@pytest.mark.parametrize("completion,expected", DRAWN_FROM_SOURCE_CASES)
+def test_drawn_from_source(completion, expected):
+    (reward,), _ = resolve_rewards(["drawn_from_source"])
+    scores = reward(completions=[completion], context_ids=[["a", "b", "c"]], source_id=["b"], context=[FERRY],
+                    query=["Who keeps the ledger?"])
+    assert scores == [expected]
+
+
+def test_drawn_from_source_pays_nothing_when_the_source_was_not_retrieved_and_names_missing_columns():
+    (reward,), _ = resolve_rewards(["drawn_from_source"])
+    answer = ["Inspector Hale finds the hidden watches."]
+    assert reward(completions=answer, context_ids=[["a", "b", "c"]], source_id=["z"], context=[FERRY],
+                  query=["Who?"]) == [0.0]
+    with pytest.raises(RewardError, match="source_id"):
+        reward(completions=answer, context_ids=[["a", "b", "c"]], context=[FERRY], query=["Who?"])
+    with pytest.raises(RewardError, match="'context' column"):
+        reward(completions=answer, context_ids=[["a", "b", "c"]], source_id=["b"], query=["Who?"])

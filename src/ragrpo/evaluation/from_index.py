@@ -61,7 +61,8 @@ from ragrpo import RagrpoError
 HEADLINE = ("answer accuracy", "answer accuracy, hedges allowed", "answer accuracy, first 100 chars",
             "answer accuracy, worst source position",
             "token F1", "cites source only", "cites source only, source not passage 1",
-            "cites source only, worst source position", "groundedness", "distinct-2")
+            "cites source only, worst source position", "drawn from the source",
+            "drawn from the source, source not passage 1", "groundedness", "distinct-2")
 PREFIX_CHARS = 100  # answer accuracy is also taken over this many characters of each answer
 DISTINCT_2_DROP = 0.05  # how far distinct-2 may fall below the base model's (issue 17's done-when)
 
@@ -461,10 +462,12 @@ def plot_by_position(result: IndexComparison, target: Path) -> Path:
 def done_when(result: IndexComparison) -> list[str]:
     """Issue 17's test, one line per condition: answer accuracy and citation accuracy where the source is not
     passage 1 gain beyond the seed spread, and distinct-2 falls at most `DISTINCT_2_DROP`; and the same for
-    citation at the worst source position, which a habit of citing the last passage cannot pass."""
+    citation at the worst source position, which a habit of citing the last passage cannot pass; and the
+    source the system marks (`prompts.drawn_from`, what `ask` and `serve` show) where it is not passage 1."""
     verdicts, base, tuned = result.verdicts(), result.summary("base"), result.summary("tuned")
     lines = []
-    for name in ("answer accuracy", "cites source only, source not passage 1", "cites source only, worst source position"):
+    for name in ("answer accuracy", "cites source only, source not passage 1", "cites source only, worst source position",
+                 "drawn from the source, source not passage 1"):
         if name in verdicts:
             met = "met" if verdicts[name]["exceeds_spread"] else "NOT met"
             lines.append(f"- {name} gains beyond the spread: **{met}** ({verdicts[name]['gain']:+.3f} against "

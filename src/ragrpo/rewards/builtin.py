@@ -42,6 +42,7 @@ from ragrpo.rewards.base import (  # noqa: F401  (re-exported: what rewards read
     words,
 )
 from ragrpo.rewards.citations import (  # noqa: F401
+    DrawnFromSource,
     SingleCitation,
     SingleCitationDebiased,
     SourceCitation,
@@ -328,6 +329,7 @@ REWARDS: dict[str, Callable] = {
     "source_citation_exact": SourceCitationExact(),
     "source_citation_exact_1w": SourceCitationExact(min_words=1),
     "source_citation_debiased_1w": SourceCitationDebiased(min_words=1),
+    "drawn_from_source": DrawnFromSource(),
     "single_citation": SingleCitation(),
     "single_citation_debiased": SingleCitationDebiased(),
     "answer_match": answer_match,

@@ -21,6 +21,9 @@ variant's `others`), -1 for a passage that does not exist. The variants differ i
     source_citation_debiased  ... a right reference earning 1 + 1/k less the running rate at which
                               answers cite its position, so that a habit earns little (it keeps state)
 
+`drawn_from_source` pays for what the system marks instead (`prompts.drawn_from`): the answer's own words
+come from the source's passage, whatever it cites.
+
 `single_citation` is their format term: 1 for an answer that refers to exactly one shown passage,
 whichever it is; `single_citation_debiased` charges that 1 the running rate at which answers cite the
 position, as `source_citation_debiased` does.
@@ -36,7 +39,7 @@ from __future__ import annotations
 import re
 
 from ragrpo import RagrpoError
-from ragrpo.prompts import CITATION, cited_passages, without_references
+from ragrpo.prompts import CITATION, cited_passages, drawn_from, without_references
 from ragrpo.rewards.base import Reward, answer_text, column, content_words, passages, share, words
 
 # A sentence ends at . ! ? followed by space, at a CJK full stop, or at a line break; a citation right
@@ -250,6 +253,38 @@ class SourceCitationDebiased(SourceCitationExact):
         # A score of 1 means every reference is the source: one position, or several where the source
         # document was retrieved twice; their mean rate is charged.
         return self.positions.debias(scores, completions, context_ids)
+
+
+class DrawnFromSource(Reward):
+    """The answer's own words come from the source document's passage: 1, else 0 (the system's citation).
+
+    Scored with `prompts.drawn_from`, the rule `ask` and `serve` use to mark the source an answer comes
+    from and `eval --from-index` scores as "drawn from the source": the passage holding the largest share
+    of the answer's own content words, one passage ahead of the others. It pays for reading the right
+    passage rather than for writing its number, which SmolLM2-135M does by position whatever it read (the
+    citation probe, bench/results/from-index/NOTES.md). Passage order is shuffled per sample in training,
+    so drawing from one position by habit earns 1/k. 0 when the source was not retrieved.
+
+    >>> docs = [["Walter Crouch keeps the ferry ledger.", "Hale hid watches in a second ledger.", "Gulls."]] * 3
+    >>> DrawnFromSource()(["He hid watches [1].", "Walter Crouch [2].", "A ledger."],
+    ...     context_ids=[["a", "b", "c"]] * 3, source_id=["b"] * 3, context=docs, query=["Who hid what?"] * 3)
+    [1.0, 0.0, 0.0]
+    """
+
+    __name__ = "drawn_from_source"
+
+    def __call__(self, completions, context_ids=None, source_id=None, context=None, query=None,
+                 **kwargs) -> list[float]:
+        if context_ids is None or source_id is None:
+            raise RagrpoError("needs 'context_ids' and 'source_id' columns (the ids of the retrieved passages and "
+                              "of the document the question is about); `ragrpo train --from-index` builds them")
+        rows = zip(completions, context_ids, source_id, column(context, "context"), column(query, "query"),
+                   strict=True)
+        scores = []
+        for completion, ids, source, sample_context, question in rows:
+            drawn = drawn_from(answer_text(completion), passages(sample_context), question)
+            scores.append(float(drawn is not None and list(ids)[drawn - 1] == source))
+        return scores
 
 
 class PositionRates:
