@@ -238,7 +238,7 @@ def drawn_from(answer: str, passages: list, question: str) -> int | None:
     own = own_words(answer, question)
     if not own:
         return None
-    shares = [share(own, set(words(f"{p.header}\n{p.text}"))) for p in map(_as_passage, passages)]
+    shares = [share(own, set(words(p.context()))) for p in map(_as_passage, passages)]
     best = max(shares)
     return shares.index(best) + 1 if best > 0 and shares.count(best) == 1 else None
 
