@@ -398,10 +398,14 @@ def test_ask_agentic_prints_each_search_and_the_answer(searcher_dir, movie_db):
     assert shown.exit_code == 0, shown.output
     lines = shown.output.splitlines()
     assert lines[0] == "search: Thames ferryman ledger -> passages [1, 2]"
-    assert "Inspector Hale [1]." in lines and "  [1] The Ferryman's Ledger (1923)" in lines
+    # Inspector Hale is in The Ferryman's Ledger's plot, not the other's: the answer is marked as drawn from it
+    assert "Inspector Hale [1]." in lines and lines[-2:] == [
+        "  [1] The Ferryman's Ledger (1923)   <- the answer's words are drawn from this one",
+        "  [2] Last Ferry to Cheung Chau (1998)"]
     record = json.loads(CliRunner().invoke(main, [*args, "--json"]).output)
     assert record["searches"] == [{"query": "Thames ferryman ledger", "passages": [1, 2], "error": None}]
     assert record["answer"] == "Inspector Hale [1]." and record["sources"][0]["label"] == "The Ferryman's Ledger (1923)"
+    assert record["drawn_from"] == 1
 
 
 @pytest.mark.parametrize("extra, fragment", [

@@ -333,6 +333,9 @@ def test_an_agentic_request_returns_the_searches_beside_the_sources(searcher_ser
     answered = [n for n, c in enumerate(chunks) if c["choices"][0]["delta"].get("content")]
     assert [c["searches"] for c in searched] == [plain["searches"]] and chunks.index(searched[0]) < answered[0]
     assert chunks[answered[0]]["choices"][0]["delta"]["content"] == "Inspector Hale [1]."
+    # the source its words come from (Inspector Hale is in The Ferryman's Ledger's plot), plain and streamed
+    assert plain["drawn_from"] == 1
+    assert [c["drawn_from"] for c in chunks if c["choices"][0]["finish_reason"]] == [1]
     assert chunks[answered[0]]["sources"] == plain["sources"]
     assert [c["choices"][0]["finish_reason"] for c in chunks if c["choices"][0]["finish_reason"]] == ["stop"]
     state = health(searcher_server)

@@ -323,7 +323,7 @@ def ask(query, table, model, db, storage_options, where, k, max_new_tokens, temp
         result = ask_agentic(query, table, model, db=db, where=where, k=k, mode=mode, header=passage_header,
                              max_searches=max_searches, max_new_tokens=max_new_tokens, temperature=temperature,
                              storage_options=storage_options, on_search=shown)
-        answer, sources, drawn = result.text, result.sources, None
+        answer, sources, drawn = result.text, result.sources, result.drawn_from
         record = {"query": query, "answer": answer, "searches": result.searches, "completion": result.raw}
     elif reasoning:  # the <think> part is not shown, so there is nothing to stream before the answer
         from ragrpo.generation.rag import ask as run_ask

@@ -218,7 +218,7 @@ def ask_agentic(query: str, table: str, model: str | None, *, db="lancedb", wher
     loads; returns a `rag.Answer` whose `searches` are the calls made and `sources` the rows they showed."""
     from ragrpo.generation.rag import Answer, answer_sources, retrieve
     from ragrpo.models import load_model
-    from ragrpo.prompts import agentic_answer, table_style
+    from ragrpo.prompts import agentic_answer, drawn_from, table_style
     from ragrpo.retrieval.index import open_table
 
     handle = open_table(table, db, storage_options)
@@ -228,9 +228,10 @@ def ask_agentic(query: str, table: str, model: str | None, *, db="lancedb", wher
     [row] = search_and_answer(lm, tokenizer, [query], tool, max_searches=max_searches, max_new_tokens=max_new_tokens,
                               temperature=temperature, on_search=None if on_search is None else
                               (lambda _, call: on_search(call)))
-    raw = row.text(tokenizer)
-    return Answer(query=query, text=agentic_answer(raw), sources=answer_sources(row.hits, tool.column), raw=raw,
-                  searches=[public(call) for call in row.searches])
+    raw, shown = row.text(tokenizer), tool.style.passages(row.hits, tool.column)
+    answer = agentic_answer(raw)
+    return Answer(query=query, text=answer, sources=answer_sources(row.hits, tool.column), raw=raw,
+                  searches=[public(call) for call in row.searches], drawn_from=drawn_from(answer, shown, query))
 
 
 def public(call: Search) -> dict:

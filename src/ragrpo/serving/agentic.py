@@ -6,7 +6,8 @@ The reply is OpenAI's chat completion with two fields beside `choices`: `searche
 the `passages` it showed as numbers into `sources`, and its `error` when it ran no search) and `sources`
 (the rows the searches showed, in number order). Streamed, a chunk with an empty delta and a one-call
 `searches` list is sent as each search is made, then the answer in one content chunk with the `sources`,
-then the finish reason and `[DONE]`: the answer is not known until the last search has been answered.
+then the finish reason (with `drawn_from`, as in `server.py`) and `[DONE]`: the answer is not known until
+the last search has been answered. `drawn_from` is the number of the source the answer's words come from.
 
 Agentic requests take turns at the model with each other (one search loop at a time) and run beside the
 batch of ordinary requests, which decodes on its own copy of the weights. The conversation's earlier
@@ -32,7 +33,7 @@ async def agentic_chat(server, body, request, question: str, max_tokens: int):
     """The chat endpoint's answer through the search loop; `server` is the app's `Server`."""
     from ragrpo.generation.agentic import SearchTool, public, search_and_answer
     from ragrpo.generation.rag import answer_sources
-    from ragrpo.prompts import agentic_answer
+    from ragrpo.prompts import agentic_answer, drawn_from
 
     tool = SearchTool(server.table, where=body.where, k=body.k or server.answering.k,
                       mode=body.mode or server.answering.mode, style=server.style)
@@ -75,13 +76,14 @@ async def agentic_chat(server, body, request, question: str, max_tokens: int):
 
     meta = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": server.model_id}
 
-    def finished(row) -> tuple[dict, list[dict], dict]:
+    def finished(row) -> tuple[dict, list[dict], dict, int | None]:
         answer = agentic_answer(row.text(server.tokenizer))
+        drawn = drawn_from(answer, tool.style.passages(row.hits, tool.column), question)
         usage = {"prompt_tokens": len(row.prompt_ids), "completion_tokens": row.written,
                  "total_tokens": len(row.prompt_ids) + row.written}
         if row.finish_reason in ("stop", "length"):
             server.served += 1
-        return {"role": "assistant", "content": answer}, labelled(answer_sources(row.hits, tool.column)), usage
+        return {"role": "assistant", "content": answer}, labelled(answer_sources(row.hits, tool.column)), usage, drawn
 
     def failure(message: str) -> ApiError:
         return ApiError(500, message, kind="server_error", code="generation_failed")
@@ -97,9 +99,9 @@ async def agentic_chat(server, body, request, question: str, max_tokens: int):
                 row = value
         if row is None:  # the client left; nobody reads this
             raise ApiError(499, "the client closed the request", code="client_closed")
-        message, sources, usage = finished(row)
+        message, sources, usage, drawn = finished(row)
         return {**meta, "object": "chat.completion", "usage": usage, "sources": sources, "searches": searches,
-                "choices": [{"index": 0, "message": message, "finish_reason": row.finish_reason}]}
+                "drawn_from": drawn, "choices": [{"index": 0, "message": message, "finish_reason": row.finish_reason}]}
 
     chunk = {**meta, "object": "chat.completion.chunk"}
 
@@ -117,9 +119,9 @@ async def agentic_chat(server, body, request, question: str, max_tokens: int):
             if kind == "search":
                 yield sse(delta({}, searches=[value]))
                 continue
-            message, sources, usage = finished(value)
+            message, sources, usage, drawn = finished(value)
             yield sse(delta({"content": message["content"]}, sources=sources))
-            yield sse(delta({}, value.finish_reason))
+            yield sse(delta({}, value.finish_reason, drawn_from=drawn))
             if (body.stream_options or {}).get("include_usage"):
                 yield sse({**chunk, "choices": [], "usage": usage})
             yield sse("[DONE]")
