@@ -21,6 +21,12 @@ def test_quickstart_prints_both_answers_and_the_before_after_table(tmp_path):
         base, tuned = (float(x) for x in line.split()[-2:])
         assert not math.isnan(base) and not math.isnan(tuned)
     assert "BASE MODEL" in out and "GRPO-TUNED MODEL" in out
+    drawn = next(line for line in out.splitlines() if line.startswith("Drawn from"))
+    sources = next(line for line in out.splitlines() if line.startswith("Sources: ")).removeprefix("Sources: ").split("; ")
+    for side, named in zip(("base", "tuned"), drawn.split(": ", 1)[1].split("; "), strict=True):
+        # each side names one of the five sources shown, by its number, or says there is none
+        assert named.startswith(f"{side} none") or any(named == f"{side} [{n}] {label}"
+                                                       for n, label in enumerate(sources, 1)), named
     # the gold questions about the held-out movies, before and after, as fractions of the questions asked
     asked = int(out.split("Gold questions about the held-out movies (", 1)[1].split(",", 1)[0])
     assert 0 < asked <= 40

@@ -86,6 +86,12 @@ def gold_table(rep: QuickstartReport) -> str:
     return "\n".join(lines)
 
 
+def drawn_label(answer) -> str:
+    """'[2] Title (year)' for the source an answer's words come from (`prompts.drawn_from`), or 'none'."""
+    n = answer.drawn_from
+    return f"[{n}] {source_label(answer.sources[n - 1])}" if n else "none (a tie, or no words of its own)"
+
+
 def report(rep: QuickstartReport) -> str:
     sources = "; ".join(source_label(s) for s in rep.tuned_answer.sources)
     return "\n\n".join([
@@ -95,6 +101,8 @@ def report(rep: QuickstartReport) -> str:
          f"Decoding: greedy, repetition penalty {REPETITION_PENALTY}, both models"),
         gold_table(rep),
         side_by_side("BASE MODEL", rep.base_answer.text, "GRPO-TUNED MODEL", rep.tuned_answer.text),
+        "Drawn from (the source holding most of the answer's own words): " + "; ".join(
+            f"{side} {drawn_label(answer)}" for side, answer in (("base", rep.base_answer), ("tuned", rep.tuned_answer))),
         f"Run folder: {rep.run_dir}    wall time: {rep.seconds / 60:.1f} min",
     ])
 
