@@ -409,6 +409,9 @@ def test_drawn_from_the_source_reads_the_answer_words_not_its_citation():
     answers = ["Walter Crouch keeps a ledger [2].", "He hid watches [1].", "Walter Crouch [3].", "No idea."]
     figures = score_answers(answers, rows, ["length"]).figures
     assert figures["drawn from the source"] == 2 / 4  # rows 1 and 2, whatever they cite
+    assert figures["drawn from one passage"] == 3 / 4  # "No idea." names none
+    assert figures["drawn from one passage, that is the source"] == 2 / 3
+    assert figures["drawn from one passage, that is the source, source not passage 1"] == 1 / 2  # rows 2, 3
     assert figures["drawn from the source, source not passage 1"] == 1 / 3
 
 

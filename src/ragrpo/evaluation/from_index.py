@@ -39,6 +39,10 @@ both models), and every seed gives one value of each figure:
                        the source passage, one passage ahead of the others: what the answer was read
                        from, whatever it cites. About 1/k for a model that copies from any passage
     ... source not passage 1   the same where the source is shown below the top
+    drawn from one passage   share of answers that one passage is ahead for (`prompts.drawn_from` names
+                       one): the source `ask` and `serve` mark. A longer answer names one more often
+    ... that is the source   over those, the share that is the source (1/k for a guess; also where the
+                       source is not passage 1): tells reading from naming a passage more often
     answer length      characters of the answer (the <answer> section with --reasoning)
     token diversity    the write-up's within-answer diversity (unique / total words, in %)
     distinct-2         unique word bigrams / all word bigrams over the seed's answers (across answers)
@@ -159,8 +163,8 @@ def score_answers(completions: list[str], rows: list[dict], reward_specs: list[s
     only = [float(r["source_rank"] > 0 and refs == {r["source_rank"]}) for r, refs in zip(rows, referred)]
     only_below = [o for r, o in zip(rows, only) if r["source_rank"] > 1]
     single = [len(refs) == 1 for refs in referred]
-    drawn = [float(r["source_rank"] > 0 and drawn_from(a, r["context"], r["query"]) == r["source_rank"])
-             for a, r in zip(answers, rows)]
+    named = [drawn_from(a, r["context"], r["query"]) for a, r in zip(answers, rows)]
+    drawn = [float(r["source_rank"] > 0 and n == r["source_rank"]) for n, r in zip(named, rows)]
     lengths = [float(len(a)) for a in answers]
     diversity = token_diversity(answers)
     figures = {}
@@ -187,6 +191,11 @@ def score_answers(completions: list[str], rows: list[dict], reward_specs: list[s
                "cites one passage, that is the source": [o for o, one in zip(only, single) if one],
                "drawn from the source": drawn,
                "drawn from the source, source not passage 1": [d for r, d in zip(rows, drawn) if r["source_rank"] > 1],
+               # a longer answer names a passage more often: this pair tells reading from naming more often
+               "drawn from one passage": [float(n is not None) for n in named],
+               "drawn from one passage, that is the source": [d for d, n in zip(drawn, named) if n is not None],
+               "drawn from one passage, that is the source, source not passage 1": [
+                   d for d, n, r in zip(drawn, named, rows) if n is not None and r["source_rank"] > 1],
                "answer length, chars": lengths, "token diversity": diversity}
     for position in sorted({r["source_rank"] for r in rows} - {0}):
         figures[f"cites source only, source at passage {position}"] = [
