@@ -390,7 +390,7 @@ def test_citation_accuracy_counts_the_source_alone_and_separates_lower_ranked_so
 
 def test_drawn_from_the_source_reads_the_answer_words_not_its_citation():
     from ragrpo.evaluation.from_index import score_answers
-    from ragrpo.prompts import drawn_from
+    from ragrpo.rewards.citations import drawn_from
 
     question = "What does the ferryman do?"  # its words ("ferryman") name no passage
     assert drawn_from("He hid a second ledger with watches [1].", PASSAGES, question) == 2  # the words, not the [1]

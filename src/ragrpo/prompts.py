@@ -162,7 +162,7 @@ def table_style(table, header: str | None = None, label: str | None = None) -> P
 # ---- building -------------------------------------------------------------------------------------
 
 
-def _as_passage(item) -> Passage:
+def as_passage(item) -> Passage:
     return item if isinstance(item, Passage) else Passage("", str(item))
 
 
@@ -180,7 +180,7 @@ def build_prompt(query: str, passages: list, reasoning: bool = False, cite: bool
                  label: str = DEFAULT_LABEL) -> str:
     """The write-up's prompt over `passages` (`Passage`s, or plain strings without a header); `cite`
     and `reasoning` each append one sentence of instructions."""
-    shown = [_as_passage(p) for p in passages]
+    shown = [as_passage(p) for p in passages]
     context = "\n\n".join(f"{heading(label, n, p.header)}\n{p.text}" for n, p in enumerate(shown, 1))
     prompt = PROMPT_TEMPLATE.format(query=query, context=context)
     prompt = f"{prompt}\n\n{cite_instruction(len(shown), label)}" if cite else prompt
@@ -227,22 +227,6 @@ def without_references(text: str) -> str:
     return PASSAGE_NAME.sub(" ", CITATION.sub(" ", text))
 
 
-def drawn_from(answer: str, passages: list, question: str) -> int | None:
-    """The passage (1-based) holding the largest share of the answer's own words (neither the question's nor
-    citation marks), headers included; None when no passage holds any, or two hold the most (a tie names
-    none). This is how the system attributes an answer whatever the model cites: the 135M model's own
-    "[n]" follows position, not reading (bench/results/from-index/NOTES.md, the citation probe)."""
-    from ragrpo.rewards.base import share, words
-    from ragrpo.rewards.citations import own_words
-
-    own = own_words(answer, question)
-    if not own:
-        return None
-    shares = [share(own, set(words(p.context()))) for p in map(_as_passage, passages)]
-    best = max(shares)
-    return shares.index(best) + 1 if best > 0 and shares.count(best) == 1 else None
-
-
 # ---- the agentic protocol -------------------------------------------------------------------------
 
 
@@ -256,7 +240,7 @@ def build_agentic_prompt(query: str, max_searches: int, label: str = DEFAULT_LAB
 def render_information(passages: list, first: int, label: str = DEFAULT_LABEL, note: str = "") -> str:
     """A search's results as the model reads them: the prompt's passage layout numbered from `first`, or
     `note` alone (an empty query, a failed search, no searches left), inside <information> tags."""
-    shown = [_as_passage(p) for p in passages]
+    shown = [as_passage(p) for p in passages]
     body = "\n\n".join(f"{heading(label, n, p.header)}\n{p.text}" for n, p in enumerate(shown, first))
     body = "\n\n".join(part for part in (note, body) if part)
     return f"\n{INFORMATION_OPEN}\n{body}\n{INFORMATION_CLOSE}\n"

@@ -87,7 +87,7 @@ def gold_table(rep: QuickstartReport) -> str:
 
 
 def drawn_label(answer) -> str:
-    """'[2] Title (year)' for the source an answer's words come from (`prompts.drawn_from`), or 'none'."""
+    """'[2] Title (year)' for the source an answer's words come from (`rewards.citations.drawn_from`), or 'none'."""
     n = answer.drawn_from
     return f"[{n}] {source_label(answer.sources[n - 1])}" if n else "none (a tie, or no words of its own)"
 

@@ -39,7 +39,7 @@ both models), and every seed gives one value of each figure:
                        the source passage, one passage ahead of the others: what the answer was read
                        from, whatever it cites. About 1/k for a model that copies from any passage
     ... source not passage 1   the same where the source is shown below the top
-    drawn from one passage   share of answers that one passage is ahead for (`prompts.drawn_from` names
+    drawn from one passage   share of answers that one passage is ahead for (`rewards.citations.drawn_from` names
                        one): the source `ask` and `serve` mark. A longer answer names one more often
     ... that is the source   over those, the share that is the source (1/k for a guess; also where the
                        source is not passage 1): tells reading from naming a passage more often
@@ -138,7 +138,6 @@ def distinct_2(texts: list[str]) -> float:
 
 def score_answers(completions: list[str], rows: list[dict], reward_specs: list[str]) -> SeedScores:
     """Every figure of one seed's answers; `rows` are the matching dataset rows (context, ids, source)."""
-    from ragrpo.prompts import drawn_from
     from ragrpo.rewards.builtin import (
         answer_text,
         cited_passages,
@@ -147,6 +146,7 @@ def score_answers(completions: list[str], rows: list[dict], reward_specs: list[s
         source_citation,
         token_diversity,
     )
+    from ragrpo.rewards.citations import drawn_from
     from ragrpo.rewards.registry import resolve_rewards
 
     columns = {name: [r[name] for r in rows] for name in ("context", "context_ids", "source_id", "query")}
@@ -472,7 +472,7 @@ def done_when(result: IndexComparison) -> list[str]:
     """Issue 17's test, one line per condition: answer accuracy and citation accuracy where the source is not
     passage 1 gain beyond the seed spread, and distinct-2 falls at most `DISTINCT_2_DROP`; and the same for
     citation at the worst source position, which a habit of citing the last passage cannot pass; and the
-    source the system marks (`prompts.drawn_from`, what `ask` and `serve` show) where it is not passage 1."""
+    source the system marks (`rewards.citations.drawn_from`, what `ask` and `serve` show) where it is not passage 1."""
     verdicts, base, tuned = result.verdicts(), result.summary("base"), result.summary("tuned")
     lines = []
     for name in ("answer accuracy", "cites source only, source not passage 1", "cites source only, worst source position",

@@ -218,8 +218,9 @@ def ask_agentic(query: str, table: str, model: str | None, *, db="lancedb", wher
     loads; returns a `rag.Answer` whose `searches` are the calls made and `sources` the rows they showed."""
     from ragrpo.generation.rag import Answer, answer_sources, retrieve
     from ragrpo.models import load_model
-    from ragrpo.prompts import agentic_answer, drawn_from, table_style
+    from ragrpo.prompts import agentic_answer, table_style
     from ragrpo.retrieval.index import open_table
+    from ragrpo.rewards.citations import drawn_from
 
     handle = open_table(table, db, storage_options)
     retrieve(handle, query, where=where, k=k, mode=mode)  # a bad filter or mode is one line before the model loads

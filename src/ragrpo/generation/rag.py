@@ -6,9 +6,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ragrpo import RagrpoError
-from ragrpo.prompts import PassageStyle, build_prompt, drawn_from, table_style
+from ragrpo.prompts import PassageStyle, build_prompt, table_style
 from ragrpo.retrieval.index import DEFAULT_DB, open_table
 from ragrpo.retrieval.search import search, text_column
+from ragrpo.rewards.citations import drawn_from
 
 
 @dataclass
@@ -19,7 +20,7 @@ class Answer:
     prompt: str = ""
     raw: str = ""  # the whole completion; with reasoning, `text` is its <answer> section only
     searches: list[dict] = field(default_factory=list)  # an agentic answer's search calls (`agentic.public`)
-    drawn_from: int | None = None  # the source (1-based) the answer's words come from (`prompts.drawn_from`)
+    drawn_from: int | None = None  # the source (1-based) the answer's words come from (`rewards.citations.drawn_from`)
 
 
 def generate(
@@ -157,7 +158,7 @@ class TextStream:
         return self.text
 
     def drawn_from(self) -> int | None:
-        """The source (1-based) the text so far is drawn from (`prompts.drawn_from`); None without passages."""
+        """The source (1-based) the text so far is drawn from (`rewards.citations.drawn_from`); None without passages."""
         return drawn_from(self.text, self.passages, self.question) if self.passages else None
 
     def _eos_ids(self) -> list[int]:

@@ -21,7 +21,7 @@ variant's `others`), -1 for a passage that does not exist. The variants differ i
     source_citation_debiased  ... a right reference earning 1 + 1/k less the running rate at which
                               answers cite its position, so that a habit earns little (it keeps state)
 
-`drawn_from_source` pays for what the system marks instead (`prompts.drawn_from`): the answer's own words
+`drawn_from_source` pays for what the system marks instead (`drawn_from`): the answer's own words
 come from the source's passage, whatever it cites.
 
 `single_citation` is their format term: 1 for an answer that refers to exactly one shown passage,
@@ -39,7 +39,7 @@ from __future__ import annotations
 import re
 
 from ragrpo import RagrpoError
-from ragrpo.prompts import CITATION, cited_passages, drawn_from, without_references
+from ragrpo.prompts import CITATION, as_passage, cited_passages, without_references
 from ragrpo.rewards.base import Reward, answer_text, column, content_words, passages, share, words
 
 # A sentence ends at . ! ? followed by space, at a CJK full stop, or at a line break; a citation right
@@ -77,6 +77,19 @@ def own_words(text: str, question: str) -> list[str]:
     """The answer's content words that are neither the question's nor references to passages."""
     asked = set(content_words(question))
     return [w for w in content_words(without_references(text)) if w not in asked]
+
+
+def drawn_from(answer: str, passages: list, question: str) -> int | None:
+    """The passage (1-based) holding the largest share of the answer's own words (neither the question's nor
+    citation marks), headers included; None when no passage holds any, or two hold the most (a tie names
+    none). This is how the system attributes an answer whatever the model cites: the 135M model's own
+    "[n]" follows position, not reading (bench/results/from-index/NOTES.md, the citation probe). `passages` are `Passage`s or strings."""
+    own = own_words(answer, question)
+    if not own:
+        return None
+    shares = [share(own, set(words(p.context()))) for p in map(as_passage, passages)]
+    best = max(shares)
+    return shares.index(best) + 1 if best > 0 and shares.count(best) == 1 else None
 
 
 class SourceCitation(Reward):
@@ -258,7 +271,7 @@ class SourceCitationDebiased(SourceCitationExact):
 class DrawnFromSource(Reward):
     """The answer's own words come from the source document's passage: 1, else 0 (the system's citation).
 
-    Scored with `prompts.drawn_from`, the rule `ask` and `serve` use to mark the source an answer comes
+    Scored with `drawn_from`, the rule `ask` and `serve` use to mark the source an answer comes
     from and `eval --from-index` scores as "drawn from the source": the passage holding the largest share
     of the answer's own content words, one passage ahead of the others. It pays for reading the right
     passage rather than for writing its number, which SmolLM2-135M does by position whatever it read (the

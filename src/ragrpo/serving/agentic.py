@@ -33,7 +33,8 @@ async def agentic_chat(server, body, request, question: str, max_tokens: int):
     """The chat endpoint's answer through the search loop; `server` is the app's `Server`."""
     from ragrpo.generation.agentic import SearchTool, public, search_and_answer
     from ragrpo.generation.rag import answer_sources
-    from ragrpo.prompts import agentic_answer, drawn_from
+    from ragrpo.prompts import agentic_answer
+    from ragrpo.rewards.citations import drawn_from
 
     tool = SearchTool(server.table, where=body.where, k=body.k or server.answering.k,
                       mode=body.mode or server.answering.mode, style=server.style)

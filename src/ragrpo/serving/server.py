@@ -351,7 +351,8 @@ async def batched_chat(server: Server, body: ChatRequest, request: Request, ques
     from ragrpo.generation.batching import QueueFull
     from ragrpo.generation.decode import Sampling, eos_ids
     from ragrpo.generation.rag import answer_sources
-    from ragrpo.prompts import build_prompt, drawn_from
+    from ragrpo.prompts import build_prompt
+    from ragrpo.rewards.citations import drawn_from
 
     tokenizer, batcher, style = server.tokenizer, server.batcher, server.style
     passages = style.passages(hits, column)
