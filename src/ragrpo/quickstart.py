@@ -87,7 +87,8 @@ def gold_table(rep: QuickstartReport) -> str:
 
 
 def drawn_label(answer) -> str:
-    """'[2] Title (year)' for the source an answer's words come from (`rewards.citations.drawn_from`), or 'none'."""
+    """'[2] Title (year)' for the source an answer's words come from (`rewards.citations.drawn_from`), or
+    'none'."""
     n = answer.drawn_from
     return f"[{n}] {source_label(answer.sources[n - 1])}" if n else "none (a tie, or no words of its own)"
 
@@ -102,7 +103,8 @@ def report(rep: QuickstartReport) -> str:
         gold_table(rep),
         side_by_side("BASE MODEL", rep.base_answer.text, "GRPO-TUNED MODEL", rep.tuned_answer.text),
         "Drawn from (the source holding most of the answer's own words): " + "; ".join(
-            f"{side} {drawn_label(answer)}" for side, answer in (("base", rep.base_answer), ("tuned", rep.tuned_answer))),
+            f"{side} {drawn_label(answer)}"
+            for side, answer in (("base", rep.base_answer), ("tuned", rep.tuned_answer))),
         f"Run folder: {rep.run_dir}    wall time: {rep.seconds / 60:.1f} min",
     ])
 

@@ -20,7 +20,7 @@ class Answer:
     prompt: str = ""
     raw: str = ""  # the whole completion; with reasoning, `text` is its <answer> section only
     searches: list[dict] = field(default_factory=list)  # an agentic answer's search calls (`agentic.public`)
-    drawn_from: int | None = None  # the source (1-based) the answer's words come from (`rewards.citations.drawn_from`)
+    drawn_from: int | None = None  # the source (1-based) its words come from (`rewards.citations.drawn_from`)
 
 
 def generate(
@@ -158,7 +158,8 @@ class TextStream:
         return self.text
 
     def drawn_from(self) -> int | None:
-        """The source (1-based) the text so far is drawn from (`rewards.citations.drawn_from`); None without passages."""
+        """The source (1-based) the text so far is drawn from (`rewards.citations.drawn_from`); None without
+        passages."""
         return drawn_from(self.text, self.passages, self.question) if self.passages else None
 
     def _eos_ids(self) -> list[int]:

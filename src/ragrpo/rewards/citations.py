@@ -42,6 +42,9 @@ from ragrpo import RagrpoError
 from ragrpo.prompts import CITATION, as_passage, cited_passages, without_references
 from ragrpo.rewards.base import Reward, answer_text, column, content_words, passages, share, words
 
+SOURCE_COLUMNS_NEEDED = ("needs 'context_ids' and 'source_id' columns (the ids of the retrieved passages and "
+                         "of the document the question is about); `ragrpo train --from-index` builds them")
+
 # A sentence ends at . ! ? followed by space, at a CJK full stop, or at a line break; a citation right
 # after the full stop ("... island. [1]") still belongs to the sentence before it.
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?!\s)(?!\[\d)|(?<=[。！？])(?!\[\d)|\n+")
@@ -83,7 +86,8 @@ def drawn_from(answer: str, passages: list, question: str) -> int | None:
     """The passage (1-based) holding the largest share of the answer's own words (neither the question's nor
     citation marks), headers included; None when no passage holds any, or two hold the most (a tie names
     none). This is how the system attributes an answer whatever the model cites: the 135M model's own
-    "[n]" follows position, not reading (bench/results/from-index/NOTES.md, the citation probe). `passages` are `Passage`s or strings."""
+    "[n]" follows position, not reading (bench/results/from-index/NOTES.md, the citation probe).
+    `passages` are `Passage`s or strings."""
     own = own_words(answer, question)
     if not own:
         return None
@@ -110,8 +114,7 @@ class SourceCitation(Reward):
     def __call__(self, completions, context_ids=None, source_id=None, context=None, query=None,
                  **kwargs) -> list[float]:
         if context_ids is None or source_id is None:
-            raise RagrpoError("needs 'context_ids' and 'source_id' columns (the ids of the retrieved passages and "
-                              "of the document the question is about); `ragrpo train --from-index` builds them")
+            raise RagrpoError(SOURCE_COLUMNS_NEEDED)
         n = len(completions)
         contexts = column(context, "context") if self.reads_context else [None] * n
         queries = column(query, "query") if self.reads_query else [""] * n
@@ -289,8 +292,7 @@ class DrawnFromSource(Reward):
     def __call__(self, completions, context_ids=None, source_id=None, context=None, query=None,
                  **kwargs) -> list[float]:
         if context_ids is None or source_id is None:
-            raise RagrpoError("needs 'context_ids' and 'source_id' columns (the ids of the retrieved passages and "
-                              "of the document the question is about); `ragrpo train --from-index` builds them")
+            raise RagrpoError(SOURCE_COLUMNS_NEEDED)
         rows = zip(completions, context_ids, source_id, column(context, "context"), column(query, "query"),
                    strict=True)
         scores = []
