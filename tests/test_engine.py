@@ -127,7 +127,8 @@ def _trl_batch():
     return torch.tensor(rows), torch.tensor(masks), 6  # (6, 13), (6, 13), completion width
 
 
-def test_shared_prompt_logps_equal_the_full_forward_and_its_gradients(tiny_causal_lm):
+@pytest.mark.parametrize("temperature", [0.7, 1.0])
+def test_shared_prompt_logps_equal_the_full_forward_and_its_gradients(tiny_causal_lm, temperature):
     import contextlib
 
     from peft import LoraConfig, get_peft_model
@@ -136,7 +137,7 @@ def test_shared_prompt_logps_equal_the_full_forward_and_its_gradients(tiny_causa
     from ragrpo.generation.engine import shared_prompt_logps
 
     model, _ = tiny_causal_lm
-    add_fused_lm_head(model, temperature=0.7, outputs=("log_probs", "entropy"))
+    add_fused_lm_head(model, temperature=temperature, outputs=("log_probs", "entropy"))
     model = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", r=4, lora_alpha=16, target_modules="all-linear",
                                              init_lora_weights=False))
     input_ids, mask, width = _trl_batch()
@@ -154,12 +155,18 @@ def test_shared_prompt_logps_equal_the_full_forward_and_its_gradients(tiny_causa
     for max_logits in (2**28, 0):  # the float32 log-softmax, then TRL's tiled head for batches too big to hold
         model.zero_grad()
         logps, entropy, _ = shared_prompt_logps(model, input_ids, mask, width, True, contextlib.nullcontext,
-                                                temperature=0.7, max_logits=max_logits)
+                                                temperature=temperature, max_logits=max_logits)
         (logps * mask[:, -width:]).sum().backward()
         torch.testing.assert_close(logps[keep], expected_logps[keep], atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(entropy[keep], expected_entropy[keep], atol=1e-5, rtol=1e-5)
         for grad, expected in zip((p.grad for p in adapter), expected_grads):
             torch.testing.assert_close(grad, expected, atol=1e-5, rtol=1e-4)
+        with torch.no_grad():  # the reference pass: log-probabilities only
+            reference, no_entropy, _ = shared_prompt_logps(model, input_ids, mask, width, False,
+                                                           contextlib.nullcontext, temperature=temperature,
+                                                           max_logits=max_logits)
+        assert no_entropy is None
+        torch.testing.assert_close(reference[keep], expected_logps[keep], atol=1e-5, rtol=1e-5)
     assert any(g.abs().sum() > 0 for g in expected_grads)
 
 

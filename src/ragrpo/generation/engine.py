@@ -417,8 +417,14 @@ def shared_prompt_logps(model, input_ids, attention_mask, logits_to_keep: int, c
         return outputs.log_probs[:, -logits_to_keep:], entropy, None
     with autocast():
         logits = model(input_ids=tail, attention_mask=attention_mask, past_key_values=cache, use_cache=True).logits
-    logps = (logits[:, :-1].float() / temperature).log_softmax(dim=-1)  # (B, C, vocab)
-    token_logps = logps.gather(-1, tail[:, 1:, None]).squeeze(-1)  # (B, C)
+    scores = logits[:, :-1].float()  # (B, C, vocab)
+    if temperature != 1.0:  # each pass over the scores is 150 MB for 768 tokens
+        scores = scores / temperature
+    targets = tail[:, 1:, None]  # (B, C, 1)
+    if not compute_entropy and not torch.is_grad_enabled():  # the reference pass: no log-softmax to keep
+        return scores.gather(-1, targets).squeeze(-1) - scores.logsumexp(dim=-1), None, None
+    logps = scores.log_softmax(dim=-1)  # (B, C, vocab)
+    token_logps = logps.gather(-1, targets).squeeze(-1)  # (B, C)
     entropy = None
     if compute_entropy:
         with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
