@@ -186,6 +186,18 @@ def test_the_device_can_be_forced(force_hardware):
             hardware.device()
 
 
+def test_training_attention_follows_the_dtype_and_can_be_forced_both_ways(force_hardware):
+    force_hardware(ATTENTION=None, DEVICE="cpu")
+    assert hardware.attention(torch.bfloat16) == "eager" and hardware.attention(torch.float32) == "sdpa"
+    for value in ("eager", "sdpa"):
+        force_hardware(ATTENTION=value)
+        assert hardware.attention(torch.bfloat16) == value and hardware.attention(torch.float32) == value
+        assert hardware.summary()["forced"]["RAGRPO_ATTENTION"] == value
+    force_hardware(ATTENTION="flash")
+    with pytest.raises(RagrpoError, match="RAGRPO_ATTENTION='flash': use eager or sdpa"):
+        hardware.attention(torch.float32)
+
+
 def test_no_other_module_probes_the_hardware():
     source = Path(hardware.__file__).parent
     probes = ("/proc/cpuinfo", "_is_mkldnn_bf16_supported", "cuda.is_bf16_supported", "get_cpu_capability",

@@ -7,6 +7,8 @@
                                  decode loop, the embedder); default: wherever oneDNN can pack the dtype
     RAGRPO_FP16     0 | 1        the decode loop's float32 linears hold fp16 weights for fbgemm's fp16 GEMM
                                  (activations and sums stay float32); default: measured, see `fp16`
+    RAGRPO_ATTENTION eager | sdpa  transformers' attention in the fast engine's training passes; default:
+                                 eager where they compute in bf16 on a CPU, else sdpa (see `attention`)
     RAGRPO_THREADS  N            torch's intra-op threads, set once at start-up; default: torch's own
     RAGRPO_TRIM     0 | 1        hand freed heap pages back to the OS between ingest batches (glibc's
                                  malloc_trim); default: wherever the C library is glibc
@@ -266,6 +268,21 @@ def decode_weights(dtype) -> str:
     return "onednn" if pack(dtype) else "plain"
 
 
+def attention(dtype) -> str:
+    """transformers' attention implementation for the fast engine's training passes on a model computing in
+    `dtype`: RAGRPO_ATTENTION if set, else 'eager' for bf16 on a CPU and 'sdpa' otherwise. On a CPU torch's
+    fused attention is slow backwards in bf16: forward and backward over 30 layers of one GRPO step's shapes
+    (6 x 129 queries over 278 keys, SmolLM2's 9 query and 3 key/value heads) took 0.71 to 0.94 s against
+    eager's 0.30 s on an AVX512-BF16 CPU, and a whole step 8.4 against 9.0 s. In float32 the fused one is
+    the faster (0.46 to 0.58 against 0.64 s), and on CUDA it is the flash kernel."""
+    import torch
+
+    value = os.environ.get("RAGRPO_ATTENTION", "").strip()
+    if value not in ("", "eager", "sdpa"):
+        raise RagrpoError(f"RAGRPO_ATTENTION={value!r}: use eager or sdpa, or unset it to let ragrpo decide")
+    return value or ("eager" if device() == "cpu" and dtype == torch.bfloat16 else "sdpa")
+
+
 def set_threads(threads: int | None = None) -> int:
     """Set torch's intra-op threads once, at start-up: `threads`, else RAGRPO_THREADS, else torch's default;
     and start the one-thread worker of `small_job`. Returns the count in force."""
@@ -376,10 +393,11 @@ def summary() -> dict:
               "pack_float32": pack(torch.float32), "pack_bfloat16": pack(torch.bfloat16), "fp16_decode": fp16(),
               "decode_weights": {"float32": decode_weights(torch.float32),
                                  "bfloat16": decode_weights(torch.bfloat16)},
+              "training_attention": {"float32": attention(torch.float32), "bfloat16": attention(torch.bfloat16)},
               "trim": trim(),
               "forced": {name: os.environ[name] for name in
-                         ("RAGRPO_DEVICE", "RAGRPO_BF16", "RAGRPO_PACK", "RAGRPO_FP16", "RAGRPO_THREADS",
-                          "RAGRPO_TRIM",
+                         ("RAGRPO_DEVICE", "RAGRPO_BF16", "RAGRPO_PACK", "RAGRPO_FP16", "RAGRPO_ATTENTION",
+                          "RAGRPO_THREADS", "RAGRPO_TRIM",
                           *_ISA_VARIABLES)
                          if os.environ.get(name)}}
     if device() == "cpu" and _forced("RAGRPO_BF16") is None:

@@ -29,7 +29,7 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-from ragrpo import RagrpoError
+from ragrpo import RagrpoError, hardware
 from ragrpo.config import DEFAULT_PROMPT_TEMPLATE, RunConfig, grpo_config, lora_config
 from ragrpo.data import read_records, require_columns
 from ragrpo.rewards.registry import resolve_rewards
@@ -215,6 +215,7 @@ def make_trainer(cfg: RunConfig, model, tokenizer, dataset, output: Path, callba
         trainer_class = fast_trainer_class()
         if args.bf16:  # the frozen base in bf16: what autocast computed anyway, without a cast per call
             model = model.to(torch.bfloat16)
+        model.set_attn_implementation(hardware.attention(torch.bfloat16 if args.bf16 else torch.float32))
     try:
         # TRL wraps the model with the LoRA config itself; for a new adapter its KL reference is then the same
         # network with the adapter disabled. (Handing it an already-wrapped model makes it keep a copy of the
