@@ -195,3 +195,18 @@ def test_bf16_rows_decoded_together_stay_within_rounding_of_each_alone(base_mode
             lone = single._step(torch.tensor([[17, 23][n]]), torch.tensor([len(prompt)]))[0]
             # measured on an AVX512-BF16 CPU: up to 0.25 apart (mean 0.03 to 0.11), the same pick
             assert (steps[n] - lone).abs().max() < 0.5 and lone[steps[n].argmax()] >= lone.max() - 0.25
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_loops_rms_norm_is_the_modules_to_the_bit(dtype):
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+    from transformers.models.qwen3.modeling_qwen3 import Qwen3RMSNorm
+
+    from ragrpo.generation.decode import _norm
+
+    torch.manual_seed(0)
+    for module in (LlamaRMSNorm(576, eps=1e-5), Qwen3RMSNorm(64, eps=1e-6)):
+        module.weight.data = torch.randn(module.weight.shape) * 0.3 + 1
+        module = module.to(dtype)
+        x = (torch.randn(6, 1, module.weight.numel()) * 4).to(dtype)
+        assert torch.equal(_norm(module, x), module(x))
