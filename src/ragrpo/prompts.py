@@ -176,14 +176,19 @@ def heading(label: str, number: int, header: str) -> str:
     return f"## {label} {number}: {header}".rstrip()
 
 
+def passage_layout(passages: list, first: int = 1, label: str = DEFAULT_LABEL) -> str:
+    """`passages` as the model reads them, each under its heading, numbered from `first`: the prompt's context
+    and a search's results alike."""
+    shown = enumerate(map(as_passage, passages), first)
+    return "\n\n".join(f"{heading(label, n, p.header)}\n{p.text}" for n, p in shown)
+
+
 def build_prompt(query: str, passages: list, reasoning: bool = False, cite: bool = False,
                  label: str = DEFAULT_LABEL) -> str:
     """The write-up's prompt over `passages` (`Passage`s, or plain strings without a header); `cite`
     and `reasoning` each append one sentence of instructions."""
-    shown = [as_passage(p) for p in passages]
-    context = "\n\n".join(f"{heading(label, n, p.header)}\n{p.text}" for n, p in enumerate(shown, 1))
-    prompt = PROMPT_TEMPLATE.format(query=query, context=context)
-    prompt = f"{prompt}\n\n{cite_instruction(len(shown), label)}" if cite else prompt
+    prompt = PROMPT_TEMPLATE.format(query=query, context=passage_layout(passages, 1, label))
+    prompt = f"{prompt}\n\n{cite_instruction(len(passages), label)}" if cite else prompt
     return f"{prompt}\n\n{REASONING_INSTRUCTION}" if reasoning else prompt
 
 
@@ -240,9 +245,7 @@ def build_agentic_prompt(query: str, max_searches: int, label: str = DEFAULT_LAB
 def render_information(passages: list, first: int, label: str = DEFAULT_LABEL, note: str = "") -> str:
     """A search's results as the model reads them: the prompt's passage layout numbered from `first`, or
     `note` alone (an empty query, a failed search, no searches left), inside <information> tags."""
-    shown = [as_passage(p) for p in passages]
-    body = "\n\n".join(f"{heading(label, n, p.header)}\n{p.text}" for n, p in enumerate(shown, first))
-    body = "\n\n".join(part for part in (note, body) if part)
+    body = "\n\n".join(part for part in (note, passage_layout(passages, first, label)) if part)
     return f"\n{INFORMATION_OPEN}\n{body}\n{INFORMATION_CLOSE}\n"
 
 

@@ -215,12 +215,12 @@ class Engine:
         at = columns.tolist()
         width = max(at) + 1
         aligned = min(at) == width - 1  # every row writes the same column and sees all columns before it
-        mask = None
-        if not aligned:  # a row sees its own columns only
+        mask = slots = None
+        if not aligned:  # a row sees its own columns only, and writes its own column
             mask = torch.zeros((rows, 1, 1, width), dtype=self.dtype, device=self.device)
             mask.masked_fill_(torch.arange(width, device=self.device) > columns[:, None, None, None],
                               torch.finfo(self.dtype).min)
-        slots = torch.arange(rows, device=self.device)
+            slots = torch.arange(rows, device=self.device)
         x = body.embed_tokens(tokens[:, None])  # (B, 1, hidden)
         cos, sin = body.rotary_emb(x, columns[:, None])  # (B, 1, head_dim)
         # transformers' rotation is t * cos + rotate_half(t) * sin, rotate_half(t) = cat(-t2, t1); here that is
