@@ -202,3 +202,37 @@ def searcher_dir(tmp_path_factory, base_model_dir):
     """`scripted_searcher` saved once per session: it searches " Thames ferryman ledger" and answers
     " Inspector Hale [1]."."""
     return scripted_searcher(base_model_dir, tmp_path_factory.mktemp("searcher"))
+
+
+def openmp_team(work):
+    """In a fresh thread with 2 intra-op threads: the thread ids its first parallel op started (its OpenMP team's
+    workers), what `work()` returned when run next in the same thread, and which of those workers are still alive."""
+    import os
+    import threading
+
+    import torch
+
+    found = {}
+
+    def run():
+        torch.set_num_threads(2)
+        before = set(os.listdir("/proc/self/task"))
+        torch.ones(512, 512) @ torch.ones(512, 512)
+        found["team"] = set(os.listdir("/proc/self/task")) - before
+        found["returned"] = work()
+        found["alive"] = found["team"] & set(os.listdir("/proc/self/task"))
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    thread.join()
+    return found
+
+
+def needs_openmp_release():
+    from pathlib import Path
+
+    from ragrpo import hardware
+
+    if not Path("/proc/self/task").is_dir() or hardware._openmp_pause() is None:
+        pytest.skip("no /proc or no OpenMP runtime with omp_pause_resource_all: nothing to release")
+

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import needs_openmp_release, openmp_team
 from ragrpo import RagrpoError, hardware
 
 # the ISA caps that make an AVX512-BF16 or AMX CPU compute as an AVX2-only one does
@@ -283,3 +284,34 @@ def test_freed_heap_pages_go_back_to_the_os_only_where_trimming_is_on(value):
         assert result["released"] is False and result["dropped_mb"] < 50, result
     else:  # forced on, or the default on glibc
         assert result["released"] is True and result["dropped_mb"] > 150, result
+
+
+def test_releasing_openmp_ends_the_calling_threads_workers_and_a_later_op_starts_them_again(force_hardware):
+    needs_openmp_release()
+    force_hardware(OMP_RELEASE=None)
+
+    def release_then_compute():
+        released = hardware.release_openmp()
+        alive = set(os.listdir("/proc/self/task"))
+        return released, alive, (torch.ones(64, 64) @ torch.ones(64, 64)).sum().item()
+
+    found = openmp_team(release_then_compute)
+    released, alive_after_release, value = found["returned"]
+    assert found["team"], "a parallel op on 2 threads started no worker"
+    assert released is True and not found["team"] & alive_after_release
+    assert value == 64 * 64 * 64  # the next op runs (on a new team)
+
+
+def test_releasing_openmp_can_be_forced_off_and_refused_without_a_runtime(force_hardware, monkeypatch):
+    needs_openmp_release()
+    force_hardware(OMP_RELEASE="0")
+    found = openmp_team(hardware.release_openmp)
+    assert found["returned"] is False and found["alive"] == found["team"] != set()
+    assert hardware.summary()["omp_release"] is False
+    force_hardware(OMP_RELEASE="1")
+    monkeypatch.setattr(hardware, "_openmp_pause", lambda: None)
+    with pytest.raises(RagrpoError, match="RAGRPO_OMP_RELEASE=1: no OpenMP runtime"):
+        hardware.release_openmp()
+    force_hardware(OMP_RELEASE="2")
+    with pytest.raises(RagrpoError, match="RAGRPO_OMP_RELEASE='2': use 0 or 1"):
+        hardware.release_openmp()

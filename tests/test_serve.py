@@ -352,3 +352,20 @@ def test_bad_agentic_requests_get_a_400(searcher_server, extra, fragment):
     body = {"messages": [{"role": "user", "content": "Who?"}], "agentic": True, **extra}
     status, answer = request(searcher_server, "/v1/chat/completions", body)
     assert status == 400 and fragment in answer["error"]["message"], answer
+
+
+def test_the_server_ends_its_loading_threads_openmp_workers(movie_db, base_model_dir, force_hardware):
+    """The engine's thread decodes with the only OpenMP team: with a second one idle, libgomp's workers sleep
+    between parallel regions and a token took 32 ms against 25 (hardware.release_openmp)."""
+    from conftest import needs_openmp_release, openmp_team
+    from ragrpo.serving.server import load_server
+
+    needs_openmp_release()
+    force_hardware(OMP_RELEASE=None, BF16="0")
+    servers = []
+    found = openmp_team(lambda: servers.append(load_server("movies", str(base_model_dir), db=movie_db, max_batch=2)))
+    try:
+        assert found["team"] and not found["alive"]
+        assert servers[0].batcher is not None  # the engine's thread was started before the team ended
+    finally:
+        servers[0].batcher.close()

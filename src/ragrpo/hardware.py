@@ -12,6 +12,8 @@
     RAGRPO_THREADS  N            torch's intra-op threads, set once at start-up; default: torch's own
     RAGRPO_TRIM     0 | 1        hand freed heap pages back to the OS between ingest batches (glibc's
                                  malloc_trim); default: wherever the C library is glibc
+    RAGRPO_OMP_RELEASE 0 | 1     `serve` ends its start-up thread's idle OpenMP workers before its engine
+                                 thread decodes; default: wherever the OpenMP runtime can (see `release_openmp`)
 
 Why measure bf16 instead of reading CPU flags: whether bf16 pays depends on more than AVX512-BF16 or AMX
 being listed. oneDNN can be capped below what the CPU has (`ONEDNN_MAX_CPU_ISA`, `ATEN_CPU_CAPABILITY`),
@@ -383,6 +385,47 @@ def release_memory() -> bool:
     return True
 
 
+@functools.cache
+def _openmp_pause():
+    """The loaded OpenMP runtime's `omp_pause_resource_all` (OpenMP 5.0: libgomp from GCC 9, LLVM's libomp,
+    Intel's libiomp5), found among the libraries this process has mapped, or None."""
+    import ctypes
+
+    try:
+        maps = Path("/proc/self/maps").read_text()
+    except OSError:  # not Linux
+        return None
+    names = ("libgomp", "libomp", "libiomp5")
+    for path in dict.fromkeys(line.split()[-1] for line in maps.splitlines() if line.count("/")):
+        if Path(path).name.startswith(names):
+            try:
+                return ctypes.CDLL(path).omp_pause_resource_all  # already loaded: the same handle as torch's
+            except (OSError, AttributeError):
+                continue
+    return None
+
+
+def release_openmp() -> bool:
+    """End the calling thread's idle OpenMP workers (the runtime starts them again at its next parallel op);
+    True if it did. RAGRPO_OMP_RELEASE=0 keeps them.
+
+    Each thread that runs a parallel torch op owns a team of workers. libgomp lets workers spin between
+    parallel regions only while all teams' threads fit the CPUs; past that they sleep, and each of the ~100
+    regions of a decode step pays a wake-up. A server loads its model on the main thread and decodes on
+    its engine's thread: two teams on 2 cores. Its decode took 32 ms a token there, against 25 ms with the
+    main thread's team ended first (bench/results/serve-NOTES.md). Call it while no other thread runs a
+    parallel op: LLVM's and Intel's runtimes end every team, not only the caller's."""
+    forced = _forced("RAGRPO_OMP_RELEASE")
+    if forced is False:
+        return False
+    if _openmp_pause() is None:
+        if forced:
+            raise RagrpoError("RAGRPO_OMP_RELEASE=1: no OpenMP runtime with omp_pause_resource_all is loaded; "
+                              "unset it")
+        return False
+    return _openmp_pause()(2) == 0  # omp_pause_hard: the calling thread's team ends
+
+
 def summary() -> dict:
     """The decisions in force and what they rest on, for benchmark records and `ragrpo hardware`."""
     import torch
@@ -394,10 +437,10 @@ def summary() -> dict:
               "decode_weights": {"float32": decode_weights(torch.float32),
                                  "bfloat16": decode_weights(torch.bfloat16)},
               "training_attention": {"float32": attention(torch.float32), "bfloat16": attention(torch.bfloat16)},
-              "trim": trim(),
+              "trim": trim(), "omp_release": _forced("RAGRPO_OMP_RELEASE") is not False and _openmp_pause() is not None,
               "forced": {name: os.environ[name] for name in
                          ("RAGRPO_DEVICE", "RAGRPO_BF16", "RAGRPO_PACK", "RAGRPO_FP16", "RAGRPO_ATTENTION",
-                          "RAGRPO_THREADS", "RAGRPO_TRIM",
+                          "RAGRPO_THREADS", "RAGRPO_TRIM", "RAGRPO_OMP_RELEASE",
                           *_ISA_VARIABLES)
                          if os.environ.get(name)}}
     if device() == "cpu" and _forced("RAGRPO_BF16") is None:

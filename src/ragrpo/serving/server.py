@@ -490,6 +490,7 @@ def load_server(table: str, model: str | None, *, db: str | Path = "lancedb", th
     if max_batch > 1:
         server.batcher = make_batcher(lm, tokenizer, max_batch=max_batch, max_waiting=server.max_waiting,
                                       max_tokens=server.max_tokens)
+    hardware.release_openmp()  # this thread is done with torch: the engine's thread decodes with the CPUs' workers
     return server
 
 
