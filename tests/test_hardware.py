@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import needs_openmp_release, openmp_team
+
 from ragrpo import RagrpoError, hardware
 
 # the ISA caps that make an AVX512-BF16 or AMX CPU compute as an AVX2-only one does

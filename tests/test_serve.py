@@ -358,6 +358,7 @@ def test_the_server_ends_its_loading_threads_openmp_workers(movie_db, base_model
     """The engine's thread decodes with the only OpenMP team: with a second one idle, libgomp's workers sleep
     between parallel regions and a token took 32 ms against 25 (hardware.release_openmp)."""
     from conftest import needs_openmp_release, openmp_team
+
     from ragrpo.serving.server import load_server
 
     needs_openmp_release()

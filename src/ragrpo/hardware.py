@@ -413,7 +413,7 @@ def release_openmp() -> bool:
     parallel regions only while all teams' threads fit the CPUs; past that they sleep, and each of the ~100
     regions of a decode step pays a wake-up. A server loads its model on the main thread and decodes on
     its engine's thread: two teams on 2 cores. Its decode took 32 ms a token there, against 25 ms with the
-    main thread's team ended first (bench/results/serve-NOTES.md). Call it while no other thread runs a
+    main thread's team ended first (README, "Benchmark", session 19). Call it while no other thread runs a
     parallel op: LLVM's and Intel's runtimes end every team, not only the caller's."""
     forced = _forced("RAGRPO_OMP_RELEASE")
     if forced is False:
