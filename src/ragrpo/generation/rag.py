@@ -77,9 +77,8 @@ def answer_from_hits(model, tokenizer, query: str, hits: list[dict], column: str
     prompt = build_prompt(query, passages, reasoning=reasoning, cite=cite, label=style.label)
     [text] = generate(model, tokenizer, [[{"role": "user", "content": prompt}]], max_new_tokens=max_new_tokens,
                       temperature=temperature, repetition_penalty=repetition_penalty)
-    sources = [{key: value for key, value in hit.items() if key != column} for hit in hits]
     shown = answer_text(text) if reasoning else text.strip()
-    return Answer(query=query, text=shown, sources=sources, prompt=prompt, raw=text.strip(),
+    return Answer(query=query, text=shown, sources=answer_sources(hits, column), prompt=prompt, raw=text.strip(),
                   drawn_from=drawn_from(shown, passages, query))
 
 

@@ -201,7 +201,10 @@ def _progress_bar():
 
 def make_trainer(cfg: RunConfig, model, tokenizer, dataset, output: Path, callbacks=(), rollout=None):
     """A GRPOTrainer that trains the run's LoRA adapter on `model`; `callbacks` are added to ragrpo's own;
-    `rollout` is TRL's `rollout_func` (the agentic search loop, `tuning.agentic`)."""
+    `rollout` is TRL's `rollout_func` (the agentic search loop, `tuning.agentic`). The trainer takes `model`
+    over, as TRL's does (it injects the LoRA layers in place): with the fast engine it may also be cast to
+    bf16 and given the attention implementation `hardware.attention` picks, so a caller that wants the
+    untouched model loads another."""
     import torch
     from transformers import PrinterCallback, ProgressCallback
     from trl import GRPOTrainer
