@@ -408,6 +408,26 @@ def test_ask_agentic_prints_each_search_and_the_answer(searcher_dir, movie_db):
     assert record["drawn_from"] == 1
 
 
+def test_an_agentic_answer_after_a_search_that_showed_nothing_names_no_source(base_model_dir, movie_db, tmp_path):
+    """A model that calls the tool with an empty query gets no passages, then answers: the reply lists no source
+    and marks none (the attribution took the best of no passages, and `ask --agentic` failed with a traceback)."""
+    import json
+
+    from click.testing import CliRunner
+    from conftest import scripted_searcher
+
+    from ragrpo.cli import main
+
+    searcher = scripted_searcher(base_model_dir, tmp_path / "blank", query="")
+    args = ["ask", "Who helps the Thames police?", "--table", "movies", "--db", str(movie_db), "--agentic",
+            "--model", str(searcher), "--max-new-tokens", "32", "--json"]
+    shown = CliRunner().invoke(main, args)
+    assert shown.exit_code == 0, shown.output
+    record = json.loads(shown.output)
+    assert [call["passages"] for call in record["searches"]] == [[]] and record["searches"][0]["error"]
+    assert record["answer"] == "Inspector Hale [1]." and record["sources"] == [] and record["drawn_from"] is None
+
+
 @pytest.mark.parametrize("extra, fragment", [
     (["--where", "release_year >"], "invalid --where"),
     (["--max-searches", "0"], "--max-searches must be at least 1"),

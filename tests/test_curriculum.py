@@ -399,6 +399,7 @@ def test_drawn_from_the_source_reads_the_answer_words_not_its_citation():
     assert drawn_from("The ferryman [2].", PASSAGES, question) is None  # no words of its own
     assert drawn_from("Bananas.", PASSAGES, question) is None  # in no passage
     assert drawn_from("A ledger.", PASSAGES, question) is None  # in passages 1 and 2 alike: a tie names none
+    assert drawn_from("Walter Crouch keeps a ledger.", [], question) is None  # no passage was shown
 
     def row(rank):  # the source is passage `rank` of three
         ids = [["s", "y", "z"], ["x", "s", "z"], ["x", "y", "s"]][rank - 1]

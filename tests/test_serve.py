@@ -56,9 +56,11 @@ def serving(movie_db, *args):
                 process.kill()
                 pytest.fail(f"the server did not start:\n{process.stdout.read()}")
             time.sleep(0.5)
-    yield url
-    process.terminate()
-    process.wait(timeout=30)
+    try:
+        yield url
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
 
 
 @pytest.fixture(scope="module")
@@ -340,6 +342,41 @@ def test_an_agentic_request_returns_the_searches_beside_the_sources(searcher_ser
     assert [c["choices"][0]["finish_reason"] for c in chunks if c["choices"][0]["finish_reason"]] == ["stop"]
     state = health(searcher_server)
     assert state["running"] == 0 and state["served"] >= 2
+
+
+def test_an_agentic_answer_after_a_search_that_showed_nothing_names_no_source(movie_db, base_model_dir, tmp_path):
+    """A model that calls the tool with an empty query gets no passages, then answers: a 200 that lists no
+    source and marks none, plain and streamed (it was a 500: the attribution took the best of no passages)."""
+    from conftest import scripted_searcher
+
+    searcher = scripted_searcher(base_model_dir, tmp_path / "blank", query="")
+    body = {"messages": [{"role": "user", "content": "Who helps the police on the Thames?"}], "agentic": True,
+            "max_tokens": 32}
+    servers = serving(movie_db, "--model", str(searcher), "--max-batch", "1")
+    url = next(servers)
+    try:
+        for stream in (False, True):
+            status, answer = streamed_finish(url, body) if stream else request(url, "/v1/chat/completions", body)
+            assert status == 200, answer
+            assert answer["sources"] == [] and answer["drawn_from"] is None
+            assert [call["passages"] for call in answer["searches"]] == [[]] and answer["searches"][0]["error"]
+    finally:
+        servers.close()  # stops the server
+
+
+def streamed_finish(url, body):
+    """(status, the finish chunk with the sources and searches of the chunks before it) of a streamed request."""
+    connection = http.client.HTTPConnection(url.removeprefix("http://"), timeout=300)
+    connection.request("POST", "/v1/chat/completions", json.dumps({**body, "stream": True}),
+                       {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"})
+    response = connection.getresponse()
+    events = [e.removeprefix("data: ") for e in response.read().decode().split("\n\n") if e]
+    connection.close()
+    chunks = [json.loads(e) for e in events if e != "[DONE]"]
+    finish = next(c for c in chunks if c["choices"][0]["finish_reason"])
+    searches = [call for c in chunks for call in c.get("searches", [])]
+    sources = next((c["sources"] for c in chunks if "sources" in c), None)
+    return response.status, {**finish, "searches": searches, "sources": sources}
 
 
 @pytest.mark.parametrize("extra, fragment", [

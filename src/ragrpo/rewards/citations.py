@@ -87,9 +87,9 @@ def drawn_from(answer: str, passages: list, question: str) -> int | None:
     citation marks), headers included; None when no passage holds any, or two hold the most (a tie names
     none). This is how the system attributes an answer whatever the model cites: the 135M model's own
     "[n]" follows position, not reading (bench/results/from-index/NOTES.md, the citation probe).
-    `passages` are `Passage`s or strings."""
+    `passages` are `Passage`s or strings; none (an agentic answer whose searches found nothing) names none."""
     own = own_words(answer, question)
-    if not own:
+    if not own or not passages:
         return None
     shares = [share(own, set(words(p.context()))) for p in map(as_passage, passages)]
     best = max(shares)
