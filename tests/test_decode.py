@@ -173,6 +173,47 @@ def test_the_batcher_bounds_its_queue_and_frees_a_cancelled_row(tiny_causal_lm):
         batcher.close()
 
 
+@pytest.mark.parametrize("release", [None, "0"])
+def test_an_idle_batcher_ends_its_openmp_team(tiny_causal_lm, force_hardware, release):
+    """Between requests the engine's thread hands its OpenMP workers back, so an agentic request's loop, which
+    runs on its own thread meanwhile, has the only team (hardware.release_openmp); RAGRPO_OMP_RELEASE=0 keeps
+    them."""
+    import os
+    import time
+
+    from conftest import needs_openmp_release
+
+    from ragrpo.generation.batching import Batcher
+
+    needs_openmp_release()
+    force_hardware(OMP_RELEASE=release)
+    model, tokenizer = tiny_causal_lm
+    copy = SamplingCopy(model, dtype=torch.float32)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)  # a new thread takes the count last set: the engine's thread gets 2
+    batcher = Batcher(copy.model, _projections(copy.model, copy.fused, "plain"), tokenizer, max_batch=2,
+                      max_waiting=2, capacity=256)
+    torch.set_num_threads(threads)
+    try:
+        before = set(os.listdir("/proc/self/task"))
+        generation = batcher.submit([5, 6, 7], Sampling(max_new_tokens=200, min_new_tokens=200, do_sample=False),
+                                    [2], [])
+        seen, pieces = set(), []
+        while not pieces or pieces[-1] is not None:  # the team lives while the row decodes: look all along
+            seen |= set(os.listdir("/proc/self/task"))
+            pieces += [generation.pieces.get_nowait() for _ in range(generation.pieces.qsize())]
+        team = seen - before
+        assert team, "decoding a row started no OpenMP worker"
+        deadline = time.monotonic() + 10
+        while release is None and team & set(os.listdir("/proc/self/task")) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        alive = team & set(os.listdir("/proc/self/task"))
+        assert (not alive) if release is None else alive == team
+        assert batcher.health()["served"] == 1 and generation.completion_tokens == 200
+    finally:
+        batcher.close()
+
+
 def test_bf16_rows_decoded_together_stay_within_rounding_of_each_alone(base_model, force_hardware):
     """In bf16 the packed matmuls' blocking depends on the number of rows, so a batched row's logits differ from
     its lone logits by rounding (and a near-tie may flip: the server's exact-token test runs in float32)."""

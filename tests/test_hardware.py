@@ -315,3 +315,16 @@ def test_releasing_openmp_can_be_forced_off_and_refused_without_a_runtime(force_
     force_hardware(OMP_RELEASE="2")
     with pytest.raises(RagrpoError, match="RAGRPO_OMP_RELEASE='2': use 0 or 1"):
         hardware.release_openmp()
+
+
+def test_where_the_runtime_ends_every_team_a_release_beside_other_work_is_not_asked(force_hardware, monkeypatch):
+    """LLVM's and Intel's runtimes end every thread's team on a pause: an idle engine thread must not pause one
+    while another thread computes. libgomp's ends the caller's only."""
+    force_hardware(OMP_RELEASE=None)
+    calls = []
+    for own_team_only, expected in ((False, [False, True]), (True, [True, True])):
+        calls.clear()
+        runtime = (lambda kind: calls.append(kind) or 0, own_team_only)
+        monkeypatch.setattr(hardware, "_openmp_pause", lambda runtime=runtime: runtime)
+        assert [hardware.release_openmp(others_may_compute=True), hardware.release_openmp()] == expected
+        assert calls == [2] * sum(expected)  # omp_pause_hard, only where it was asked

@@ -388,7 +388,8 @@ def release_memory() -> bool:
 @functools.cache
 def _openmp_pause():
     """The loaded OpenMP runtime's `omp_pause_resource_all` (OpenMP 5.0: libgomp from GCC 9, LLVM's libomp,
-    Intel's libiomp5), found among the libraries this process has mapped, or None."""
+    Intel's libiomp5) and whether it ends the calling thread's team only (libgomp's does; the others end
+    every team), found among the libraries this process has mapped; or None."""
     import ctypes
 
     try:
@@ -399,13 +400,14 @@ def _openmp_pause():
     for path in dict.fromkeys(line.split()[-1] for line in maps.splitlines() if line.count("/")):
         if Path(path).name.startswith(names):
             try:
-                return ctypes.CDLL(path).omp_pause_resource_all  # already loaded: the same handle as torch's
+                pause = ctypes.CDLL(path).omp_pause_resource_all  # already loaded: the same handle as torch's
             except (OSError, AttributeError):
                 continue
+            return pause, Path(path).name.startswith("libgomp")
     return None
 
 
-def release_openmp() -> bool:
+def release_openmp(*, others_may_compute: bool = False) -> bool:
     """End the calling thread's idle OpenMP workers (the runtime starts them again at its next parallel op);
     True if it did. RAGRPO_OMP_RELEASE=0 keeps them.
 
@@ -413,8 +415,10 @@ def release_openmp() -> bool:
     parallel regions only while all teams' threads fit the CPUs; past that they sleep, and each of the ~100
     regions of a decode step pays a wake-up. A server loads its model on the main thread and decodes on
     its engine's thread: two teams on 2 cores. Its decode took 32 ms a token there, against 25 ms with the
-    main thread's team ended first (README, "Benchmark", session 19). Call it while no other thread runs a
-    parallel op: LLVM's and Intel's runtimes end every team, not only the caller's."""
+    main thread's team ended first (README, "Benchmark", session 19).
+
+    LLVM's and Intel's runtimes end every team, not only the caller's: with `others_may_compute` (another
+    thread may be inside a parallel op now) only libgomp's is asked."""
     forced = _forced("RAGRPO_OMP_RELEASE")
     if forced is False:
         return False
@@ -423,7 +427,10 @@ def release_openmp() -> bool:
             raise RagrpoError("RAGRPO_OMP_RELEASE=1: no OpenMP runtime with omp_pause_resource_all is loaded; "
                               "unset it")
         return False
-    return _openmp_pause()(2) == 0  # omp_pause_hard: the calling thread's team ends
+    pause, own_team_only = _openmp_pause()
+    if others_may_compute and not own_team_only:
+        return False
+    return pause(2) == 0  # omp_pause_hard
 
 
 def summary() -> dict:

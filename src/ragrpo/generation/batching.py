@@ -17,6 +17,7 @@ import queue
 import threading
 from dataclasses import dataclass, field
 
+from ragrpo import hardware
 from ragrpo.generation.decode import Engine, Row, Sampling
 
 
@@ -123,6 +124,10 @@ class Batcher:
 
         with torch.inference_mode():
             while True:
+                if not self.waiting and not self.live:
+                    # idle: end this thread's OpenMP team, so that a thread computing meanwhile (an agentic
+                    # request's loop) has the CPUs' only team (hardware.release_openmp)
+                    hardware.release_openmp(others_may_compute=True)
                 with self.lock:
                     while not self.stopped and not self.waiting and not self.live:
                         self.lock.wait()
