@@ -126,6 +126,8 @@ def test_serve_bad_options_fail_before_loading(tmp_path):
         port = busy.getsockname()[1]
         assert_user_error(ragrpo("serve", "--table", "t", "--db", tmp_path, "--port", port), "cannot listen on",
                           str(port))
+    for flag in ("--max-batch", "--prefill-chunk"):
+        assert_user_error(ragrpo("serve", "--table", "t", "--db", tmp_path, flag, "0"), f"{flag} must be at least 1")
 
 
 def _package_imports() -> dict[str, set[str]]:

@@ -13,8 +13,8 @@ def _engine(model, slots=4, capacity=64, kind="plain"):
     return Engine(copy.model, _projections(copy.model, copy.fused, kind), slots=slots, capacity=capacity), copy
 
 
-def _alone(model, prompt, sampling, eos=(2,)):
-    engine, _ = _engine(model)
+def _alone(model, prompt, sampling, eos=(2,), capacity=64):
+    engine, _ = _engine(model, capacity=capacity)
     row = Row(prompt, sampling, list(eos), "cpu")
     engine.add([row])
     while engine.rows:
@@ -49,6 +49,42 @@ def test_rows_joining_and_leaving_a_running_batch_decode_as_they_would_alone(tin
     assert [r.new for r in rows] == expected
     assert all(r.finish_reason == ("stop" if r.new[-1] == 2 else "length") for r in rows)
     assert engine.rows == [] and engine.pending is None
+
+
+@pytest.mark.parametrize("chunk", [1, 4, 17, 64])
+def test_a_prompt_prefilled_in_chunks_between_steps_decodes_as_it_would_prefilled_whole(tiny_causal_lm, chunk):
+    """A long prompt prefilled a chunk at a time while another row decodes: both rows give the tokens they give
+    alone, and the other row takes a step between every two chunks."""
+    model, _ = tiny_causal_lm
+    torch.manual_seed(8)
+    running, long = torch.randint(5, 1000, (5,)).tolist(), torch.randint(5, 1000, (40,)).tolist()
+    budgets = [Sampling(max_new_tokens=n, min_new_tokens=n, do_sample=False) for n in (50, 20)]
+    expected = [_alone(model, running, budgets[0]), _alone(model, long, budgets[1])]
+    engine, _ = _engine(model, slots=2)
+    first, second = Row(running, budgets[0], [2], "cpu"), Row(long, budgets[1], [2], "cpu")
+    engine.add([first])
+    prefill, chunks = engine.begin(second), 0
+    while not engine.advance(prefill, chunk):
+        chunks += 1
+        engine.step()  # the running row goes on between chunks
+    assert chunks == -(-len(long) // chunk) - 1 and len(first.new) == chunks
+    assert engine.rows == [first, second] and prefill.done == len(long)
+    while engine.rows:
+        for ended in engine.step():
+            engine.remove(ended)
+    assert [first.new, second.new] == expected
+
+
+def test_a_prefill_that_would_not_fit_is_refused_before_it_starts_and_when_it_would_join(tiny_causal_lm):
+    model, _ = tiny_causal_lm
+    engine, _ = _engine(model, slots=1, capacity=32)
+    with pytest.raises(ValueError, match="exceeds the engine's capacity of 32"):
+        engine.begin(Row(list(range(5, 30)), Sampling(max_new_tokens=10), [2], "cpu"))
+    prefill = engine.begin(Row(list(range(5, 15)), Sampling(max_new_tokens=4), [2], "cpu"))
+    engine.add([Row([5, 6], Sampling(max_new_tokens=4), [2], "cpu")])  # the one slot is taken meanwhile
+    assert engine.advance(prefill, 4) is False
+    with pytest.raises(ValueError, match="2 rows do not fit 1 slots"):
+        engine.advance(prefill, 100)
 
 
 def test_greedy_rows_equal_transformers_generate(tiny_causal_lm):
@@ -210,6 +246,38 @@ def test_an_idle_batcher_ends_its_openmp_team(tiny_causal_lm, force_hardware, re
         alive = team & set(os.listdir("/proc/self/task"))
         assert (not alive) if release is None else alive == team
         assert batcher.health()["served"] == 1 and generation.completion_tokens == 200
+    finally:
+        batcher.close()
+
+
+def test_the_batcher_prefills_a_long_prompt_in_chunks_while_its_rows_decode(tiny_causal_lm):
+    """A 40-token prompt with 8-token chunks joins a running row after 5 chunks, the running row stepping between
+    them; a prompt that arrives while nothing decodes is prefilled in one go. Both give their lone tokens."""
+    import time
+
+    from ragrpo.generation.batching import Batcher
+
+    model, tokenizer = tiny_causal_lm
+    torch.manual_seed(9)
+    running, long = torch.randint(5, 1000, (5,)).tolist(), torch.randint(5, 1000, (40,)).tolist()
+    budgets = [Sampling(max_new_tokens=n, min_new_tokens=n, do_sample=False) for n in (150, 20)]
+    copy = SamplingCopy(model, dtype=torch.float32)
+    batcher = Batcher(copy.model, _projections(copy.model, copy.fused, "plain"), tokenizer, max_batch=2,
+                      max_waiting=2, capacity=256, prefill_chunk=8)
+    try:
+        first = batcher.submit(running, budgets[0], [2], [])
+        deadline = time.monotonic() + 30
+        while not first.row.new:
+            assert time.monotonic() < deadline
+            time.sleep(0.001)
+        second = batcher.submit(long, budgets[1], [2], [])
+        for generation in (second, first):
+            while generation.pieces.get(timeout=60) is not None:
+                pass
+        assert first.prefill_steps == 0  # nothing was decoding: one go
+        assert second.prefill_steps == 4 and len(first.row.new) == 150  # a step after each of the first 4 chunks
+        expected = [_alone(model, p, b, capacity=256) for p, b in zip((running, long), budgets)]
+        assert [first.row.new, second.row.new] == expected
     finally:
         batcher.close()
 

@@ -379,9 +379,12 @@ def ask(query, table, model, db, storage_options, where, k, max_new_tokens, temp
 @click.option("--max-batch", type=int, default=None,
               help="Requests decoded together in one batch [default: 8 per CPU core, at most 64; 64 on a GPU]. "
               "1 serves one request at a time.")
+@click.option("--prefill-chunk", type=int, default=512, show_default=True,
+              help="Prompt tokens prefilled between two decode steps while other requests decode: a long prompt "
+              "holds them up one chunk at a time.")
 @user_errors
 def serve(table, model, db, storage_options, host, port, api_key, max_tokens, max_waiting, repetition_penalty, threads,
-          retrieval_deadline, max_batch):
+          retrieval_deadline, max_batch, prefill_chunk):
     """Serve RAG answers over HTTP: an OpenAI-compatible API (/v1/chat/completions, /v1/models,
     /v1/search, /healthz) and a web page at /.
 
@@ -396,7 +399,8 @@ def serve(table, model, db, storage_options, host, port, api_key, max_tokens, ma
         raise RagrpoError(f"--retrieval-deadline must be above 0 seconds, got {retrieval_deadline}")
     run_server(table, model, db=db, host=host, port=port, api_key=api_key, max_tokens=max_tokens,
                max_waiting=max_waiting, repetition_penalty=repetition_penalty, threads=threads, max_batch=max_batch,
-               retrieval_deadline=retrieval_deadline, storage_options=parse_storage_options(storage_options),
+               prefill_chunk=prefill_chunk, retrieval_deadline=retrieval_deadline,
+               storage_options=parse_storage_options(storage_options),
                echo=lambda line: click.echo(line, err=True))
 
 

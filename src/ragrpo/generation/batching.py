@@ -1,8 +1,10 @@
 """Continuous batching for `serve`: every request is a row of one running `decode.Engine`.
 
-One thread owns the engine. Between decode steps it takes waiting requests into free slots (each prompt
-is prefilled on its own, then joins the batch), runs one step for all live rows, hands each row's new
-text to its request, and frees the slots of rows that ended or whose client left. A decode step on a
+One thread owns the engine. Between decode steps it takes waiting requests into free slots, prefills one
+chunk of a new prompt (at most `prefill_chunk` tokens: a long prompt does not stall the rows already
+decoding for its whole prefill; with no row decoding, a prompt is prefilled in one go), runs one step
+for all live rows, hands each row's new text to its request, and frees the slots of rows that ended or
+whose client left. A decode step on a
 small model costs about the same for 1 or 16 rows (it reads every weight once either way), so the
 aggregate throughput grows with the number of clients until the matmuls stop being memory-bound.
 
@@ -18,7 +20,7 @@ import threading
 from dataclasses import dataclass, field
 
 from ragrpo import hardware
-from ragrpo.generation.decode import Engine, Row, Sampling
+from ragrpo.generation.decode import Engine, Prefill, Row, Sampling
 
 
 class QueueFull(Exception):
@@ -39,6 +41,7 @@ class Generation:
     error: str | None = None
     on_cancel: object = None
     on_piece: object = None
+    prefill_steps: int = 0  # steps the batch took between the chunks of this prompt's prefill
 
     @property
     def prompt_tokens(self) -> int:
@@ -75,12 +78,16 @@ class Generation:
 class Batcher:
     """The engine's thread and its queue. `submit` a prompt's token ids; read the `Generation`'s pieces."""
 
-    def __init__(self, model, projections, tokenizer, *, max_batch: int, max_waiting: int, capacity: int):
+    def __init__(self, model, projections, tokenizer, *, max_batch: int, max_waiting: int, capacity: int,
+                 prefill_chunk: int = 512):
         self.engine = Engine(model, projections, slots=max_batch, capacity=capacity)
         self.tokenizer, self.max_batch, self.max_waiting = tokenizer, max_batch, max_waiting
+        self.prefill_chunk = prefill_chunk
         self.waiting: list[Generation] = []
+        # admitted, prompt partly prefilled, in arrival order: (generation, its prefill, the batch's steps then)
+        self.prefilling: list[tuple[Generation, Prefill, int]] = []
         self.live: dict[int, Generation] = {}  # id(row) -> generation
-        self.served = self.cancelled = self.errors = 0
+        self.served = self.cancelled = self.errors = self.steps = 0
         self.lock = threading.Condition()
         self.stopped = False
         self.thread = threading.Thread(target=self._run, name="ragrpo-batcher", daemon=True)
@@ -109,7 +116,8 @@ class Batcher:
 
     def health(self) -> dict:
         with self.lock:
-            return {"running": len(self.live), "waiting": len(self.waiting), "max_batch": self.max_batch,
+            return {"running": len(self.live) + len(self.prefilling), "waiting": len(self.waiting),
+                    "max_batch": self.max_batch,
                     "served": self.served, "cancelled": self.cancelled, "errors": self.errors}
 
     def close(self) -> None:
@@ -124,34 +132,55 @@ class Batcher:
 
         with torch.inference_mode():
             while True:
-                if not self.waiting and not self.live:
+                if not self.waiting and not self.live and not self.prefilling:
                     # idle: end this thread's OpenMP team, so that a thread computing meanwhile (an agentic
                     # request's loop) has the CPUs' only team (hardware.release_openmp)
                     hardware.release_openmp(others_may_compute=True)
                 with self.lock:
-                    while not self.stopped and not self.waiting and not self.live:
+                    while not self.stopped and not self.waiting and not self.live and not self.prefilling:
                         self.lock.wait()
                     if self.stopped:
                         break
-                    free = self.max_batch - len(self.live)
+                    free = self.max_batch - len(self.live) - len(self.prefilling)
                     joining, self.waiting = self.waiting[:free], self.waiting[free:]
                 joining = [g for g in joining if not self._left(g)]
                 self._admit(joining)
                 self._drop_cancelled()
+                self._prefill()
                 if self.engine.rows:
                     self._step()
-        for generation in [*self.live.values(), *self.waiting]:
+        for generation in [*self.live.values(), *(entry[0] for entry in self.prefilling), *self.waiting]:
             generation.error = "the server is shutting down"
             generation.emit(None)
 
     def _admit(self, joining: list[Generation]) -> None:
-        for generation in joining:  # one prefill each: a long prompt delays the batch by its own prefill only
+        for generation in joining:
             try:
-                self.engine.add([generation.row])
+                prefill = self.engine.begin(generation.row)
             except Exception as exc:  # a row the engine refuses ends with an error, the others go on
                 self._finish(generation, error=str(exc))
                 continue
             with self.lock:
+                self.prefilling.append((generation, prefill, self.steps))
+
+    def _prefill(self) -> None:
+        """One chunk of the oldest prompt being prefilled; with no row decoding, all of it."""
+        if not self.prefilling:
+            return
+        generation, prefill, steps_before = self.prefilling[0]
+        try:
+            joined = self.engine.advance(prefill, self.prefill_chunk)
+            while not joined and not self.engine.rows:
+                joined = self.engine.advance(prefill, self.prefill_chunk)
+        except Exception as exc:
+            with self.lock:
+                self.prefilling.pop(0)
+            self._finish(generation, error=str(exc))
+            return
+        if joined:
+            generation.prefill_steps = self.steps - steps_before
+            with self.lock:
+                self.prefilling.pop(0)
                 self.live[id(generation.row)] = generation
 
     def _drop_cancelled(self) -> None:
@@ -159,8 +188,13 @@ class Batcher:
             if generation.cancelled:
                 self.engine.remove(generation.row)
                 self._finish(generation)
+        for entry in [entry for entry in self.prefilling if entry[0].cancelled]:
+            with self.lock:
+                self.prefilling.remove(entry)
+            self._finish(entry[0])
 
     def _step(self) -> None:
+        self.steps += 1
         try:
             ended = set(map(id, self.engine.step()))
         except Exception as exc:  # the step failed for every row: each ends with the error

@@ -119,6 +119,14 @@ class Row:
             self.finish_reason = "length"
 
 
+class Prefill:
+    """A row whose prompt is prefilled a chunk at a time (`Engine.begin`, `Engine.advance`): `done` prompt
+    tokens so far, their keys and values in a transformers cache until the row joins the batch."""
+
+    def __init__(self, row: Row, cache):
+        self.row, self.cache, self.done = row, cache, 0
+
+
 class Engine:
     """Decode steps for up to `slots` rows of at most `capacity` tokens each, on `model` through
     `projections` (`engine._projections`: fused, and packed for fbgemm's fp16 or oneDNN where it pays)."""
@@ -142,26 +150,63 @@ class Engine:
     # ---- rows in, rows out ----
     def add(self, rows: list[Row]) -> None:
         """Prefill `rows` (each distinct prompt once) into free slots; their next-token logits join `pending`."""
+        self._check_fits(rows)
+        distinct = {ids: n for n, ids in enumerate(dict.fromkeys(tuple(r.prompt) for r in rows))}
+        logits, keys_values = self._prefill([list(ids) for ids in distinct])
+        self._join(rows, [distinct[tuple(r.prompt)] for r in rows], logits, keys_values)
+
+    def begin(self, row: Row) -> Prefill:
+        """Start prefilling `row` a chunk at a time (`advance`), so that a long prompt does not hold up the rows
+        already decoding for its whole prefill: between two chunks the batch takes a step."""
+        from transformers import DynamicCache
+
+        self._check_fits([row], joining=0)
+        return Prefill(row, DynamicCache(config=self.model.config))
+
+    def advance(self, prefill: Prefill, tokens: int) -> bool:
+        """Prefill the next `tokens` of the row's prompt, after the keys and values of the chunks before; after
+        the last chunk the row joins the batch in a free slot. Returns whether it has joined."""
         import torch
 
-        if len(self.rows) + len(rows) > self.slots:
-            raise ValueError(f"{len(self.rows) + len(rows)} rows do not fit {self.slots} slots")
+        row, start = prefill.row, prefill.done
+        end = min(start + tokens, len(row.prompt))
+        if end == len(row.prompt):
+            self._check_fits([row])
+        out = self.model(input_ids=torch.tensor([row.prompt[start:end]], device=self.device),
+                         position_ids=torch.arange(start, end, device=self.device)[None],
+                         past_key_values=prefill.cache, use_cache=True, logits_to_keep=1)
+        prefill.done = end
+        if end < len(row.prompt):
+            return False
+        layers = [(layer.keys, layer.values) for layer in prefill.cache.layers]  # (1, kv_heads, prompt, head_dim)
+        self._join([row], [0], out.logits[:, -1].float(), layers)
+        return True
+
+    def _check_fits(self, rows: list[Row], joining: int | None = None) -> None:
+        """Refuse rows that would not fit: `joining` of them (all by default) into free slots, each into its
+        slot's capacity with its whole budget of new tokens."""
+        joining = len(rows) if joining is None else joining
+        if len(self.rows) + joining > self.slots:
+            raise ValueError(f"{len(self.rows) + joining} rows do not fit {self.slots} slots")
         for row in rows:
             if row.length + row.sampling.max_new_tokens > self.capacity:
                 raise ValueError(f"a row of {row.length} + {row.sampling.max_new_tokens} tokens exceeds the "
                                  f"engine's capacity of {self.capacity}")
-        distinct = {ids: n for n, ids in enumerate(dict.fromkeys(tuple(r.prompt) for r in rows))}
-        logits, keys_values = self._prefill([list(ids) for ids in distinct])
+
+    def _join(self, rows: list[Row], prompt_of: list[int], logits, keys_values) -> None:
+        """Put `rows` into the next free slots: row i's prompt is prefilled prompt `prompt_of[i]`, whose next-token
+        logits are `logits[prompt_of[i]]` and whose keys and values (left-padded) are in `keys_values`."""
+        import torch
+
         first = len(self.rows)
-        for offset, row in enumerate(rows):
-            n, slot, length = distinct[tuple(row.prompt)], first + offset, len(row.prompt)
+        for offset, (row, n) in enumerate(zip(rows, prompt_of, strict=True)):
+            slot, length = first + offset, len(row.prompt)
             for (keys, values), (new_keys, new_values) in zip(self.caches, keys_values):
                 keys[slot, :, :length] = new_keys[n, :, -length:]
                 values[slot, :, :length] = new_values[n, :, -length:]
             self.tokens[slot, :length] = torch.tensor(row.prompt, device=self.device)
         self.rows += rows
-        order = torch.tensor([distinct[tuple(r.prompt)] for r in rows], device=self.device)
-        new = logits[order]
+        new = logits[torch.tensor(prompt_of, device=self.device)]
         self.pending = new if self.pending is None else torch.cat([self.pending, new])
 
     def remove(self, row: Row) -> None:

@@ -437,7 +437,7 @@ def default_max_batch() -> int:
     return 64 if hardware.device() == "cuda" else min(64, 8 * (os.cpu_count() or 1))
 
 
-def make_batcher(model, tokenizer, *, max_batch: int, max_waiting: int, max_tokens: int):
+def make_batcher(model, tokenizer, *, max_batch: int, max_waiting: int, max_tokens: int, prefill_chunk: int = 512):
     """A `Batcher` over a sampling copy of `model` (bf16 where it pays; weights packed as
     `hardware.decode_weights` says: fp16 for fbgemm or oneDNN's layout), or
     None where the decode engine does not cover the model's family."""
@@ -455,7 +455,7 @@ def make_batcher(model, tokenizer, *, max_batch: int, max_waiting: int, max_toke
     context = getattr(model.config, "max_position_embeddings", None) or 2048
     capacity = min(context, 1536 + max_tokens)  # prompts of up to ~1.5k tokens (k=5 passages is about 1.1k)
     return Batcher(copy.model, projections, tokenizer, max_batch=max_batch, max_waiting=max_waiting,
-                   capacity=capacity)
+                   capacity=capacity, prefill_chunk=prefill_chunk)
 
 
 def model_id_for(model: str | None) -> str:
@@ -467,10 +467,12 @@ def model_id_for(model: str | None) -> str:
 
 
 def load_server(table: str, model: str | None, *, db: str | Path = "lancedb", threads: int | None = None,
-                max_batch: int | None = None, storage_options: dict[str, str] | None = None, **settings) -> Server:
+                max_batch: int | None = None, prefill_chunk: int = 512, storage_options: dict[str, str] | None = None,
+                **settings) -> Server:
     """Open the table and load the model once; `settings` are `Server`'s fields. `threads` sets torch's
     intra-op threads once (on a shared CPU, 1 thread can be several times faster than spinning on 2).
-    `max_batch` rows decode together (`default_max_batch()` if None; 1 serves one request at a time)."""
+    `max_batch` rows decode together (`default_max_batch()` if None; 1 serves one request at a time); a new
+    prompt is prefilled `prefill_chunk` tokens at a time while other rows decode (`batching.Batcher`)."""
     from ragrpo import hardware
     from ragrpo.answer_settings import saved_settings
     from ragrpo.models import load_model
@@ -489,7 +491,7 @@ def load_server(table: str, model: str | None, *, db: str | Path = "lancedb", th
     max_batch = default_max_batch() if max_batch is None else max_batch
     if max_batch > 1:
         server.batcher = make_batcher(lm, tokenizer, max_batch=max_batch, max_waiting=server.max_waiting,
-                                      max_tokens=server.max_tokens)
+                                      max_tokens=server.max_tokens, prefill_chunk=prefill_chunk)
     hardware.release_openmp()  # this thread is done with torch: the engine's thread decodes with the CPUs' workers
     return server
 
@@ -520,6 +522,8 @@ def serve(table: str, model: str | None, *, db: str | Path = "lancedb", host: st
         raise RagrpoError(f"--threads must be at least 1, got {settings['threads']}")
     if settings.get("max_batch") is not None and settings["max_batch"] < 1:
         raise RagrpoError(f"--max-batch must be at least 1, got {settings['max_batch']}")
+    if settings.get("prefill_chunk", 1) < 1:
+        raise RagrpoError(f"--prefill-chunk must be at least 1 token, got {settings['prefill_chunk']}")
     if api_key is not None and not api_key.strip():
         raise RagrpoError("the API key is empty; pass a non-empty --api-key or unset the variable")
     server = load_server(table, model, db=db, api_key=api_key, **settings)
