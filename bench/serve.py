@@ -65,6 +65,7 @@ def summarize(name: str, clients: int, results: list[dict], wall: float) -> dict
     return {"name": name, "clients": clients, "requests": len(results), "errors": len(results) - len(ok),
             "error_examples": sorted({r["error"] for r in results if r["error"]})[:3],
             "ttft_s": percentiles([r["ttft"] for r in ok]), "latency_s": percentiles([r["latency"] for r in ok]),
+            "stall_s": percentiles([r["stall"] for r in ok if "stall" in r]),
             "wall_s": wall, "requests_per_s": len(ok) / wall, "tokens_per_s": tokens / wall}
 
 
@@ -142,23 +143,28 @@ def prefill_seconds(db: Path, table_name: str, k: int) -> dict:
 
 
 def one_request(client, model_id: str, i: int, k: int) -> dict:
+    """One streamed request: time to the first piece of text, to the end, and the longest wait between two
+    pieces after the first (`stall`: what a running answer waits while new prompts are prefilled)."""
     sent = time.perf_counter()
-    first, tokens = None, 0
+    first, tokens, last, stall = None, 0, None, 0.0
     try:
         chunks = client.chat.completions.create(
             model=model_id, messages=[{"role": "user", "content": QUESTIONS[i % len(QUESTIONS)]}],
             max_tokens=TOKENS, stream=True, stream_options={"include_usage": True},
             extra_body={"k": k, "min_tokens": TOKENS})
         for chunk in chunks:
-            if chunk.choices and chunk.choices[0].delta.content and first is None:
-                first = time.perf_counter()
+            if chunk.choices and chunk.choices[0].delta.content:
+                now = time.perf_counter()
+                first = first or now
+                stall = max(stall, now - last) if last is not None else stall
+                last = now
             if chunk.usage:
                 tokens = chunk.usage.completion_tokens
     except Exception as exc:
         return {"ttft": None, "latency": None, "tokens": 0, "error": f"{type(exc).__name__}: {str(exc)[:120]}"}
     done = time.perf_counter()
     error = None if tokens == TOKENS and first is not None else f"{tokens} tokens"
-    return {"ttft": (first or done) - sent, "latency": done - sent, "tokens": tokens, "error": error}
+    return {"ttft": (first or done) - sent, "latency": done - sent, "tokens": tokens, "error": error, "stall": stall}
 
 
 def run_server_load(url: str, model_id: str, clients: int, requests: int, k: int) -> dict:
@@ -176,14 +182,15 @@ def run_server_load(url: str, model_id: str, clients: int, requests: int, k: int
     return summarize("server", clients, results, time.perf_counter() - started)
 
 
-def start_server(db: Path, table: str, threads: int | None) -> tuple[subprocess.Popen, str]:
+def start_server(db: Path, table: str, threads: int | None, prefill_chunk: int | None) -> tuple[subprocess.Popen, str]:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     env = {**os.environ, "RAGRPO_API_KEY": "bench", "HF_HUB_OFFLINE": "1"}
     process = subprocess.Popen([sys.executable, "-m", "ragrpo.cli", "serve", "--table", table, "--db", str(db),
                                 "--port", str(port), "--max-tokens", str(TOKENS), "--max-waiting", "256",
-                                *(["--threads", str(threads)] if threads else [])],
+                                *(["--threads", str(threads)] if threads else []),
+                                *(["--prefill-chunk", str(prefill_chunk)] if prefill_chunk else [])],
                                env=env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     for _ in range(600):
@@ -204,7 +211,8 @@ def fmt(row: dict) -> str:
 
     return (f"{row['name']:<8} {row['clients']:>7} {row['requests']:>8} {s(row['ttft_s']['p50'])} "
             f"{s(row['ttft_s']['p95'])} {s(row['latency_s']['p50'])} {s(row['latency_s']['p95'])} "
-            f"{row['requests_per_s']:8.3f} {row['tokens_per_s']:8.1f} {row['errors']:>6}")
+            f"{row['requests_per_s']:8.3f} {row['tokens_per_s']:8.1f} {row['errors']:>6} "
+            f"{s(row.get('stall_s', {}).get('p50'))} {s(row.get('stall_s', {}).get('p95'))}")
 
 
 def ratios(rows: list[dict]) -> dict:
@@ -231,6 +239,8 @@ def main() -> None:
     parser.add_argument("--requests-4", type=int, default=16, help="Requests for the 4-client run.")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch threads on both sides (`ragrpo serve --threads`) [default: torch's].")
+    parser.add_argument("--prefill-chunk", type=int, default=None,
+                        help="`ragrpo serve --prefill-chunk` [default: the server's]; a large value turns chunking off.")
     parser.add_argument("--db", default=None, help="LanceDB folder with builtin:movies [default: index a fresh one].")
     parser.add_argument("--table", default="movies")
     parser.add_argument("-k", type=int, default=5, help="Passages per question.")
@@ -272,7 +282,7 @@ def main() -> None:
           flush=True)
     record(run_library(db, args.table, args.latency_requests, args.k, args.threads, forward=True))
     record(run_library(db, args.table, args.latency_requests, args.k, args.threads))
-    process, url = start_server(db, args.table, args.threads)
+    process, url = start_server(db, args.table, args.threads, args.prefill_chunk)
     try:
         model_id = json.load(urllib.request.urlopen(urllib.request.Request(
             f"{url}/v1/models", headers={"Authorization": "Bearer bench"})))["data"][0]["id"]
@@ -286,7 +296,7 @@ def main() -> None:
     result["complete"] = True
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"\n{'side':<8} {'clients':>7} {'requests':>8} {'ttft p50':>8} {'ttft p95':>8} {'lat p50':>8} "
-          f"{'lat p95':>8} {'req/s':>8} {'tok/s':>8} {'errors':>6}")
+          f"{'lat p95':>8} {'req/s':>8} {'tok/s':>8} {'errors':>6} {'stall50':>8} {'stall95':>8}")
     for row in result["rows"]:
         print(fmt(row))
     single = next(r for r in result["rows"] if r["name"] == "server" and r["clients"] == 1)
