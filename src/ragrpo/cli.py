@@ -379,7 +379,7 @@ def ask(query, table, model, db, storage_options, where, k, max_new_tokens, temp
 @click.option("--max-batch", type=int, default=None,
               help="Requests decoded together in one batch [default: 8 per CPU core, at most 64; 64 on a GPU]. "
               "1 serves one request at a time.")
-@click.option("--prefill-chunk", type=int, default=512, show_default=True,
+@click.option("--prefill-chunk", type=int, default=1024, show_default=True,
               help="Prompt tokens prefilled between two decode steps while other requests decode: a long prompt "
               "holds them up one chunk at a time.")
 @user_errors

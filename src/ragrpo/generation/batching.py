@@ -79,7 +79,7 @@ class Batcher:
     """The engine's thread and its queue. `submit` a prompt's token ids; read the `Generation`'s pieces."""
 
     def __init__(self, model, projections, tokenizer, *, max_batch: int, max_waiting: int, capacity: int,
-                 prefill_chunk: int = 512):
+                 prefill_chunk: int = 1024):
         self.engine = Engine(model, projections, slots=max_batch, capacity=capacity)
         self.tokenizer, self.max_batch, self.max_waiting = tokenizer, max_batch, max_waiting
         self.prefill_chunk = prefill_chunk
@@ -168,10 +168,8 @@ class Batcher:
         if not self.prefilling:
             return
         generation, prefill, steps_before = self.prefilling[0]
-        try:
-            joined = self.engine.advance(prefill, self.prefill_chunk)
-            while not joined and not self.engine.rows:
-                joined = self.engine.advance(prefill, self.prefill_chunk)
+        try:  # in one go where no row waits on it: each chunk boundary costs (824 tokens: 0.94 s, in 2 chunks 1.1 s)
+            joined = self.engine.advance(prefill, self.prefill_chunk if self.engine.rows else len(generation.row.prompt))
         except Exception as exc:
             with self.lock:
                 self.prefilling.pop(0)

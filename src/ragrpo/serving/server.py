@@ -437,7 +437,8 @@ def default_max_batch() -> int:
     return 64 if hardware.device() == "cuda" else min(64, 8 * (os.cpu_count() or 1))
 
 
-def make_batcher(model, tokenizer, *, max_batch: int, max_waiting: int, max_tokens: int, prefill_chunk: int = 512):
+def make_batcher(model, tokenizer, *, max_batch: int, max_waiting: int, max_tokens: int,
+                 prefill_chunk: int = 1024):
     """A `Batcher` over a sampling copy of `model` (bf16 where it pays; weights packed as
     `hardware.decode_weights` says: fp16 for fbgemm or oneDNN's layout), or
     None where the decode engine does not cover the model's family."""
@@ -467,7 +468,7 @@ def model_id_for(model: str | None) -> str:
 
 
 def load_server(table: str, model: str | None, *, db: str | Path = "lancedb", threads: int | None = None,
-                max_batch: int | None = None, prefill_chunk: int = 512, storage_options: dict[str, str] | None = None,
+                max_batch: int | None = None, prefill_chunk: int = 1024, storage_options: dict[str, str] | None = None,
                 **settings) -> Server:
     """Open the table and load the model once; `settings` are `Server`'s fields. `threads` sets torch's
     intra-op threads once (on a shared CPU, 1 thread can be several times faster than spinning on 2).
