@@ -12,8 +12,10 @@ Every request asks a question about builtin:movies (k=5 passages by default, the
               and 16 concurrent clients; its requests are rows of one continuously batched engine
 
 For each it reports time to first token (TTFT: request sent -> first piece of answer text) and full-
-answer latency, p50 and p95, plus requests and tokens per second and the number of failed requests
-(an exception, or an answer that is not exactly 64 tokens). It also times the prefill of the first
+answer latency, p50 and p95, plus requests and tokens per second, the number of failed requests
+(an exception, or an answer that is not exactly 64 tokens) and, for the server, each answer's longest
+wait between two pieces after the first (stall: what a running answer waits while new prompts are
+prefilled; `--prefill-chunk` bounds it). It also times the prefill of the first
 question's prompt alone (the server's weights, median of 5), the floor under TTFT. Prints a table and
 the ratios, and writes JSON with the CPU's flags and the hardware decisions.
 
