@@ -1,12 +1,12 @@
 """Continuous batching for `serve`: every request is a row of one running `decode.Engine`.
 
-One thread owns the engine. Between decode steps it takes waiting requests into free slots, prefills one
-chunk of a new prompt (at most `prefill_chunk` tokens: a long prompt does not stall the rows already
-decoding for its whole prefill; with no row decoding, a prompt is prefilled in one go), runs one step
-for all live rows, hands each row's new text to its request, and frees the slots of rows that ended or
-whose client left. A decode step on a
-small model costs about the same for 1 or 16 rows (it reads every weight once either way), so the
-aggregate throughput grows with the number of clients until the matmuls stop being memory-bound.
+One thread owns the engine. Between decode steps it takes waiting requests into free slots, prefills new
+prompts up to a budget of `prefill_chunk` tokens (whole prompts while they fit, a longer one a chunk at a
+time; with no row decoding, a prompt in one go), runs one step for all live rows, hands each row's new
+text to its request, and frees the slots of rows that ended or whose client left. The budget bounds how
+long an answer being streamed pauses for other requests' prefills. A decode step on a small model costs
+about the same for 1 or 16 rows (it reads every weight once either way), so the aggregate throughput
+grows with the number of clients until the matmuls stop being memory-bound.
 
 Requests past the free slots wait in arrival order, at most `max_waiting` of them; `submit` refuses
 beyond that (the server answers 503). A request's settings (temperature, top-p, repetition penalty,
@@ -41,7 +41,7 @@ class Generation:
     error: str | None = None
     on_cancel: object = None
     on_piece: object = None
-    prefill_steps: int = 0  # steps the batch took between the chunks of this prompt's prefill
+    prefill_steps: int = 0  # decode steps the batch took from this request's admission to its joining
 
     @property
     def prompt_tokens(self) -> int:
