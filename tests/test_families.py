@@ -164,3 +164,33 @@ def test_two_grpo_steps_on_the_packaged_gemma3(tmp_path):
     assert all(torch.equal(params[n], p) for n, p in base.items()), "the base stayed frozen"
     lengths = [h["completions/mean_length"] for h in trainer.state.log_history if "completions/mean_length" in h]
     assert lengths and all(0 < n <= 16 for n in lengths)
+
+
+@pytest.mark.parametrize("name", [name for name in FAMILIES if FAMILIES[name][1]])
+def test_a_prompt_prefilled_in_chunks_decodes_as_the_whole_prompt_does(name):
+    """The server's chunked prefill (`Engine.begin`/`advance`) on each family the loop covers: rope scaling,
+    q/k/v biases and q/k norms give the same next-token logits and greedy tokens as the prompt in one pass."""
+    from ragrpo.generation.decode import Engine, Row, Sampling
+    from ragrpo.generation.engine import _projections
+
+    copy = SamplingCopy(_build(name), dtype=torch.float32)
+    torch.manual_seed(1)
+    prompt = torch.randint(3, VOCAB, (30,)).tolist()
+    runs = []
+    for chunk in (None, 7):
+        engine = Engine(copy.model, _projections(copy.model, copy.fused, "plain"), slots=1, capacity=64)
+        row = Row(prompt, Sampling(max_new_tokens=12, min_new_tokens=12, do_sample=False), [2], "cpu")
+        with torch.no_grad():
+            if chunk is None:
+                engine.add([row])
+            else:
+                prefill = engine.begin(row)
+                while not engine.advance(prefill, chunk):
+                    pass
+            first = engine.pending[0].clone()
+            while engine.rows:
+                for ended in engine.step():
+                    engine.remove(ended)
+        runs.append((first, row.new))
+    (whole, whole_tokens), (chunked, chunked_tokens) = runs
+    assert torch.allclose(chunked, whole, atol=1e-4) and chunked_tokens == whole_tokens
