@@ -209,6 +209,7 @@ def openmp_team(work):
     workers), what `work()` returned when run next in the same thread, and which of those workers are still alive."""
     import os
     import threading
+    import time
 
     import torch
 
@@ -220,7 +221,10 @@ def openmp_team(work):
         torch.ones(512, 512) @ torch.ones(512, 512)
         found["team"] = set(os.listdir("/proc/self/task")) - before
         found["returned"] = work()
-        found["alive"] = found["team"] & set(os.listdir("/proc/self/task"))
+        deadline = time.monotonic() + 2  # an ended worker leaves the task list a moment after the call returns
+        while (alive := found["team"] & set(os.listdir("/proc/self/task"))) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        found["alive"] = alive
 
     thread = threading.Thread(target=run)
     thread.start()
@@ -233,6 +237,6 @@ def needs_openmp_release():
 
     from ragrpo import hardware
 
-    if not Path("/proc/self/task").is_dir() or hardware._openmp_pause() is None:
+    if not Path("/proc/self/task").is_dir() or not hardware._openmp_pause():
         pytest.skip("no /proc or no OpenMP runtime with omp_pause_resource_all: nothing to release")
 

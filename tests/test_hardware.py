@@ -290,16 +290,16 @@ def test_releasing_openmp_ends_the_calling_threads_workers_and_a_later_op_starts
     needs_openmp_release()
     force_hardware(OMP_RELEASE=None)
 
+    found = openmp_team(hardware.release_openmp)
+    assert found["team"], "a parallel op on 2 threads started no worker"
+    assert found["returned"] is True and not found["alive"]
+
     def release_then_compute():
-        released = hardware.release_openmp()
-        alive = set(os.listdir("/proc/self/task"))
-        return released, alive, (torch.ones(64, 64) @ torch.ones(64, 64)).sum().item()
+        hardware.release_openmp()
+        return (torch.ones(512, 512) @ torch.ones(512, 512)).sum().item()
 
     found = openmp_team(release_then_compute)
-    released, alive_after_release, value = found["returned"]
-    assert found["team"], "a parallel op on 2 threads started no worker"
-    assert released is True and not found["team"] & alive_after_release
-    assert value == 64 * 64 * 64  # the next op runs (on a new team)
+    assert found["returned"] == 512 ** 3  # the next parallel op runs, on a new team
 
 
 def test_releasing_openmp_can_be_forced_off_and_refused_without_a_runtime(force_hardware, monkeypatch):
@@ -309,7 +309,7 @@ def test_releasing_openmp_can_be_forced_off_and_refused_without_a_runtime(force_
     assert found["returned"] is False and found["alive"] == found["team"] != set()
     assert hardware.summary()["omp_release"] is False
     force_hardware(OMP_RELEASE="1")
-    monkeypatch.setattr(hardware, "_openmp_pause", lambda: None)
+    monkeypatch.setattr(hardware, "_openmp_pause", list)
     with pytest.raises(RagrpoError, match="RAGRPO_OMP_RELEASE=1: no OpenMP runtime"):
         hardware.release_openmp()
     force_hardware(OMP_RELEASE="2")
@@ -324,7 +324,7 @@ def test_where_the_runtime_ends_every_team_a_release_beside_other_work_is_not_as
     calls = []
     for own_team_only, expected in ((False, [False, True]), (True, [True, True])):
         calls.clear()
-        runtime = (lambda kind: calls.append(kind) or 0, own_team_only)
-        monkeypatch.setattr(hardware, "_openmp_pause", lambda runtime=runtime: runtime)
+        runtimes = [(lambda kind: calls.append(kind) or 0, own_team_only)]
+        monkeypatch.setattr(hardware, "_openmp_pause", lambda runtimes=runtimes: runtimes)
         assert [hardware.release_openmp(others_may_compute=True), hardware.release_openmp()] == expected
         assert calls == [2] * sum(expected)  # omp_pause_hard, only where it was asked

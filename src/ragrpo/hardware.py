@@ -385,26 +385,30 @@ def release_memory() -> bool:
     return True
 
 
-@functools.cache
-def _openmp_pause():
-    """The loaded OpenMP runtime's `omp_pause_resource_all` (OpenMP 5.0: libgomp from GCC 9, LLVM's libomp,
-    Intel's libiomp5) and whether it ends the calling thread's team only (libgomp's does; the others end
-    every team), found among the libraries this process has mapped; or None."""
-    import ctypes
-
+def _openmp_pause() -> list:
+    """Each OpenMP runtime this process has mapped (libgomp from GCC 9, LLVM's libomp, Intel's libiomp5) that has
+    `omp_pause_resource_all` (OpenMP 5.0): (that function, whether it ends the calling thread's team only,
+    as libgomp's does; the others end every team). Several can be loaded at once: scikit-learn ships its own
+    libgomp beside torch's. Read afresh each time (about a millisecond): a runtime can be loaded later."""
     try:
         maps = Path("/proc/self/maps").read_text()
     except OSError:  # not Linux
-        return None
+        return []
+    paths = dict.fromkeys(line.split()[-1] for line in maps.splitlines() if line.count("/"))
     names = ("libgomp", "libomp", "libiomp5")
-    for path in dict.fromkeys(line.split()[-1] for line in maps.splitlines() if line.count("/")):
-        if Path(path).name.startswith(names):
-            try:
-                pause = ctypes.CDLL(path).omp_pause_resource_all  # already loaded: the same handle as torch's
-            except (OSError, AttributeError):
-                continue
-            return pause, Path(path).name.startswith("libgomp")
-    return None
+    runtimes = [_pause_function(path) for path in paths if Path(path).name.startswith(names)]
+    return [runtime for runtime in runtimes if runtime is not None]
+
+
+@functools.cache
+def _pause_function(path: str):
+    import ctypes
+
+    try:
+        pause = ctypes.CDLL(path).omp_pause_resource_all  # already loaded: the same handle as its users'
+    except (OSError, AttributeError):
+        return None
+    return pause, Path(path).name.startswith("libgomp")
 
 
 def release_openmp(*, others_may_compute: bool = False) -> bool:
@@ -417,20 +421,19 @@ def release_openmp(*, others_may_compute: bool = False) -> bool:
     its engine's thread: two teams on 2 cores. Its decode took 32 ms a token there, against 25 ms with the
     main thread's team ended first (README, "Benchmark", session 19).
 
+    Every loaded runtime is asked (which one torch uses is not known here; asking the others costs nothing).
     LLVM's and Intel's runtimes end every team, not only the caller's: with `others_may_compute` (another
-    thread may be inside a parallel op now) only libgomp's is asked."""
+    thread may be inside a parallel op now) only libgomp's are asked."""
     forced = _forced("RAGRPO_OMP_RELEASE")
     if forced is False:
         return False
-    if _openmp_pause() is None:
+    if not _openmp_pause():
         if forced:
             raise RagrpoError("RAGRPO_OMP_RELEASE=1: no OpenMP runtime with omp_pause_resource_all is loaded; "
                               "unset it")
         return False
-    pause, own_team_only = _openmp_pause()
-    if others_may_compute and not own_team_only:
-        return False
-    return pause(2) == 0  # omp_pause_hard
+    asked = [pause for pause, own_team_only in _openmp_pause() if own_team_only or not others_may_compute]
+    return [pause(2) for pause in asked].count(0) > 0  # 2: omp_pause_hard
 
 
 def summary() -> dict:
@@ -444,7 +447,7 @@ def summary() -> dict:
               "decode_weights": {"float32": decode_weights(torch.float32),
                                  "bfloat16": decode_weights(torch.bfloat16)},
               "training_attention": {"float32": attention(torch.float32), "bfloat16": attention(torch.bfloat16)},
-              "trim": trim(), "omp_release": _forced("RAGRPO_OMP_RELEASE") is not False and _openmp_pause() is not None,
+              "trim": trim(), "omp_release": _forced("RAGRPO_OMP_RELEASE") is not False and bool(_openmp_pause()),
               "forced": {name: os.environ[name] for name in
                          ("RAGRPO_DEVICE", "RAGRPO_BF16", "RAGRPO_PACK", "RAGRPO_FP16", "RAGRPO_ATTENTION",
                           "RAGRPO_THREADS", "RAGRPO_TRIM", "RAGRPO_OMP_RELEASE",
