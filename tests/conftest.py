@@ -237,6 +237,6 @@ def needs_openmp_release():
 
     from ragrpo import hardware
 
-    if not Path("/proc/self/task").is_dir() or not hardware._openmp_pause():
+    if not Path("/proc/self/task").is_dir() or not hardware._openmp_runtimes():
         pytest.skip("no /proc or no OpenMP runtime with omp_pause_resource_all: nothing to release")
 

@@ -309,7 +309,7 @@ def test_releasing_openmp_can_be_forced_off_and_refused_without_a_runtime(force_
     assert found["returned"] is False and found["alive"] == found["team"] != set()
     assert hardware.summary()["omp_release"] is False
     force_hardware(OMP_RELEASE="1")
-    monkeypatch.setattr(hardware, "_openmp_pause", list)
+    monkeypatch.setattr(hardware, "_openmp_runtimes", list)
     with pytest.raises(RagrpoError, match="RAGRPO_OMP_RELEASE=1: no OpenMP runtime"):
         hardware.release_openmp()
     force_hardware(OMP_RELEASE="2")
@@ -325,6 +325,6 @@ def test_where_the_runtime_ends_every_team_a_release_beside_other_work_is_not_as
     for own_team_only, expected in ((False, [False, True]), (True, [True, True])):
         calls.clear()
         runtimes = [(lambda kind: calls.append(kind) or 0, own_team_only)]
-        monkeypatch.setattr(hardware, "_openmp_pause", lambda runtimes=runtimes: runtimes)
+        monkeypatch.setattr(hardware, "_openmp_runtimes", lambda runtimes=runtimes: runtimes)
         assert [hardware.release_openmp(others_may_compute=True), hardware.release_openmp()] == expected
         assert calls == [2] * sum(expected)  # omp_pause_hard, only where it was asked

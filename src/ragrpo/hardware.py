@@ -385,7 +385,7 @@ def release_memory() -> bool:
     return True
 
 
-def _openmp_pause() -> list:
+def _openmp_runtimes() -> list:
     """Each OpenMP runtime this process has mapped (libgomp from GCC 9, LLVM's libomp, Intel's libiomp5) that has
     `omp_pause_resource_all` (OpenMP 5.0): (that function, whether it ends the calling thread's team only,
     as libgomp's does; the others end every team). Several can be loaded at once: scikit-learn ships its own
@@ -427,12 +427,13 @@ def release_openmp(*, others_may_compute: bool = False) -> bool:
     forced = _forced("RAGRPO_OMP_RELEASE")
     if forced is False:
         return False
-    if not _openmp_pause():
+    runtimes = _openmp_runtimes()
+    if not runtimes:
         if forced:
             raise RagrpoError("RAGRPO_OMP_RELEASE=1: no OpenMP runtime with omp_pause_resource_all is loaded; "
                               "unset it")
         return False
-    asked = [pause for pause, own_team_only in _openmp_pause() if own_team_only or not others_may_compute]
+    asked = [pause for pause, own_team_only in runtimes if own_team_only or not others_may_compute]
     return [pause(2) for pause in asked].count(0) > 0  # 2: omp_pause_hard
 
 
@@ -447,7 +448,7 @@ def summary() -> dict:
               "decode_weights": {"float32": decode_weights(torch.float32),
                                  "bfloat16": decode_weights(torch.bfloat16)},
               "training_attention": {"float32": attention(torch.float32), "bfloat16": attention(torch.bfloat16)},
-              "trim": trim(), "omp_release": _forced("RAGRPO_OMP_RELEASE") is not False and bool(_openmp_pause()),
+              "trim": trim(), "omp_release": _forced("RAGRPO_OMP_RELEASE") is not False and bool(_openmp_runtimes()),
               "forced": {name: os.environ[name] for name in
                          ("RAGRPO_DEVICE", "RAGRPO_BF16", "RAGRPO_PACK", "RAGRPO_FP16", "RAGRPO_ATTENTION",
                           "RAGRPO_THREADS", "RAGRPO_TRIM", "RAGRPO_OMP_RELEASE",
