@@ -10,6 +10,7 @@ from ragrpo import RagrpoError
 from ragrpo.models import answer_logprobs
 from ragrpo.rewards.builtin import (
     REWARDS,
+    Overlong,
     RewardError,
     answer_text,
     completion_text,
@@ -281,6 +282,38 @@ def test_length_factory_in_characters_and_tokens():
         get_length_reward(unit="words")
 
 
+def test_overlong_penalises_the_last_quarter_of_the_run_budget():
+    penalty = parse_reward("overlong", budget=64)[0]
+    assert penalty.cache == 16
+    ids = [[7] * n for n in (1, 48, 49, 56, 64)]
+    assert penalty(completions=["x"] * 5, completion_ids=ids) == [0.0, 0.0, pytest.approx(-1 / 16), -0.5, -1.0]
+    counted = parse_reward("overlong", budget=8, tokenizer=WhitespaceTokenizer())[0]
+    assert counted(completions=["a b c d e f", chat("a b c d e f g h"), ""]) == [0.0, -1.0, 0.0]
+    with pytest.raises(RagrpoError, match="token budget"):
+        REWARDS["overlong"](completions=["a"], completion_ids=[[1]])
+    with pytest.raises(RagrpoError, match="completion_ids"):
+        parse_reward("overlong", budget=8)[0](completions=["a"])
+    with pytest.raises(RagrpoError, match="below the budget"):
+        Overlong(cache=8).for_run(budget=8)
+
+
+def test_the_trainer_binds_overlong_to_the_run_budget(tiny_causal_lm, tmp_path):
+    from datasets import Dataset
+
+    from ragrpo.config import build_run_config
+    from ragrpo.tuning.train import make_trainer
+
+    model, tokenizer = tiny_causal_lm
+    cfg = build_run_config(engine="trl", rewards=["overlong=0.5"], num_generations=2, max_completion_length=12,
+                           output=str(tmp_path), grpo={"per_device_train_batch_size": 2, "use_cpu": True})
+    trainer = make_trainer(cfg, model, tokenizer, Dataset.from_dict({"prompt": ["hi"] * 2}), tmp_path)
+    assert trainer.reward_weights.tolist() == [0.5]
+    # 12 tokens is the whole budget (-1); 10 is one token into its last quarter (3 tokens); 9 ends before it
+    ids = [[1] * 12, [1] * 10, [1] * 9]
+    scores = trainer.reward_funcs[0](prompts=["hi"] * 3, completions=["x"] * 3, completion_ids=ids)
+    assert scores == [-1.0, pytest.approx(-1 / 3), 0.0]
+
+
 def test_factory_names_say_their_parameters():
     assert get_repetition_reward().__name__ == "repetition"
     assert get_repetition_reward(ngram=4).__name__ == "repetition_4gram"
@@ -296,7 +329,7 @@ def test_registry_names_are_metric_keys_with_one_line_descriptions():
                              "citation", "source_citation", "source_citation_grounded", "source_citation_answered",
                              "source_citation_only", "source_citation_exact", "source_citation_exact_1w", "source_citation_debiased_1w",
                              "drawn_from_source", "single_citation", "single_citation_debiased", "answer_match",
-                             "context_reliance", "relevance", "repetition",
+                             "context_reliance", "relevance", "repetition", "overlong",
                              "search_found_source", "search_format", "search_cost"]
     funcs, _ = resolve_rewards(list(REWARDS))
     assert [f.__name__ for f in funcs] == list(REWARDS)
@@ -413,9 +446,11 @@ def test_every_builtin_reward_pickles_with_its_name_and_scores():
     guarded, comes back from a pickle with the same name and the same scores."""
     columns = {"context": [DOCS] * 2, "query": ["Who invents New Thule?"] * 2, "context_ids": [["a", "b"]] * 2,
                "source_id": ["a"] * 2, "targets": [["Finch"]] * 2, "distractors": [["Gulls"]] * 2,
-               "searches": [[{"query": "Finch", "found": ["a"], "error": None}], []]}  # the agentic rollout's
+               "searches": [[{"query": "Finch", "found": ["a"], "error": None}], []],  # the agentic rollout's
+               "completion_ids": [[5] * 15, [5] * 4]}  # TRL's
     completions = ["Finch invents New Thule [1].", "<think>hm</think><answer>Gulls [2]</answer>"]
-    for name, reward in REWARDS.items():
+    for name in REWARDS:
+        reward = parse_reward(name, budget=16)[0]  # as a run has it
         for func in (reward, guarded(reward)):
             copy = pickle.loads(pickle.dumps(func))
             assert copy.__name__ == name

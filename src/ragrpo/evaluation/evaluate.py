@@ -23,9 +23,11 @@ class EvalResult:
     completions: list[str] = field(default_factory=list)
 
 
-def score(prompts: list, completions: list, reward_specs: list[str]) -> tuple[dict[str, float], float]:
-    """Mean of each reward over the completions, and the mean weighted total."""
-    funcs, weights = resolve_rewards(reward_specs)
+def score(prompts: list, completions: list, reward_specs: list[str], *, budget: int | None = None,
+          tokenizer=None) -> tuple[dict[str, float], float]:
+    """Mean of each reward over the completions, and the mean weighted total; `budget` (the completions' token
+    budget) and `tokenizer` go to the rewards that count tokens."""
+    funcs, weights = resolve_rewards(reward_specs, budget=budget, tokenizer=tokenizer)
     means, total = {}, 0.0
     for func, weight in zip(funcs, weights):
         values = [v for v in func(prompts=prompts, completions=completions) if v is not None]
@@ -42,7 +44,7 @@ def evaluate(model, tokenizer, conversations: list[list[dict]], reward_specs: li
     for start in range(0, len(prompts), batch_size):
         completions += generate(model, tokenizer, prompts[start:start + batch_size], max_new_tokens=max_new_tokens,
                                 temperature=temperature, seed=seed + start)
-    means, total = score(prompts, completions, reward_specs)
+    means, total = score(prompts, completions, reward_specs, budget=max_new_tokens, tokenizer=tokenizer)
     chars = sum(len(completion_text(c)) for c in completions) / len(completions)
     return EvalResult(rewards=means, total=total, completion_chars=chars, completions=completions)
 

@@ -136,8 +136,10 @@ def distinct_2(texts: list[str]) -> float:
     return len(set(grams)) / len(grams) if grams else 0.0
 
 
-def score_answers(completions: list[str], rows: list[dict], reward_specs: list[str]) -> SeedScores:
-    """Every figure of one seed's answers; `rows` are the matching dataset rows (context, ids, source)."""
+def score_answers(completions: list[str], rows: list[dict], reward_specs: list[str], *, budget: int | None = None,
+                  tokenizer=None) -> SeedScores:
+    """Every figure of one seed's answers; `rows` are the matching dataset rows (context, ids, source).
+    `budget` (the answers' token budget) and `tokenizer` go to the run rewards that count tokens."""
     from ragrpo.rewards.builtin import (
         answer_text,
         cited_passages,
@@ -209,7 +211,7 @@ def score_answers(completions: list[str], rows: list[dict], reward_specs: list[s
         if at:
             means[f"{prefix}, worst source position"] = min(at)
     latency = {}
-    funcs, weights = resolve_rewards(reward_specs)
+    funcs, weights = resolve_rewards(reward_specs, budget=budget, tokenizer=tokenizer)
     total = [0.0] * len(completions)
     for func, weight in zip(funcs, weights):
         start = time.perf_counter()
@@ -355,6 +357,8 @@ def compare_from_index(run_dir: str | Path, table: str | None = None, *, base: s
     The table is read at the version the run trained on (LanceDB time travel), so rows added or changed
     since do not change the evaluation; `table_version` pins another. A run recorded before versions
     were kept reads the latest, and says so through `echo`."""
+    from transformers import AutoTokenizer
+
     from ragrpo.config import PRESETS
     from ragrpo.tuning.curriculum import IndexSource, open_run_table, rag_examples, read_curriculum
     from ragrpo.tuning.train import load_run_config
@@ -388,6 +392,7 @@ def compare_from_index(run_dir: str | Path, table: str | None = None, *, base: s
     echo(f"{len(rows)} held-out questions ({gold_name or 'the run template questions'}), passages in {order} order; "
          f"hit@{source['k']} of the source document {hit:.3f}")
     folder = Path(output) if output else run_dir / "eval-index"
+    tokenizer = AutoTokenizer.from_pretrained(run_dir / "merged")  # for the run rewards that count tokens
     sides, loaded = {}, {}
     for side, name in (("tuned", str(run_dir / "merged")), ("base", base)):
         sides[side] = []
@@ -395,7 +400,7 @@ def compare_from_index(run_dir: str | Path, table: str | None = None, *, base: s
             clock = time.time()
             completions = cached_answers(folder, side, name, rows, seed=seed, max_new_tokens=tokens, loaded=loaded,
                                          temperature=temperature)
-            scores = score_answers(completions, rows, cfg.rewards)
+            scores = score_answers(completions, rows, cfg.rewards, budget=tokens, tokenizer=tokenizer)
             scores.seed = seed
             sides[side].append(scores)
             shown = "answer accuracy" if "answer accuracy" in scores.figures else "groundedness"

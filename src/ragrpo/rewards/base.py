@@ -32,8 +32,9 @@ class Reward:
     def __call__(self, completions, **kwargs) -> list[float]:
         raise NotImplementedError
 
-    def for_run(self) -> Reward:
-        """The instance a training run calls: itself, or a fresh copy for a reward that keeps state."""
+    def for_run(self, budget: int | None = None, tokenizer=None) -> Reward:
+        """The instance a run calls: itself, or a fresh copy for a reward that keeps state or needs the run's
+        token `budget` (its `max_completion_length`) or `tokenizer`."""
         return self
 
     def __repr__(self) -> str:

@@ -110,6 +110,45 @@ def get_length_reward(target: int = 50, unit: str = "chars", tokenizer=None) -> 
     return Length(target, unit, tokenizer)
 
 
+class Overlong(Reward):
+    """DAPO's soft overlong penalty (TRL's): 0 up to the last quarter of the run's token budget, then down to -1.
+
+    It pays for ending, not for being short: every answer that ends before the last `cache` tokens of the
+    `max_completion_length` budget (a quarter of it unless given) scores 0 alike. The budget comes from the
+    run (`for_run`); tokens are the `completion_ids` TRL passes (end-of-sequence included), or
+    `tokenizer`'s count of the text where there are none (evaluation).
+
+    >>> penalty = Overlong().for_run(budget=64)
+    >>> penalty(["a", "b", "c"], completion_ids=[[1] * 20, [1] * 56, [1] * 64]), penalty.cache
+    ([0.0, -0.5, -1.0], 16)
+    """
+
+    __name__ = "overlong"
+
+    def __init__(self, cache: int | None = None, budget: int | None = None, tokenizer=None):
+        self.cache = cache or (max(1, budget // 4) if budget else None)
+        if self.cache is not None and (self.cache < 1 or (budget is not None and budget <= self.cache)):
+            raise RagrpoError(f"overlong: the cache ({self.cache} tokens) must be at least 1 and below the budget "
+                              f"({budget})")
+        self.given_cache, self.budget, self.tokenizer = cache, budget, tokenizer
+
+    def for_run(self, budget: int | None = None, tokenizer=None) -> Overlong:
+        return Overlong(self.given_cache, budget, tokenizer)
+
+    def __call__(self, completions, completion_ids=None, **kwargs) -> list[float]:
+        from trl.rewards import get_soft_overlong_punishment
+
+        if self.budget is None:
+            raise RagrpoError("overlong needs the run's token budget (max_completion_length): it scores in training "
+                              "and in `eval`, not alone")
+        if completion_ids is None:
+            if self.tokenizer is None:
+                raise RagrpoError("overlong counts tokens: it needs the completion_ids the trainer passes, or a tokenizer")
+            completion_ids = [self.tokenizer(completion_text(c), add_special_tokens=False)["input_ids"]
+                              for c in completions]
+        return get_soft_overlong_punishment(self.budget, self.cache)(completion_ids=completion_ids)
+
+
 def token_diversity(completions, **kwargs) -> list[float]:
     """The write-up's diversity reward: 100 * unique / total whitespace tokens; 0 for an empty text.
 
@@ -336,6 +375,7 @@ REWARDS: dict[str, Callable] = {
     "context_reliance": ContextReliance(),
     "relevance": Relevance(),
     "repetition": Repetition(),
+    "overlong": Overlong(),
     "search_found_source": SearchFoundSource(),
     "search_format": SearchFormat(),
     "search_cost": SearchCost(),

@@ -259,7 +259,7 @@ class SourceCitationDebiased(SourceCitationExact):
     def rates(self) -> dict[int, float]:
         return self.positions.rates
 
-    def for_run(self) -> SourceCitationDebiased:
+    def for_run(self, budget: int | None = None, tokenizer=None) -> SourceCitationDebiased:
         return SourceCitationDebiased(self.min_words, self.positions.decay)
 
     def __call__(self, completions, context_ids=None, source_id=None, context=None, query=None,
@@ -379,7 +379,7 @@ class SingleCitationDebiased(SingleCitation):
     def __init__(self, decay: float = 0.9):
         self.positions = PositionRates(decay)
 
-    def for_run(self) -> SingleCitationDebiased:
+    def for_run(self, budget: int | None = None, tokenizer=None) -> SingleCitationDebiased:
         return SingleCitationDebiased(self.positions.decay)
 
     def __call__(self, completions, context_ids=None, query=None, **kwargs) -> list[float]:

@@ -51,8 +51,9 @@ def _load_callable(spec: str) -> Callable:
     return func
 
 
-def parse_reward(spec: str) -> tuple[Callable, float]:
-    """`NAME[=WEIGHT]` -> (reward function, weight)."""
+def parse_reward(spec: str, *, budget: int | None = None, tokenizer=None) -> tuple[Callable, float]:
+    """`NAME[=WEIGHT]` -> (reward function, weight); `budget` (the run's max_completion_length) and `tokenizer`
+    go to a built-in that needs them."""
     name, sep, weight_text = spec.partition("=")
     name = name.strip()
     weight = 1.0
@@ -65,13 +66,14 @@ def parse_reward(spec: str) -> tuple[Callable, float]:
             raise RagrpoError(f"reward {spec!r}: weight must be finite")
     func = REWARDS.get(name) or _load_callable(name)
     if isinstance(func, Reward):
-        func = func.for_run()  # a reward with state starts each run fresh
+        func = func.for_run(budget, tokenizer)  # a reward with state starts each run fresh
     return func, weight
 
 
-def resolve_rewards(specs: list[str]) -> tuple[list[Callable], list[float]]:
+def resolve_rewards(specs: list[str], *, budget: int | None = None,
+                    tokenizer=None) -> tuple[list[Callable], list[float]]:
     """Guarded reward functions and their weights, in the order given."""
-    pairs = [parse_reward(spec) for spec in specs]
+    pairs = [parse_reward(spec, budget=budget, tokenizer=tokenizer) for spec in specs]
     return [guarded(func) for func, _ in pairs], [weight for _, weight in pairs]
 
 

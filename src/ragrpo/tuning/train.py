@@ -209,8 +209,8 @@ def make_trainer(cfg: RunConfig, model, tokenizer, dataset, output: Path, callba
     from transformers import PrinterCallback, ProgressCallback
     from trl import GRPOTrainer
 
-    reward_funcs, weights = resolve_rewards(cfg.rewards)
-    args = grpo_config(cfg, output / "checkpoints", reward_weights=weights)
+    args = grpo_config(cfg, output / "checkpoints")
+    reward_funcs, args.reward_weights = resolve_rewards(cfg.rewards, budget=args.max_completion_length)
     trainer_class = GRPOTrainer
     if cfg.fast_engine:
         from ragrpo.generation.engine import fast_trainer_class
