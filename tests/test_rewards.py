@@ -329,6 +329,7 @@ def test_registry_names_are_metric_keys_with_one_line_descriptions():
                              "citation", "source_citation", "source_citation_grounded", "source_citation_answered",
                              "source_citation_only", "source_citation_exact", "source_citation_exact_1w", "source_citation_debiased_1w",
                              "drawn_from_source", "single_citation", "single_citation_debiased", "answer_match",
+                             "answer_match_ended",
                              "context_reliance", "relevance", "repetition", "overlong",
                              "search_found_source", "search_format", "search_cost"]
     funcs, _ = resolve_rewards(list(REWARDS))

@@ -347,6 +347,33 @@ class AnswerMatch(Reward):
 answer_match = AnswerMatch()
 
 
+class AnswerMatchEnded(Reward):
+    """`answer_match`, paid in full only to an answer that ends before the last quarter of the token budget.
+
+    A right answer earns `1 + overlong / 2`: 1 when it ends early, down to 0.5 when it runs to the budget;
+    a wrong one earns 0 however long it is. So ending pays only once the answer is right. As a separate
+    term, the same penalty is the whole advantage in every group whose answers are all wrong, and the
+    answers shrank to 2 tokens before any was right (r21, bench/results/from-index/NOTES.md).
+
+    >>> reward = AnswerMatchEnded().for_run(budget=64)
+    >>> reward(["Hale.", "Hale, and on and on", "No."], targets=[["Hale"]] * 3, completion_ids=[[1] * 3, [1] * 64, [1] * 2])
+    [1.0, 0.5, 0.0]
+    """
+
+    __name__ = "answer_match_ended"
+
+    def __init__(self, overlong: Overlong | None = None):
+        self.overlong = overlong or Overlong()
+
+    def for_run(self, budget: int | None = None, tokenizer=None) -> AnswerMatchEnded:
+        return AnswerMatchEnded(self.overlong.for_run(budget, tokenizer))
+
+    def __call__(self, completions, completion_ids=None, **kwargs) -> list[float]:
+        right = answer_match(completions, **kwargs)
+        penalty = self.overlong(completions, completion_ids=completion_ids)
+        return [r * (1.0 + p / 2) for r, p in zip(right, penalty, strict=True)]
+
+
 def hedges(names: list[list[str]], ids: list[str], source: str) -> list[str]:
     """The names (`prompts.passage_names`) of the shown passages that are not the source's, bar the source's own."""
     own = {name for group, doc in zip(names, ids) if doc == source for name in group}
@@ -372,6 +399,7 @@ REWARDS: dict[str, Callable] = {
     "single_citation": SingleCitation(),
     "single_citation_debiased": SingleCitationDebiased(),
     "answer_match": answer_match,
+    "answer_match_ended": AnswerMatchEnded(),
     "context_reliance": ContextReliance(),
     "relevance": Relevance(),
     "repetition": Repetition(),
