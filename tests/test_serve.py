@@ -324,13 +324,8 @@ def test_an_agentic_request_returns_the_searches_beside_the_sources(searcher_ser
     assert choice["finish_reason"] == "stop" and plain["usage"]["completion_tokens"] == len(written) + 1
 
     # streamed: the search arrives as its own chunk before the answer, which comes with the sources
-    connection = http.client.HTTPConnection(searcher_server.removeprefix("http://"), timeout=300)
-    connection.request("POST", "/v1/chat/completions", json.dumps({**body, "stream": True}),
-                       {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"})
-    events = [e.removeprefix("data: ") for e in connection.getresponse().read().decode().split("\n\n") if e]
-    connection.close()
-    assert events[-1] == "[DONE]"
-    chunks = [json.loads(e) for e in events[:-1]]
+    status, chunks = streamed_chunks(searcher_server, body)
+    assert status == 200
     searched = [c for c in chunks if c.get("searches")]
     answered = [n for n, c in enumerate(chunks) if c["choices"][0]["delta"].get("content")]
     assert [c["searches"] for c in searched] == [plain["searches"]] and chunks.index(searched[0]) < answered[0]
@@ -364,19 +359,25 @@ def test_an_agentic_answer_after_a_search_that_showed_nothing_names_no_source(mo
         servers.close()  # stops the server
 
 
-def streamed_finish(url, body):
-    """(status, the finish chunk with the sources and searches of the chunks before it) of a streamed request."""
+def streamed_chunks(url, body) -> tuple[int, list[dict]]:
+    """(status, the chunks) of a streamed chat request; the stream must end with `data: [DONE]`."""
     connection = http.client.HTTPConnection(url.removeprefix("http://"), timeout=300)
     connection.request("POST", "/v1/chat/completions", json.dumps({**body, "stream": True}),
                        {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"})
     response = connection.getresponse()
     events = [e.removeprefix("data: ") for e in response.read().decode().split("\n\n") if e]
     connection.close()
-    chunks = [json.loads(e) for e in events if e != "[DONE]"]
+    assert events[-1] == "[DONE]"
+    return response.status, [json.loads(e) for e in events[:-1]]
+
+
+def streamed_finish(url, body):
+    """(status, the finish chunk with the sources and searches of the chunks before it) of a streamed request."""
+    status, chunks = streamed_chunks(url, body)
     finish = next(c for c in chunks if c["choices"][0]["finish_reason"])
     searches = [call for c in chunks for call in c.get("searches", [])]
     sources = next((c["sources"] for c in chunks if "sources" in c), None)
-    return response.status, {**finish, "searches": searches, "sources": sources}
+    return status, {**finish, "searches": searches, "sources": sources}
 
 
 @pytest.mark.parametrize("extra, fragment", [
