@@ -1,6 +1,6 @@
 """The quickstart's wiring, end to end on the real models, with a 2-step run instead of its full one."""
 
-import math
+import json
 import os
 import subprocess
 import sys
@@ -10,30 +10,45 @@ import pytest
 pytestmark = pytest.mark.integration
 
 
-def test_quickstart_prints_both_answers_and_the_before_after_table(tmp_path):
+def test_quickstart_trains_from_the_index_and_prints_before_and_after(tmp_path):
     result = subprocess.run(
         [sys.executable, "-m", "ragrpo.cli", "quickstart", "--workdir", str(tmp_path / "qs"), "--max-steps", "2"],
         capture_output=True, text=True, timeout=1200, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert result.returncode == 0, result.stderr[-2000:]
     out = result.stdout
-    for row in ("length (mean)", "token_diversity (mean)", "total reward (mean)", "completion length, chars"):
-        line = next(line for line in out.splitlines() if line.startswith(row))
-        base, tuned = (float(x) for x in line.split()[-2:])
-        assert not math.isnan(base) and not math.isnan(tuned)
-    assert "BASE MODEL" in out and "GRPO-TUNED MODEL" in out
-    drawn = next(line for line in out.splitlines() if line.startswith("Drawn from"))
-    sources = next(line for line in out.splitlines() if line.startswith("Sources: ")).removeprefix("Sources: ").split("; ")
-    for side, named in zip(("base", "tuned"), drawn.split(": ", 1)[1].split("; "), strict=True):
-        # each side names one of the five sources shown, by its number, or says there is none
-        assert named.startswith(f"{side} none") or any(named == f"{side} [{n}] {label}"
-                                                       for n, label in enumerate(sources, 1)), named
-    # the gold questions about the held-out movies, before and after, as fractions of the questions asked
-    asked = int(out.split("Gold questions about the held-out movies (", 1)[1].split(",", 1)[0])
+    run = tmp_path / "qs" / "run"
+    assert (run / "merged" / "config.json").exists()
+    assert len((run / "metrics.jsonl").read_text().splitlines()) >= 2
+    split = json.loads((run / "curriculum" / "split.json").read_text())
+    assert split["source"]["held_out"] == 0.2 and split["held_out_documents"]
+    # the training questions are about the other films only
+    train_sources = {json.loads(line)["source_id"] for line in (run / "curriculum" / "train.jsonl").read_text().splitlines()}
+    assert train_sources and not train_sources & set(split["held_out_documents"])
+
+    # the gold questions about the held-out films, before and after, as fractions of the questions asked
+    asked = int(out.split("Gold questions about the held-out films (", 1)[1].split(",", 1)[0])
     assert 0 < asked <= 40
     for row in ("answer accuracy ", "cites source only "):
         line = next(line for line in out.splitlines() if line.startswith(row))
         for value in (float(x) for x in line.split()[-2:]):  # printed to 3 decimals: a count over `asked`
             assert 0 <= value <= 1 and abs(value * asked - round(value * asked)) <= asked * 0.0005
+    below = next(line for line in out.splitlines() if line.startswith("drawn from the source, source not passage 1"))
+    assert all(0 <= float(x) <= 1 for x in below.split()[-2:])  # over the questions whose source is not passage 1
+    length = next(line for line in out.splitlines() if line.startswith("answer length, chars"))
+    assert all(0 < float(x) <= 64 * 20 for x in length.split()[-2:])
+
+    # the write-up's query over films before 1990, both models side by side, and the source each drew from
     assert "Filter: release_year < 1990" in out
-    assert (tmp_path / "qs" / "run" / "merged" / "config.json").exists()
+    assert out.count("BASE MODEL") == 2 and out.count("GRPO-TUNED MODEL") == 2
+    drawn = next(line for line in out.splitlines() if line.startswith("Drawn from"))
+    sources = next(line for line in out.splitlines() if line.startswith("Sources: ")).removeprefix("Sources: ").split("; ")
+    assert len(sources) == 3
+    for side, named in zip(("base", "tuned"), drawn.split(": ", 1)[1].split("; "), strict=True):
+        # each side names one of the sources shown, by its number, or says there is none
+        assert named.startswith(f"{side} none") or any(named == f"{side} [{n}] {label}"
+                                                       for n, label in enumerate(sources, 1)), named
+    # and one gold question whose source is not passage 1, with its gold answer
+    shown = next(line for line in out.splitlines() if line.startswith("Gold answer: "))
+    assert "(source: passage 2 of 3)" in shown or "(source: passage 3 of 3)" in shown
+    assert f"Run folder: {run} (2 GRPO steps)" in out
     assert [line for line in result.stderr.splitlines() if line.startswith("[")][-1].startswith("[5/5]")

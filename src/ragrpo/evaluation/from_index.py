@@ -334,15 +334,19 @@ def gold_rows(table, documents: set[str], *, k: int = 3, mode: str = "vector", l
     return rows
 
 
-def greedy_gold_scores(model, tokenizer, rows: list[dict], *, max_new_tokens: int = 64) -> dict[str, float]:
-    """Answer accuracy and citation accuracy of one greedy answer per row: a quick before/after.
-    The measurement with sampling seeds and spreads is `compare_from_index`."""
+def greedy_gold_scores(model, tokenizer, rows: list[dict], *, max_new_tokens: int = 64,
+                       repetition_penalty: float = 1.0) -> dict[str, float]:
+    """Answer accuracy, citation accuracy, the source an answer is drawn from, and answer length, of one
+    greedy answer per row: a quick before/after. The measurement with sampling seeds and spreads is
+    `compare_from_index`."""
     from ragrpo.generation.rag import generate
 
-    answers = generate(model, tokenizer, [r["prompt"] for r in rows], max_new_tokens=max_new_tokens)
+    answers = generate(model, tokenizer, [r["prompt"] for r in rows], max_new_tokens=max_new_tokens,
+                       repetition_penalty=repetition_penalty)
     figures = score_answers(answers, rows, []).figures
     names = ("answer accuracy", "answer accuracy, hedges allowed", "cites source only",
-             "cites source only, source not passage 1")
+             "cites source only, source not passage 1", "drawn from the source, source not passage 1",
+             "answer length, chars")
     return {name: figures[name] for name in names if name in figures}
 
 
