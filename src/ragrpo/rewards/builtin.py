@@ -126,11 +126,15 @@ class Overlong(Reward):
     __name__ = "overlong"
 
     def __init__(self, cache: int | None = None, budget: int | None = None, tokenizer=None):
-        self.cache = cache or (max(1, budget // 4) if budget else None)
+        self.given_cache, self.budget, self.tokenizer = cache, budget, tokenizer
         if self.cache is not None and (self.cache < 1 or (budget is not None and budget <= self.cache)):
             raise RagrpoError(f"overlong: the cache ({self.cache} tokens) must be at least 1 and below the budget "
                               f"({budget})")
-        self.given_cache, self.budget, self.tokenizer = cache, budget, tokenizer
+
+    @property
+    def cache(self) -> int | None:
+        """The penalised tail of the budget, in tokens: as given, else a quarter of the budget."""
+        return self.given_cache or (max(1, self.budget // 4) if self.budget else None)
 
     def for_run(self, budget: int | None = None, tokenizer=None) -> Overlong:
         return Overlong(self.given_cache, budget, tokenizer)
