@@ -103,7 +103,7 @@ def _library_requests(db: Path, table_name: str, requests: int, k: int, name: st
         question = QUESTIONS[i % len(QUESTIONS)]
         hits, column = retrieve(table, question, k=k)
         stream = stream_answer(model, tokenizer, question, hits, column, style=style, max_new_tokens=TOKENS,
-                               min_new_tokens=TOKENS, repetition_penalty=1.2)
+                               min_new_tokens=TOKENS)  # the server's default penalty, 1.0
         first = None
         for _ in stream:
             first = first or time.perf_counter()

@@ -170,6 +170,8 @@ BAD_REQUESTS = [
     ({"messages": QUESTION_MESSAGES, "max_tokens": 65}, 400, "max_tokens: at most 64"),
     ({"messages": QUESTION_MESSAGES, "temperature": 3}, 400, "temperature: "),
     ({"messages": QUESTION_MESSAGES, "n": 2}, 400, "n: "),
+    ({"messages": QUESTION_MESSAGES, "frequency_penalty": 2.5}, 400, "frequency_penalty: "),
+    ({"messages": QUESTION_MESSAGES, "presence_penalty": -3}, 400, "presence_penalty: "),
     ({"messages": QUESTION_MESSAGES, "stop": ["a", "b", "c", "d", "e"]}, 400, "at most 4 stop strings"),
     ({"messages": QUESTION_MESSAGES, "where": "release_yr < 1990"}, 400, "invalid --where"),
     ({"messages": QUESTION_MESSAGES, "where": "release_year <<< 1"}, 400, "invalid --where"),

@@ -23,6 +23,28 @@ def test_greedy_stream_equals_generate(base_model, penalty):
 
 
 @pytest.mark.integration
+def test_frequency_penalty_is_the_same_on_the_engine_and_on_the_fallback_forward(base_model, monkeypatch):
+    """OpenAI's penalties through the decode engine and through the fallback for models it does not cover give
+    the same greedy answer, and one with fewer repeated tokens than the unpenalised answer."""
+    from ragrpo.generation import engine
+
+    model, tokenizer = base_model
+    settings = {"max_new_tokens": 24, "min_new_tokens": 24}
+    plain = TextStream(model, tokenizer, CONVERSATION, **settings).read()
+    penalised = TextStream(model, tokenizer, CONVERSATION, frequency_penalty=1.0, presence_penalty=0.5, **settings)
+    penalised.read()
+    monkeypatch.setattr(engine, "fresh_projections", lambda model: None)  # as for an architecture it lacks
+    fallback = TextStream(model, tokenizer, CONVERSATION, frequency_penalty=1.0, presence_penalty=0.5, **settings)
+    assert fallback.read() == penalised.text != plain
+
+    def repeats(text):
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        return len(ids) - len(set(ids))
+
+    assert repeats(penalised.text) < repeats(plain)
+
+
+@pytest.mark.integration
 def test_stop_string_ends_the_text(base_model):
     model, tokenizer = base_model
     full = TextStream(model, tokenizer, CONVERSATION, max_new_tokens=12).read()

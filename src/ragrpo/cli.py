@@ -371,8 +371,9 @@ def ask(query, table, model, db, storage_options, where, k, max_new_tokens, temp
 @click.option("--max-tokens", type=int, default=512, show_default=True, help="Largest max_tokens a request may ask.")
 @click.option("--max-waiting", type=int, default=64, show_default=True,
               help="Requests that may wait for the model; more get 503.")
-@click.option("--repetition-penalty", type=float, default=1.2, show_default=True,
-              help="Default for requests that do not send one (small models loop without it).")
+@click.option("--repetition-penalty", type=float, default=1.0, show_default=True,
+              help="Default for requests that do not send one. It counts the prompt's tokens too, so above 1 it "
+              "taxes copying names out of the passages; requests may send OpenAI's frequency_penalty instead.")
 @click.option("--threads", type=int, default=None, help="torch CPU threads [default: torch's, one per core].")
 @click.option("--retrieval-deadline", type=float, default=10.0, show_default=True,
               help="Seconds a search may take (embedding included) before the request gets 504.")

@@ -63,6 +63,8 @@ class Sampling:
     top_p: float = 1.0
     min_p: float | None = None
     repetition_penalty: float = 1.0
+    frequency_penalty: float = 0.0  # OpenAI's: counts this row's generated tokens only, not the prompt's
+    presence_penalty: float = 0.0
     seed: int | None = None
 
     def __post_init__(self):
@@ -304,6 +306,16 @@ def _norm(module, x):
     return module.weight * torch.rms_norm(x.float(), (x.size(-1),), None, module.variance_epsilon).to(x.dtype)
 
 
+def penalize_generated(scores, generated: list[int], frequency: float, presence: float) -> None:
+    """OpenAI's frequency and presence penalties, in place on one row's `scores` (vocab,): each token the answer
+    has produced c > 0 times loses `frequency * c + presence`. Unlike the repetition penalty, the prompt's
+    tokens are not counted, so copying a name out of a passage costs nothing."""
+    import torch
+
+    counts = torch.bincount(torch.tensor(generated, device=scores.device), minlength=scores.size(-1))  # (vocab,)
+    scores -= frequency * counts + presence * (counts > 0)
+
+
 def choose(logits, rows: list[Row], history):
     """Each row's next token from its `logits` (B, vocab), float32, under its own settings. `history`
     (slots, capacity) holds each row's tokens so far, for the repetition penalty."""
@@ -318,6 +330,8 @@ def choose(logits, rows: list[Row], history):
             picked = scores[index, seen]
             penalty = row.sampling.repetition_penalty
             scores[index, seen] = torch.where(picked < 0, picked * penalty, picked / penalty)
+        if row.new and (row.sampling.frequency_penalty or row.sampling.presence_penalty):
+            penalize_generated(scores[index], row.new, row.sampling.frequency_penalty, row.sampling.presence_penalty)
         if len(row.new) < row.sampling.min_new_tokens and row.eos:
             scores[index, sorted(row.eos)] = float("-inf")  # no end of sequence yet
     greedy = torch.tensor([not s.do_sample for s in settings], device=device)

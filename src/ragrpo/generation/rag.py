@@ -121,7 +121,7 @@ class TextStream:
 
     def __init__(self, model, tokenizer, conversation: list[dict], *, max_new_tokens: int = 128,
                  temperature: float = 0.0, top_p: float = 1.0, repetition_penalty: float = 1.0,
-                 stop: list[str] | tuple[str, ...] = (), min_new_tokens: int = 0, seed: int | None = None,
+                 frequency_penalty: float = 0.0, presence_penalty: float = 0.0, stop: list[str] | tuple[str, ...] = (), min_new_tokens: int = 0, seed: int | None = None,
                  sources: list[dict] | None = None, passages: list | None = None, question: str = ""):
         if max_new_tokens < 1:
             raise RagrpoError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
@@ -135,6 +135,7 @@ class TextStream:
                               f"exceeds the model's context of {context}: ask for fewer tokens or passages")
         self.max_new_tokens, self.min_new_tokens = max_new_tokens, min_new_tokens
         self.temperature, self.top_p, self.repetition_penalty, self.seed = temperature, top_p, repetition_penalty, seed
+        self.frequency_penalty, self.presence_penalty = frequency_penalty, presence_penalty
         self.stop = [s for s in stop if s]
         self.sources = sources or []
         self.passages, self.question = passages or [], question
@@ -187,7 +188,8 @@ class TextStream:
 
         sampling = Sampling(max_new_tokens=self.max_new_tokens, min_new_tokens=self.min_new_tokens,
                             do_sample=self.temperature > 0, temperature=self.temperature or 1.0, top_p=self.top_p,
-                            repetition_penalty=self.repetition_penalty, seed=self.seed)
+                            repetition_penalty=self.repetition_penalty, frequency_penalty=self.frequency_penalty,
+                            presence_penalty=self.presence_penalty, seed=self.seed)
         engine = Engine(self.model, projections, slots=1, capacity=self.prompt_tokens + self.max_new_tokens)
         row = Row(self.prompt_ids, sampling, self._eos_ids(), self.model.device)
         with torch.inference_mode():
@@ -200,6 +202,15 @@ class TextStream:
                 self.completion_tokens += 1
                 yield row.new
         self.finish_reason = "length"
+
+    def _penalize_generated(self, ids, scores):
+        """A logits processor: the decode engine's frequency and presence penalties over the answer's tokens."""
+        from ragrpo.generation.decode import penalize_generated
+
+        generated = ids[0, self.prompt_tokens:].tolist()
+        if generated:
+            penalize_generated(scores[0], generated, self.frequency_penalty, self.presence_penalty)
+        return scores
 
     def _forward_tokens(self):
         """The fallback for models the engine does not cover: transformers' forward with its cache, batch 1."""
@@ -214,6 +225,8 @@ class TextStream:
         processors = LogitsProcessorList()
         if self.repetition_penalty != 1.0:
             processors.append(RepetitionPenaltyLogitsProcessor(self.repetition_penalty))
+        if self.frequency_penalty or self.presence_penalty:
+            processors.append(self._penalize_generated)
         sample = self.temperature > 0
         if sample:
             processors.append(TemperatureLogitsWarper(self.temperature))

@@ -82,6 +82,8 @@ class ChatRequest(RetrievalFields):
     n: int = Field(default=1, ge=1, le=1)
     seed: int | None = Field(default=None, ge=0, le=2**63 - 1)  # what torch's generator takes
     repetition_penalty: float | None = Field(default=None, gt=0.0, le=5.0)
+    frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)  # OpenAI's ranges
+    presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
     min_tokens: int = Field(default=0, ge=0)
     cite: bool | None = None  # ask for [n] citations; None: the server's setting
     agentic: bool = False  # the model searches the table itself (`generation.agentic`); no passages up front

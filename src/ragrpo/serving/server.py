@@ -70,7 +70,7 @@ class Server:
     max_tokens: int = 512  # the largest `max_tokens` a request may ask for
     default_tokens: int = 128
     max_waiting: int = 64
-    repetition_penalty: float = 1.2
+    repetition_penalty: float = 1.0  # 1.2 taxed copying from the passages: bench/results/from-index/NOTES.md
     batcher: object = None  # `batching.Batcher` where the decode engine covers the model; else one at a time
     answering: AnswerSettings = field(default_factory=AnswerSettings)  # k, mode and cite unless a request says
     style: PassageStyle = field(default_factory=PassageStyle)  # how passages are headed in prompts
@@ -319,7 +319,8 @@ def create_app(server: Server):
         try:
             stream = stream_answer(server.model, server.tokenizer, question, hits, column, history=history,
                                    cite=server.cites(body), style=server.style, max_new_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p,
-                                   repetition_penalty=penalty, stop=body.stop or [], seed=body.seed,
+                                   repetition_penalty=penalty, frequency_penalty=body.frequency_penalty,
+                                   presence_penalty=body.presence_penalty, stop=body.stop or [], seed=body.seed,
                                    min_new_tokens=min(body.min_tokens, max_tokens))
         except RagrpoError as exc:
             raise ApiError(400, str(exc), param="messages") from None
@@ -365,7 +366,8 @@ async def batched_chat(server: Server, body: ChatRequest, request: Request, ques
                        f"server's {batcher.engine.capacity}: ask for fewer tokens or passages", param="messages")
     sampling = Sampling(max_new_tokens=max_tokens, min_new_tokens=min(body.min_tokens, max_tokens),
                         do_sample=body.temperature > 0, temperature=body.temperature or 1.0, top_p=body.top_p,
-                        repetition_penalty=penalty, seed=body.seed)
+                        repetition_penalty=penalty, frequency_penalty=body.frequency_penalty,
+                        presence_penalty=body.presence_penalty, seed=body.seed)
     eos = eos_ids(server.model, tokenizer)
     try:
         generation = batcher.submit(prompt_ids, sampling, eos, body.stop or [])
