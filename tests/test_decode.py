@@ -121,27 +121,29 @@ def test_rows_with_different_settings_share_a_step(tiny_causal_lm):
     assert sampled_again == alone[1]
 
 
-@pytest.mark.parametrize("frequency,presence,expected", [
-    # token 3 was generated twice, token 7 once; token 9 is only in the prompt; scores start at 0
-    (0.0, 0.0, {3: 0.0, 7: 0.0, 9: 0.0}),
-    (0.5, 0.0, {3: -1.0, 7: -0.5, 9: 0.0}),
-    (0.0, 0.25, {3: -0.25, 7: -0.25, 9: 0.0}),
-    (0.5, 0.25, {3: -1.25, 7: -0.75, 9: 0.0}),
-    (-1.0, 0.0, {3: 2.0, 7: 1.0, 9: 0.0}),  # negative values favour repeats, as OpenAI allows
+@pytest.mark.parametrize("frequency,presence,expected,pick", [
+    # scores before: token 3 1.0 (generated twice), token 7 0.8 (once), token 5 0.5, token 9 0.2 (only in the
+    # prompt), the rest 0
+    (0.0, 0.0, {3: 1.0, 7: 0.8, 9: 0.2}, 3),
+    (0.5, 0.0, {3: 0.0, 7: 0.3, 9: 0.2}, 5),
+    (0.0, 0.25, {3: 0.75, 7: 0.55, 9: 0.2}, 3),
+    (0.5, 0.25, {3: -0.25, 7: 0.05, 9: 0.2}, 5),
+    (-1.0, 0.0, {3: 3.0, 7: 1.8, 9: 0.2}, 3),  # negative values favour repeats, as OpenAI allows
 ])
-def test_frequency_and_presence_penalties_count_only_generated_tokens(frequency, presence, expected):
+def test_frequency_and_presence_penalties_count_only_generated_tokens(frequency, presence, expected, pick):
+    from ragrpo.generation.decode import penalize_generated
+
     row = Row([9, 9, 9], Sampling(do_sample=False, frequency_penalty=frequency, presence_penalty=presence), [], "cpu")
     row.new = [3, 7, 3]
     history = torch.tensor([[9, 9, 9, 3, 7, 3]])
     logits = torch.zeros(1, 12)
-    logits[0, 5] = -0.9  # the runner-up: greedy takes it once token 3's and 7's scores fall below it
+    logits[0, [3, 7, 5, 9]] = torch.tensor([1.0, 0.8, 0.5, 0.2])
     scores = logits.clone()
-    from ragrpo.generation.decode import penalize_generated
-
     penalize_generated(scores[0], row.new, frequency, presence)
     assert {token: scores[0, token].item() for token in expected} == pytest.approx(expected)
-    assert scores[0, [0, 1, 2, 4, 5]].tolist() == logits[0, [0, 1, 2, 4, 5]].tolist()  # the rest untouched
-    assert choose(logits, [row], history).item() == int(scores[0].argmax())
+    untouched = [0, 1, 2, 4, 5, 6, 8, 9, 10, 11]
+    assert scores[0, untouched].tolist() == logits[0, untouched].tolist()
+    assert choose(logits, [row], history).tolist() == [pick]
 
 
 @pytest.mark.parametrize("case", ["top_k", "top_p", "min_p"])

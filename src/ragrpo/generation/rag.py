@@ -121,7 +121,8 @@ class TextStream:
 
     def __init__(self, model, tokenizer, conversation: list[dict], *, max_new_tokens: int = 128,
                  temperature: float = 0.0, top_p: float = 1.0, repetition_penalty: float = 1.0,
-                 frequency_penalty: float = 0.0, presence_penalty: float = 0.0, stop: list[str] | tuple[str, ...] = (), min_new_tokens: int = 0, seed: int | None = None,
+                 frequency_penalty: float = 0.0, presence_penalty: float = 0.0,
+                 stop: list[str] | tuple[str, ...] = (), min_new_tokens: int = 0, seed: int | None = None,
                  sources: list[dict] | None = None, passages: list | None = None, question: str = ""):
         if max_new_tokens < 1:
             raise RagrpoError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
