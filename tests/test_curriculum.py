@@ -326,12 +326,18 @@ def test_from_index_run_records_its_split_and_trains_on_its_rewards(index_run):
     assert all(REASONING_INSTRUCTION in r["prompt"][0]["content"] for r in rows)
     config = json.loads((run / "config.json").read_text())["run"]
     assert config["dataset"] == str(run / "curriculum" / "train.jsonl") and config["held_out"] == 0.0
-    assert config["rewards"] == ["answer_match=2", "source_citation_debiased_1w", "format=0.5"]
+    assert config["rewards"] == ["answer_match=2", "source_citation_debiased_1w", "drawn_from_first=0", "format=0.5"]
     assert config["grpo"]["multi_objective_aggregation"] == "sum_then_normalize"
     assert config["grpo"]["beta"] == 0.0 and config["grpo"]["use_adaptive_entropy"] is True
     assert config["grpo"]["num_generations"] == 2  # the group size given is kept
     logged = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert any("rewards/source_citation_debiased_1w/mean" in r and "rewards/answer_match/mean" in r for r in logged)
+    steps = [r for r in logged if "reward" in r]
+    assert steps and all("rewards/drawn_from_first/mean" in r for r in steps)
+    for r in steps:  # the habit gauge is logged at weight 0: the reward is the paid terms' weighted sum alone
+        paid = 2 * r["rewards/answer_match/mean"] + r["rewards/source_citation_debiased_1w/mean"] + 0.5 * r[
+            "rewards/format/mean"]
+        assert r["reward"] == pytest.approx(paid, abs=1e-5)
+        assert 0.0 <= r["rewards/drawn_from_first/mean"] <= 1.0
     assert result.steps == 2
 
 
@@ -414,6 +420,7 @@ def test_drawn_from_the_source_reads_the_answer_words_not_its_citation():
     assert figures["drawn from one passage, that is the source"] == 2 / 3
     assert figures["drawn from one passage, that is the source, source not passage 1"] == 1 / 2  # rows 2, 3
     assert figures["drawn from the source, source not passage 1"] == 1 / 3
+    assert figures["drawn from passage 1"] == 2 / 4  # rows 1 and 3 read passage 1, whichever is the source
 
 
 def test_a_habit_of_citing_the_last_passage_passes_below_passage_1_but_not_the_worst_position():
@@ -713,7 +720,7 @@ def test_from_index_settings_fill_only_what_the_configuration_leaves_open():
 
     source = IndexSource("movies", "db")
     silent = from_index_config(build_run_config(output="r"), source, rewards_given=False)
-    assert silent.rewards == ["answer_match=2", "source_citation_debiased_1w"]
+    assert silent.rewards == ["answer_match=2", "source_citation_debiased_1w", "drawn_from_first=0"]
     assert silent.grpo["num_generations"] == silent.grpo["per_device_train_batch_size"] == 8
     assert silent.grpo["multi_objective_aggregation"] == "sum_then_normalize" and silent.grpo["beta"] == 0.0
     given = from_index_config(build_run_config(output="r", rewards=["length"], beta=0.04,

@@ -1,4 +1,4 @@
-"""The quickstart's wiring, end to end on the real models, with a 2-step run instead of its full one."""
+"""The quickstart: its gold table, and its wiring end to end on the real models (a 2-step run)."""
 
 import json
 import os
@@ -7,9 +7,26 @@ import sys
 
 import pytest
 
-pytestmark = pytest.mark.integration
+
+def gold_figures(drawn_first: float) -> dict:
+    return {"answer accuracy": 0.1, "drawn from passage 1": drawn_first}
 
 
+@pytest.mark.parametrize("drawn_first,habit", [(0.9, True), (0.65, True), (0.6, False), (0.4, False), (0.0, False)])
+def test_the_gold_table_names_a_passage_1_habit_and_the_seed_to_try_next(drawn_first, habit):
+    from ragrpo.quickstart import QuickstartReport, gold_table
+
+    rep = QuickstartReport(None, None, None, {}, 1.0, "run", 200, gold_questions=40,
+                           gold={"base": gold_figures(0.3), "tuned": gold_figures(drawn_first)}, source_first=0.325,
+                           seed=42)
+    table = gold_table(rep)
+    assert "source is passage 1 (share of questions)" in table and "0.325" in table
+    assert ("Habit: the tuned model drew" in table) is habit
+    if habit:
+        assert f"drew {drawn_first:.0%} of its answers" in table and "`ragrpo quickstart --seed 43`" in table
+
+
+@pytest.mark.integration
 def test_quickstart_trains_from_the_index_and_prints_before_and_after(tmp_path):
     result = subprocess.run(
         [sys.executable, "-m", "ragrpo.cli", "quickstart", "--workdir", str(tmp_path / "qs"), "--max-steps", "2"],
@@ -34,6 +51,8 @@ def test_quickstart_trains_from_the_index_and_prints_before_and_after(tmp_path):
             assert 0 <= value <= 1 and abs(value * asked - round(value * asked)) <= asked * 0.0005
     below = next(line for line in out.splitlines() if line.startswith("drawn from the source, source not passage 1"))
     assert all(0 <= float(x) <= 1 for x in below.split()[-2:])  # over the questions whose source is not passage 1
+    first = next(line for line in out.splitlines() if line.startswith("drawn from passage 1"))
+    assert all(0 <= float(x) <= 1 for x in first.split()[-2:])
     length = next(line for line in out.splitlines() if line.startswith("answer length, chars"))
     assert all(0 < float(x) <= 64 * 20 for x in length.split()[-2:])
 

@@ -328,7 +328,7 @@ def test_registry_names_are_metric_keys_with_one_line_descriptions():
     assert list(REWARDS) == ["length", "token_diversity", "format", "groundedness", "groundedness_beyond_question",
                              "citation", "source_citation", "source_citation_grounded", "source_citation_answered",
                              "source_citation_only", "source_citation_exact", "source_citation_exact_1w", "source_citation_debiased_1w",
-                             "drawn_from_source", "single_citation", "single_citation_debiased", "answer_match",
+                             "drawn_from_source", "drawn_from_first", "single_citation", "single_citation_debiased", "answer_match",
                              "answer_match_ended",
                              "context_reliance", "relevance", "repetition", "overlong",
                              "search_found_source", "search_format", "search_cost"]
@@ -759,3 +759,26 @@ def test_drawn_from_source_pays_nothing_when_the_source_was_not_retrieved_and_na
         reward(completions=answer, context_ids=[["a", "b", "c"]], context=[FERRY], query=["Who?"])
     with pytest.raises(RewardError, match="'context' column"):
         reward(completions=answer, context_ids=[["a", "b", "c"]], source_id=["b"], query=["Who?"])
+
+
+DRAWN_FROM_FIRST_CASES = [  # the gauge reads position 1 whatever the source
+    ("1: Walter Crouch rows the night ferry and keeps its ledger.", 1.0),  # retells passage 1, "1:" and all
+    ("The Ferryman's Ledger (1923) [2].", 1.0),  # passage 1's header, whatever it cites
+    ("Inspector Hale finds the hidden watches [1].", 0.0),  # cites [1], reads passage 2
+    ("A ledger.", 0.0),  # passages 1 and 2 alike: a tie names none
+    ("Bananas.", 0.0),  # in no passage
+]
+
+
+@pytest.mark.parametrize("completion,expected", DRAWN_FROM_FIRST_CASES)
+def test_drawn_from_first(completion, expected):
+    (reward,), _ = resolve_rewards(["drawn_from_first"])
+    assert reward(completions=[completion], context=[FERRY], query=["Who keeps the ledger?"]) == [expected]
+
+
+def test_drawn_from_first_follows_the_passage_shown_first_not_a_document():
+    (reward,), _ = resolve_rewards(["drawn_from_first"])
+    answer = ["Walter Crouch rows the night ferry."]
+    assert reward(completions=answer * 2, context=[FERRY, FERRY[::-1]], query=["Who?"] * 2) == [1.0, 0.0]
+    with pytest.raises(RewardError, match="'context' column"):
+        reward(completions=answer, query=["Who?"])

@@ -544,15 +544,17 @@ def plot(run_dir, output):
 @main.command()
 @click.option("--workdir", default="runs/quickstart", show_default=True, help="Where the table and the run go.")
 @click.option("--max-steps", type=int, default=None, help="GRPO steps [default: QUICKSTART_GRPO in ragrpo.quickstart].")
+@click.option("--seed", type=int, default=42, show_default=True,
+              help="The training seed (sampling, LoRA init, passage order); runs differ by it.")
 @user_errors
-def quickstart(workdir, max_steps):
+def quickstart(workdir, max_steps, seed):
     """The whole pipeline on built-in data: index, GRPO-train, merge, and answer with base and tuned models.
 
     Example: ragrpo quickstart --workdir runs/quickstart
     """
     from ragrpo.quickstart import report, run
 
-    result = run(workdir, max_steps=max_steps, echo=lambda line: click.echo(line, err=True))
+    result = run(workdir, seed=seed, max_steps=max_steps, echo=lambda line: click.echo(line, err=True))
     click.echo(report(result))
 
 

@@ -39,6 +39,9 @@ both models), and every seed gives one value of each figure:
                        the source passage, one passage ahead of the others: what the answer was read
                        from, whatever it cites. About 1/k for a model that copies from any passage
     ... source not passage 1   the same where the source is shown below the top
+    drawn from passage 1     share of answers drawn from the first passage shown, whatever the source: about
+                       1/k for a model that reads (passages in balanced order), near 1 for one that
+                       learned to retell passage 1 (the habit `drawn_from_first` gauges in training)
     drawn from one passage   share of answers that one passage is ahead for (`rewards.citations.drawn_from` names
                        one): the source `ask` and `serve` mark. A longer answer names one more often
     ... that is the source   over those, the share that is the source (1/k for a guess; also where the
@@ -193,6 +196,7 @@ def score_answers(completions: list[str], rows: list[dict], reward_specs: list[s
                "cites one passage, that is the source": [o for o, one in zip(only, single) if one],
                "drawn from the source": drawn,
                "drawn from the source, source not passage 1": [d for r, d in zip(rows, drawn) if r["source_rank"] > 1],
+               "drawn from passage 1": [float(n == 1) for n in named],
                # a longer answer names a passage more often: this pair tells reading from naming more often
                "drawn from one passage": [float(n is not None) for n in named],
                "drawn from one passage, that is the source": [d for d, n in zip(drawn, named) if n is not None],
@@ -346,7 +350,7 @@ def greedy_gold_scores(model, tokenizer, rows: list[dict], *, max_new_tokens: in
     figures = score_answers(answers, rows, []).figures
     names = ("answer accuracy", "answer accuracy, hedges allowed", "cites source only",
              "cites source only, source not passage 1", "drawn from the source, source not passage 1",
-             "answer length, chars")
+             "drawn from passage 1", "answer length, chars")
     return {name: figures[name] for name in names if name in figures}
 
 

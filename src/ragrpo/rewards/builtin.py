@@ -42,6 +42,7 @@ from ragrpo.rewards.base import (  # noqa: F401  (re-exported: what rewards read
     words,
 )
 from ragrpo.rewards.citations import (  # noqa: F401
+    DrawnFromFirst,
     DrawnFromSource,
     SingleCitation,
     SingleCitationDebiased,
@@ -400,6 +401,7 @@ REWARDS: dict[str, Callable] = {
     "source_citation_exact_1w": SourceCitationExact(min_words=1),
     "source_citation_debiased_1w": SourceCitationDebiased(min_words=1),
     "drawn_from_source": DrawnFromSource(),
+    "drawn_from_first": DrawnFromFirst(),
     "single_citation": SingleCitation(),
     "single_citation_debiased": SingleCitationDebiased(),
     "answer_match": answer_match,

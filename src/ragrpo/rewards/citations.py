@@ -22,7 +22,8 @@ variant's `others`), -1 for a passage that does not exist. The variants differ i
                               answers cite its position, so that a habit earns little (it keeps state)
 
 `drawn_from_source` pays for what the system marks instead (`drawn_from`): the answer's own words
-come from the source's passage, whatever it cites.
+come from the source's passage, whatever it cites. `drawn_from_first` is no reward but a gauge, logged
+at weight 0: the share of answers drawn from the first shown passage, whatever the source.
 
 `single_citation` is their format term: 1 for an answer that refers to exactly one shown passage,
 whichever it is; `single_citation_debiased` charges that 1 the running rate at which answers cite the
@@ -300,6 +301,28 @@ class DrawnFromSource(Reward):
             drawn = drawn_from(answer_text(completion), passages(sample_context), question)
             scores.append(float(drawn is not None and list(ids)[drawn - 1] == source))
         return scores
+
+
+class DrawnFromFirst(Reward):
+    """The answer's own words come from the first shown passage, whatever the source: 1, else 0 (a habit gauge).
+
+    Not a thing to pay for: the default from-index recipe logs it at weight 0. Passages are in balanced
+    order in training, so a model that reads the source draws from passage 1 about 1/k of the time, and a
+    run that learned to retell passage 1 whatever was asked (seed 42 of the quickstart's recipe on an Intel
+    Xeon, bench/results/from-index/NOTES.md, session 21) shows as a mean near 1 in `metrics.jsonl`
+    while its `answer_match` still rises on the third of questions whose source is first.
+
+    >>> docs = [["Walter Crouch keeps the ferry ledger.", "Hale hid watches in a second ledger.", "Gulls."]] * 3
+    >>> DrawnFromFirst()(["1: Walter Crouch keeps it.", "Hale hid watches.", "A ledger."],
+    ...     context=docs, query=["Who hid what?"] * 3)
+    [1.0, 0.0, 0.0]
+    """
+
+    __name__ = "drawn_from_first"
+
+    def __call__(self, completions, context=None, query=None, **kwargs) -> list[float]:
+        rows = zip(completions, column(context, "context"), column(query, "query"), strict=True)
+        return [float(drawn_from(answer_text(c), passages(ctx), q) == 1) for c, ctx, q in rows]
 
 
 class PositionRates:
