@@ -309,8 +309,8 @@ class DrawnFromFirst(Reward):
     Not a thing to pay for: the default from-index recipe logs it at weight 0. Passages are in balanced
     order in training, so a model that reads the source draws from passage 1 about 1/k of the time, and a
     run that learned to retell passage 1 whatever was asked (seed 42 of the quickstart's recipe on an Intel
-    Xeon, bench/results/from-index/NOTES.md, session 21) shows as a mean near 1 in `metrics.jsonl`
-    while its `answer_match` still rises on the third of questions whose source is first.
+    Xeon, bench/results/from-index/NOTES.md, sessions 21-22) drew 0.76 of its held-out answers from it, while
+    its training `answer_match` still rose on the third of questions whose source is first.
 
     >>> docs = [["Walter Crouch keeps the ferry ledger.", "Hale hid watches in a second ledger.", "Gulls."]] * 3
     >>> DrawnFromFirst()(["1: Walter Crouch keeps it.", "Hale hid watches.", "A ledger."],
