@@ -328,7 +328,7 @@ def test_registry_names_are_metric_keys_with_one_line_descriptions():
     assert list(REWARDS) == ["length", "token_diversity", "format", "groundedness", "groundedness_beyond_question",
                              "citation", "source_citation", "source_citation_grounded", "source_citation_answered",
                              "source_citation_only", "source_citation_exact", "source_citation_exact_1w", "source_citation_debiased_1w",
-                             "drawn_from_source", "drawn_from_first", "single_citation", "single_citation_debiased", "answer_match",
+                             "drawn_from_source", "drawn_from_first", "drawn_position_charge", "single_citation", "single_citation_debiased", "answer_match",
                              "answer_match_ended",
                              "context_reliance", "relevance", "repetition", "overlong",
                              "search_found_source", "search_format", "search_cost"]
@@ -782,3 +782,62 @@ def test_drawn_from_first_follows_the_passage_shown_first_not_a_document():
     assert reward(completions=answer * 2, context=[FERRY, FERRY[::-1]], query=["Who?"] * 2) == [1.0, 0.0]
     with pytest.raises(RewardError, match="'context' column"):
         reward(completions=answer, query=["Who?"])
+
+
+def _draw_batches(charge, policy, steps=150, seed=0):
+    """Charges per batch of `policy(source_position) -> position retold`: one question's group of 8 a batch,
+    as in training, its passages shuffled so that the source's position is even over 1..3."""
+    import random
+
+    rng = random.Random(seed)
+    bodies = [p.split("\n", 1)[1] for p in FERRY]
+    charges = []
+    for _ in range(steps):
+        order = rng.sample(range(3), 3)
+        shown = [FERRY[i] for i in order]
+        source = rng.randrange(3)  # the source's position in this batch
+        answers = [bodies[order[policy(source, rng)]]] * 8
+        charges.append(charge(answers, context=[shown] * 8, query=["What happens?"] * 8))
+    return charges
+
+
+def test_drawn_position_charge_charges_a_habit_and_leaves_a_reader_alone():
+    from ragrpo.rewards import DrawnPositionCharge
+
+    habit = _draw_batches(DrawnPositionCharge(), lambda source, rng: 0)
+    reader = _draw_batches(DrawnPositionCharge(), lambda source, rng: source)
+    assert habit[0] == [0.0] * 8  # rates start at 1/k, below the margin
+    late = [score for batch in habit[75:] for score in batch]
+    assert max(late) < -0.3  # retelling passage 1 whatever was asked: its rate nears 1
+    # a reader's groups swing between all-from-passage-1 and none, and its running rate stays under 1/3 + 0.15
+    assert sum(score < 0 for batch in reader for score in batch) <= 8 * 3
+    blind = _draw_batches(DrawnPositionCharge(), lambda source, rng: rng.randrange(3))
+    assert all(score == 0.0 for batch in blind for score in batch)
+
+
+def test_drawn_position_charge_ranks_a_group_whose_answers_are_all_wrong():
+    from ragrpo.rewards import DrawnPositionCharge
+
+    charge = DrawnPositionCharge()
+    _draw_batches(charge, lambda source, rng: 0, steps=60)  # the habit has set in
+    # one group, whatever its source: retold passage 1, passage 2, passage 3, and a made-up answer
+    answers = ["Walter Crouch rows the night ferry.", "Inspector Hale finds watches.", "A widow restores a tower.",
+               "Bananas."]
+    scores = charge(answers, context=[FERRY] * 4, query=["What happens?"] * 4)
+    assert scores[0] < -0.3 and scores[1:] == [0.0, 0.0, 0.0]
+
+
+def test_drawn_position_charge_starts_each_run_fresh_and_checks_its_settings():
+    from ragrpo.rewards import DrawnPositionCharge
+
+    (first,), _ = resolve_rewards(["drawn_position_charge"])
+    (second,), _ = resolve_rewards(["drawn_position_charge"])
+    _draw_batches(first.func, lambda source, rng: 0, steps=60)
+    assert first.func.positions.rates[1] > 0.8 and not second.func.positions.rates
+    assert not REWARDS["drawn_position_charge"].positions.rates
+    with pytest.raises(RagrpoError, match="margin"):
+        DrawnPositionCharge(margin=1.0)
+    with pytest.raises(RagrpoError, match="decay"):
+        DrawnPositionCharge(decay=1.0)
+    with pytest.raises(RewardError, match="'context' column"):
+        second(completions=["Walter rows."], query=["Who?"])

@@ -43,6 +43,7 @@ from ragrpo.rewards.base import (  # noqa: F401  (re-exported: what rewards read
 )
 from ragrpo.rewards.citations import (  # noqa: F401
     DrawnFromFirst,
+    DrawnPositionCharge,
     DrawnFromSource,
     SingleCitation,
     SingleCitationDebiased,
@@ -402,6 +403,7 @@ REWARDS: dict[str, Callable] = {
     "source_citation_debiased_1w": SourceCitationDebiased(min_words=1),
     "drawn_from_source": DrawnFromSource(),
     "drawn_from_first": DrawnFromFirst(),
+    "drawn_position_charge": DrawnPositionCharge(),
     "single_citation": SingleCitation(),
     "single_citation_debiased": SingleCitationDebiased(),
     "answer_match": answer_match,

@@ -24,6 +24,8 @@ variant's `others`), -1 for a passage that does not exist. The variants differ i
 `drawn_from_source` pays for what the system marks instead (`drawn_from`): the answer's own words
 come from the source's passage, whatever it cites. `drawn_from_first` is no reward but a gauge, logged
 at weight 0: the share of answers drawn from the first shown passage, whatever the source.
+`drawn_position_charge` charges an answer drawn from a position that recent answers over-use, so that a
+habit of retelling one passage costs something where every answer in a group is wrong.
 
 `single_citation` is their format term: 1 for an answer that refers to exactly one shown passage,
 whichever it is; `single_citation_debiased` charges that 1 the running rate at which answers cite the
@@ -330,23 +332,79 @@ class PositionRates:
     debiased reward charges, so that citing one position by habit earns little.
 
     An exponential average over batches (`decay` per call), updated after the batch is scored, so a batch
-    never pays for its own choices; every rate starts at 0."""
+    never pays for its own choices; every rate starts at `start` (0, unless told)."""
 
-    def __init__(self, decay: float = 0.9):
+    def __init__(self, decay: float = 0.9, start: float = 0.0):
         if not 0.0 <= decay < 1.0:
-            raise RagrpoError(f"source citation: decay must be within [0, 1), not {decay}")
+            raise RagrpoError(f"position rates: decay must be within [0, 1), not {decay}")
         self.decay = decay
+        self.start = start
         self.rates: dict[int, float] = {}  # passage position -> running share of answers referring to it
+
+    def rate(self, position: int) -> float:
+        return self.rates.get(position, self.start)
 
     def debias(self, scores: list[float], completions, context_ids) -> list[float]:
         """A score of 1 becomes `1 + 1/k - mean rate of the positions referred to`; other scores stay."""
         referred = [set(cited_passages(answer_text(c))) for c in completions]
-        debiased = [score + 1 / len(ids) - sum(self.rates.get(n, 0.0) for n in refs) / len(refs)
+        debiased = [score + 1 / len(ids) - sum(self.rate(n) for n in refs) / len(refs)
                     if score == 1.0 else score for score, refs, ids in zip(scores, referred, context_ids, strict=True)]
+        self.update(referred)
+        return debiased
+
+    def update(self, referred: list[set[int]]) -> None:
+        """Fold in one batch: per answer, the set of positions it refers to (empty for none)."""
         for n in set(self.rates).union(*referred):
             batch_share = sum(n in refs for refs in referred) / max(len(referred), 1)
-            self.rates[n] = self.decay * self.rates.get(n, 0.0) + (1 - self.decay) * batch_share
-        return debiased
+            self.rates[n] = self.decay * self.rate(n) + (1 - self.decay) * batch_share
+
+
+class DrawnPositionCharge(Reward):
+    """Charges an answer drawn from a passage position that recent answers draw from well beyond its share.
+
+    Passage order is balanced in training, so a model that reads draws from each of the k positions
+    about 1/k of the time. A run that learned to retell passage 1 (seed 42 of the default recipe on an
+    Intel Xeon: 0.76 of its held-out answers) was never told otherwise: in a group whose source is passage
+    2 or 3 every answer was wrong, so `answer_match` had no spread to rank by and the habit cost nothing
+    there. This term ranks those answers: an answer drawn (`drawn_from`) from position p scores
+    `-(rate(p) - 1/k - margin)` when that is below 0, and every other answer 0. It asks for no label: the
+    position's running rate counts every answer, right or wrong, whatever the source was.
+
+    The rates are an exponential average of the share of each batch's answers drawn from each position
+    (`decay` per call), starting at 1/k and updated after the batch is scored (`PositionRates`). One
+    batch is one question's group, whose answers share a source, so a batch's share swings between about
+    0 and 1 for a model that reads; `decay` 0.97 and `margin` 0.15 keep such a model below the charge on
+    almost every step (the rate's spread is then about 0.06), while a habit at 0.76 pays about 0.28.
+
+    >>> docs = [["Walter Crouch keeps the ferry ledger.", "Hale hid watches in a second ledger.", "Gulls."]] * 4
+    >>> charge = DrawnPositionCharge(decay=0.5)
+    >>> answers = ["Walter Crouch keeps it.", "Crouch keeps a ferry.", "Walter.", "Hale hid watches."]
+    >>> charge(answers, context=docs, query=["Who hid what?"] * 4)
+    [0.0, 0.0, 0.0, 0.0]
+    >>> [round(score, 3) for score in charge(answers, context=docs, query=["Who hid what?"] * 4)]
+    [-0.058, -0.058, -0.058, 0.0]
+    """
+
+    __name__ = "drawn_position_charge"
+
+    def __init__(self, margin: float = 0.15, decay: float = 0.97):
+        if not 0.0 <= margin < 1.0:
+            raise RagrpoError(f"drawn position charge: margin must be within [0, 1), not {margin}")
+        self.margin = margin
+        self.positions = PositionRates(decay)
+        self.started = False  # the rates start at 1/k, k read from the first batch
+
+    def for_run(self, budget: int | None = None, tokenizer=None) -> DrawnPositionCharge:
+        return DrawnPositionCharge(self.margin, self.positions.decay)
+
+    def __call__(self, completions, context=None, query=None, **kwargs) -> list[float]:
+        rows = zip(completions, column(context, "context"), column(query, "query"), strict=True)
+        drawn = [(drawn_from(answer_text(c), passages(ctx), q), len(passages(ctx))) for c, ctx, q in rows]
+        if drawn and not self.started:
+            self.positions.start, self.started = 1 / max(drawn[0][1], 1), True
+        scores = [min(0.0, 1 / k + self.margin - self.positions.rate(p)) if p else 0.0 for p, k in drawn]
+        self.positions.update([{p} if p else set() for p, _ in drawn])
+        return scores
 
 
 class SingleCitation(Reward):
