@@ -43,8 +43,8 @@ from ragrpo.rewards.base import (  # noqa: F401  (re-exported: what rewards read
 )
 from ragrpo.rewards.citations import (  # noqa: F401
     DrawnFromFirst,
-    DrawnPositionCharge,
     DrawnFromSource,
+    DrawnPositionCharge,
     SingleCitation,
     SingleCitationDebiased,
     SourceCitation,
