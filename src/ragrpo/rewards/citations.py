@@ -375,6 +375,9 @@ class DrawnPositionCharge(Reward):
     batch is one question's group, whose answers share a source, so a batch's share swings between about
     0 and 1 for a model that reads; `decay` 0.97 and `margin` 0.15 keep such a model below the charge on
     almost every step (the rate's spread is then about 0.06), while a habit at 0.76 pays about 0.28.
+    That makes it late: in r23 (seed 42) it first charged at step 92, after the habit had set in, and once a
+    group's 8 answers all retell passage 1 they are charged alike. Held-out accuracy fell from the default's
+    0.134 to 0.100 (bench/results/from-index/NOTES.md, session 23); `drawn_from_source` did better there.
 
     >>> docs = [["Walter Crouch keeps the ferry ledger.", "Hale hid watches in a second ledger.", "Gulls."]] * 4
     >>> charge = DrawnPositionCharge(decay=0.5)
