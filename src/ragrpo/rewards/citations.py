@@ -401,8 +401,8 @@ class DrawnPositionCharge(Reward):
         return DrawnPositionCharge(self.margin, self.positions.decay)
 
     def __call__(self, completions, context=None, query=None, **kwargs) -> list[float]:
-        rows = zip(completions, column(context, "context"), column(query, "query"), strict=True)
-        drawn = [(drawn_from(answer_text(c), passages(ctx), q), len(passages(ctx))) for c, ctx, q in rows]
+        rows = zip(completions, map(passages, column(context, "context")), column(query, "query"), strict=True)
+        drawn = [(drawn_from(answer_text(c), shown, q), len(shown)) for c, shown, q in rows]
         if drawn and not self.started:
             self.positions.start, self.started = 1 / max(drawn[0][1], 1), True
         scores = [min(0.0, 1 / k + self.margin - self.positions.rate(p)) if p else 0.0 for p, k in drawn]
