@@ -110,9 +110,10 @@ def main():
 @click.option("--max-documents", type=int, default=None, help="Use only the first N documents (with --from-index).")
 @click.option("--passage-header", default=None, help="Header of each passage in the prompt, from the table's "
               "columns, e.g. '{title} ({release_year})' [default: the table's title and year columns] (with --from-index).")
-@click.option("--order", type=click.Choice(["balanced", "retrieved"]), default="balanced", show_default=True,
-              help="Passage order in training prompts: the source at each position equally often (seeded), or as "
-              "retrieved (with --from-index).")
+@click.option("--order", type=click.Choice(["balanced", "retrieved", "mixed"]), default="balanced", show_default=True,
+              help="Passage order in training prompts: the source at each position equally often (seeded), as "
+              "retrieved, or mixed: each question's G answers under k orders, the source at each position "
+              "(with --from-index).")
 @click.option("--agentic", is_flag=True, help="No passages up front: the model searches the table itself with "
               "<search> query </search> while it answers, and learns from the search rewards (with --from-index).")
 @click.option("--max-searches", type=int, default=3, show_default=True, help="Search calls per answer (with --agentic).")
@@ -147,7 +148,7 @@ def train(config_file, rewards, overwrite, resume, from_index, db, storage_optio
         result, curriculum = train_from_index(from_index_config(cfg, source, given), source, overwrite=overwrite,
                                               storage_options=parse_storage_options(storage_options))
         if world()[0] == 0:  # under `accelerate launch`, the main process speaks for the run
-            click.echo(f"{len(curriculum.examples)} training questions from {len(curriculum.train_ids)} documents; "
+            click.echo(f"{curriculum.train_questions} training questions from {len(curriculum.train_ids)} documents; "
                        f"{len(curriculum.held_ids)} documents held out")
             click.echo(f"trained {result.steps} steps; merged model: {result.merged}; metrics: {result.metrics}")
         return

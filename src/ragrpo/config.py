@@ -98,7 +98,8 @@ class RunConfig:
         metadata={"help": "Prompts longer than this many tokens are cut from the left (TRL no longer does it)."},
     )
     max_samples: int | None = field(
-        default=None, metadata={"help": "Train on at most this many rows (after the split and shuffling)."}
+        default=None, metadata={"help": "Train on at most this many rows (after the split and shuffling); in a "
+                                          "mixed-order curriculum, this many questions, each with its G rows."}
     )
     held_out: float = field(
         default=0.1,

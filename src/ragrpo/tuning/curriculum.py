@@ -53,7 +53,7 @@ from ragrpo.retrieval.index import DEFAULT_DB, ID_COLUMNS, VECTOR_COLUMN, docume
 from ragrpo.retrieval.search import MODES, text_column
 from ragrpo.rewards.builtin import STOP_WORDS, words
 
-ORDERS = ("balanced", "retrieved")
+ORDERS = ("balanced", "retrieved", "mixed")  # mixed: tuning/groups.py
 QUESTION_MODES = ("templates", "model")
 # The recipe of a from-index run, r14's (bench/results/from-index/NOTES.md says how each piece was found):
 # the weighted sum normalised within the group (normalising each reward first gave a reward without spread,
@@ -90,7 +90,9 @@ class IndexSource:
     held_out: float = 0.1
     max_documents: int | None = None
     header: str | None = None  # the passage header template; None: from the table's columns
-    order: str = "balanced"  # passage order in a prompt: source position spread evenly over 1..k, or as retrieved
+    # passage order in a prompt: source position spread evenly over 1..k, as retrieved, or (training only)
+    # mixed: each of a question's G answers under one of k orders, the source at each position (tuning/groups.py)
+    order: str = "balanced"
     order_seed: int = 0
     agentic: bool = False  # no passages up front: the model searches the table itself (`tuning.agentic`)
     max_searches: int = 3
@@ -387,18 +389,25 @@ def agentic_example(question: Question, label: str, max_searches: int) -> dict:
             "targets": list(question.meta.get("targets", []))}
 
 
-def rag_examples(table, questions: list[Question], column: str, source: IndexSource) -> list[dict]:
+def rag_examples(table, questions: list[Question], column: str, source: IndexSource, group: int = 1) -> list[dict]:
     """A prompt row per question: retrieved as `ask` retrieves, headed in the table's style, in `source.order`;
-    with `source.agentic`, the question alone (`agentic_example`)."""
+    with `source.agentic`, the question alone (`agentic_example`). In `mixed` order, `group` rows per question
+    (one per answer of its GRPO group, tagged with the question's number in `GROUP_COLUMN`)."""
+    from ragrpo.tuning.groups import GROUP_COLUMN, mixed_orders
+
     style = table_style(table, source.header)
     if source.agentic:
         return [agentic_example(q, style.label, source.max_searches) for q in questions]
     hits = retrieve_all(table, [q.query for q in questions], where=source.where, k=source.k, mode=source.mode)
-    if source.order == "balanced":
-        ids = [[document_id(hit, column) for hit in h] for h in hits]
-        orders = balanced_orders(ids, [q.source_id for q in questions], source.order_seed)
-    else:
-        orders = [None] * len(hits)
+    ids = [[document_id(hit, column) for hit in h] for h in hits]
+    sources = [q.source_id for q in questions]
+    if source.order == "mixed":
+        orders = mixed_orders(ids, sources, group, source.order_seed)
+        return [{**rag_example(q, h, column, reasoning=source.reasoning, cite=source.cite, style=style, order=o),
+                 GROUP_COLUMN: n}
+                for n, (q, h, group_orders) in enumerate(zip(questions, hits, orders, strict=True))
+                for o in group_orders]
+    orders = balanced_orders(ids, sources, source.order_seed) if source.order == "balanced" else [None] * len(hits)
     return [rag_example(q, h, column, reasoning=source.reasoning, cite=source.cite, style=style, order=o)
             for q, h, o in zip(questions, hits, orders, strict=True)]
 
@@ -418,7 +427,14 @@ class Curriculum:
         return {"source": asdict(self.source), "text_column": self.text_column,
                 "table_uri": self.table_uri, "table_version": self.table_version,
                 "train_documents": self.train_ids, "held_out_documents": self.held_ids,
-                "train_questions": len(self.examples), "held_out_questions": len(self.held_questions)}
+                "train_questions": self.train_questions, "held_out_questions": len(self.held_questions)}
+
+    @property
+    def train_questions(self) -> int:
+        """The number of training questions (a mixed-order curriculum writes G rows for each)."""
+        from ragrpo.tuning.groups import GROUP_COLUMN
+
+        return len({row.get(GROUP_COLUMN, n) for n, row in enumerate(self.examples)})
 
     def files(self) -> dict[str, str]:
         """The run folder's `curriculum/` files, as text."""
@@ -436,9 +452,10 @@ class Curriculum:
 
 
 def build_curriculum(source: IndexSource, model=None, tokenizer=None, *,
-                     storage_options: dict[str, str] | None = None) -> Curriculum:
+                     storage_options: dict[str, str] | None = None, group: int = 1) -> Curriculum:
     """Split the table's documents, make questions, and retrieve for the training questions. The
-    `storage_options` (an object store's credentials, perhaps) are used, never recorded."""
+    `storage_options` (an object store's credentials, perhaps) are used, never recorded; `group` is the
+    number of answers per question, for a `mixed` order."""
     table = open_table(source.table, source.db, storage_options)
     column = text_column(table)
     rows = read_documents(table, source.where)
@@ -453,7 +470,7 @@ def build_curriculum(source: IndexSource, model=None, tokenizer=None, *,
     train_questions = [q for q in questions if q.source_id not in held]
     if not train_questions:
         raise RagrpoError(f"no question could be made from the documents of {source.table!r}")
-    examples = rag_examples(table, train_questions, column, source)
+    examples = rag_examples(table, train_questions, column, source, group)
     return Curriculum(source, column, sorted(set(ids) - held), sorted(held), examples,
                       [q for q in questions if q.source_id in held], table_uri=str(table.uri),
                       table_version=table.version)
@@ -520,6 +537,7 @@ def train_from_index(cfg: RunConfig, source: IndexSource, *, overwrite: bool = F
     `ragrpo eval` read the same rows back. Prompts are not shortened: `max_prompt_length` is raised to
     the longest prompt, so no passage loses its end.
     """
+    from ragrpo.config import grpo_config
     from ragrpo.models import load_model
     from ragrpo.rewards.registry import resolve_rewards
     from ragrpo.tuning.train import build_dataset, check_output, train
@@ -531,7 +549,8 @@ def train_from_index(cfg: RunConfig, source: IndexSource, *, overwrite: bool = F
     resolve_rewards(cfg.rewards)  # fail on an unknown reward before anything slow
     open_table(source.table, source.db, storage_options)  # and on a missing table, bucket or credential
     model, tokenizer = load_model(cfg.model) if source.questions == "model" else (None, None)
-    curriculum = build_curriculum(source, model, tokenizer, storage_options=storage_options)
+    group = grpo_config(cfg, output / "checkpoints").num_generations
+    curriculum = build_curriculum(source, model, tokenizer, storage_options=storage_options, group=group)
     del model
     if tokenizer is None:
         from transformers import AutoTokenizer

@@ -132,9 +132,13 @@ def build_dataset(cfg: RunConfig, tokenizer):
     """
     from datasets import Dataset
 
+    from ragrpo.tuning.groups import GROUP_COLUMN
+
     frame, _, _ = split_prompts(cfg, tokenizer)
     frame = frame.sample(frac=1.0, random_state=cfg.seed).reset_index(drop=True)
-    if cfg.max_samples:
+    if cfg.max_samples and GROUP_COLUMN in frame.columns:  # a mixed-order curriculum: whole questions
+        frame = frame[frame[GROUP_COLUMN].isin(frame[GROUP_COLUMN].unique()[:cfg.max_samples])]
+    elif cfg.max_samples:
         frame = frame.head(cfg.max_samples)
     columns = {str(c): frame[c].tolist() for c in frame.columns}
     try:
@@ -209,6 +213,8 @@ def make_trainer(cfg: RunConfig, model, tokenizer, dataset, output: Path, callba
     from transformers import PrinterCallback, ProgressCallback
     from trl import GRPOTrainer
 
+    from ragrpo.tuning.groups import GROUP_COLUMN, grouped_trainer_class
+
     args = grpo_config(cfg, output / "checkpoints")
     reward_funcs, args.reward_weights = resolve_rewards(cfg.rewards, budget=args.max_completion_length)
     trainer_class = GRPOTrainer
@@ -219,6 +225,8 @@ def make_trainer(cfg: RunConfig, model, tokenizer, dataset, output: Path, callba
         if args.bf16:  # the frozen base in bf16: what autocast computed anyway, without a cast per call
             model = model.to(torch.bfloat16)
         model.set_attn_implementation(hardware.attention(torch.bfloat16 if args.bf16 else torch.float32))
+    if GROUP_COLUMN in dataset.column_names:  # rows of one question under several passage orders
+        trainer_class = grouped_trainer_class(trainer_class)
     try:
         # TRL wraps the model with the LoRA config itself; for a new adapter its KL reference is then the same
         # network with the adapter disabled. (Handing it an already-wrapped model makes it keep a copy of the
