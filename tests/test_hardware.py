@@ -286,6 +286,19 @@ def test_freed_heap_pages_go_back_to_the_os_only_where_trimming_is_on(value):
         assert result["released"] is True and result["dropped_mb"] > 150, result
 
 
+@pytest.mark.parametrize("given, expected", [(None, hardware.ONEDNN_CACHE), ("7", "7")])
+def test_importing_ragrpo_gives_onednn_a_small_primitive_cache_unless_the_user_chose_one(given, expected):
+    """oneDNN reads its cache size once, at its first primitive: the variable must be set by then, in the
+    process's environment, and a user's own value wins."""
+    env = {k: v for k, v in os.environ.items() if k != "ONEDNN_PRIMITIVE_CACHE_CAPACITY"}
+    env |= {"ONEDNN_PRIMITIVE_CACHE_CAPACITY": given} if given else {}
+    probe = ("import os, ragrpo, torch; from ragrpo import hardware; "
+             "print(os.environ['ONEDNN_PRIMITIVE_CACHE_CAPACITY'], hardware.summary()['onednn_cache'])")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env, timeout=120,
+                         check=True)
+    assert out.stdout.split() == [expected, expected]
+
+
 def test_releasing_openmp_ends_the_calling_threads_workers_and_a_later_op_starts_them_again(force_hardware):
     needs_openmp_release()
     force_hardware(OMP_RELEASE=None)

@@ -32,6 +32,8 @@ def test_run_folder_contents(tiny_run):
     for record in logged:
         assert record["rewards/token_diversity/mean"] >= 0 and record["rewards/length/mean"] <= 0
         assert "kl" in record and "completions/mean_length" in record
+    peaks = [s["peak_rss_gib"] for s in steps]  # the process's peak so far: never falls, and holds the model
+    assert peaks == sorted(peaks) and peaks[0] > 0.5
 
 
 def test_lora_weights_changed_and_base_weights_did_not(tiny_run, base_model_dir):

@@ -25,3 +25,8 @@ def cache_dir() -> Path:
         return Path(os.environ["RAGRPO_CACHE"])
     base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
     return Path(base) / "ragrpo"
+
+
+from ragrpo import hardware as _hardware  # stdlib only at import: ragrpo stays instant to import
+
+_hardware.limit_onednn_cache()  # before anything runs a oneDNN primitive (hardware.ONEDNN_CACHE)

@@ -12,6 +12,8 @@
     RAGRPO_THREADS  N            torch's intra-op threads, set once at start-up; default: torch's own
     RAGRPO_TRIM     0 | 1        hand freed heap pages back to the OS between ingest batches (glibc's
                                  malloc_trim); default: wherever the C library is glibc
+    ONEDNN_PRIMITIVE_CACHE_CAPACITY N  oneDNN's own variable; ragrpo sets 64 where it is unset (see
+                                 `ONEDNN_CACHE`), at import, before oneDNN reads it
     RAGRPO_OMP_RELEASE 0 | 1     `serve` ends its start-up thread's idle OpenMP workers before its engine
                                  thread decodes; default: wherever the OpenMP runtime can (see `release_openmp`)
 
@@ -49,6 +51,20 @@ FP16_RATIO = 0.8
 # what can move the measurement: a cached answer is reused only while all of them are the same
 _ISA_VARIABLES = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS", "DNNL_MAX_CPU_ISA")
 _FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
+
+
+# oneDNN keeps up to 1,024 compiled primitives by default, one per operation and shape, with their buffers.
+# Training passes change shape every step (prompt and completion lengths), so the cache grows for hundreds of
+# steps: two 200-step runs held 12-13 GB near their end and one was killed for memory. Over 30 steps, 64
+# entries held the RSS at 5.0 GB against 5.9 and rising, at the same step time (NOTES.md, session 24, in
+# bench/results/from-index). The decode loop's shapes repeat within a step, so 64 holds them.
+ONEDNN_CACHE = "64"
+
+
+def limit_onednn_cache() -> None:
+    """Give oneDNN a 64-entry primitive cache unless the user set ONEDNN_PRIMITIVE_CACHE_CAPACITY. oneDNN reads
+    the variable once, at its first primitive, so `ragrpo` calls this when it is imported."""
+    os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", ONEDNN_CACHE)
 
 
 def _forced(name: str) -> bool | None:
@@ -377,6 +393,16 @@ def trim() -> bool:
     return _malloc_trim() is not None if forced is None else forced
 
 
+def peak_memory_gib() -> float | None:
+    """This process's peak resident memory so far, in GiB, where the OS reports it (Linux, macOS)."""
+    try:
+        import resource
+    except ImportError:  # Windows
+        return None
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return peak / 2**30 if platform.system() == "Darwin" else peak / 2**20
+
+
 def release_memory() -> bool:
     """Return freed heap pages to the OS where `trim` says so (a few ms); True if it did."""
     if not trim():
@@ -448,7 +474,7 @@ def summary() -> dict:
               "decode_weights": {"float32": decode_weights(torch.float32),
                                  "bfloat16": decode_weights(torch.bfloat16)},
               "training_attention": {"float32": attention(torch.float32), "bfloat16": attention(torch.bfloat16)},
-              "trim": trim(), "omp_release": _forced("RAGRPO_OMP_RELEASE") is not False and bool(_openmp_runtimes()),
+              "trim": trim(), "onednn_cache": os.environ.get("ONEDNN_PRIMITIVE_CACHE_CAPACITY"), "omp_release": _forced("RAGRPO_OMP_RELEASE") is not False and bool(_openmp_runtimes()),
               "forced": {name: os.environ[name] for name in
                          ("RAGRPO_DEVICE", "RAGRPO_BF16", "RAGRPO_PACK", "RAGRPO_FP16", "RAGRPO_ATTENTION",
                           "RAGRPO_THREADS", "RAGRPO_TRIM", "RAGRPO_OMP_RELEASE",

@@ -151,15 +151,17 @@ def build_dataset(cfg: RunConfig, tokenizer):
 
 
 def _metrics_logger(path: Path):
-    """A TrainerCallback writing every log event as one JSON line (TRL's own keys, plus `step`)."""
+    """A TrainerCallback writing every log event as one JSON line (TRL's own keys, plus `step` and the process's
+    peak resident memory so far, `peak_rss_gib`)."""
     from transformers import TrainerCallback
 
     class MetricsLogger(TrainerCallback):
         def on_log(self, args, state, control, logs=None, **kwargs):
             if not state.is_world_process_zero:  # every rank logs the same gathered metrics; one writes them
                 return
+            record = {"step": state.global_step, **(logs or {}), "peak_rss_gib": hardware.peak_memory_gib()}
             with path.open("a") as handle:
-                handle.write(json.dumps({"step": state.global_step, **(logs or {})}, default=float) + "\n")
+                handle.write(json.dumps(record, default=float) + "\n")
 
     return MetricsLogger()
 
