@@ -474,7 +474,8 @@ def summary() -> dict:
               "decode_weights": {"float32": decode_weights(torch.float32),
                                  "bfloat16": decode_weights(torch.bfloat16)},
               "training_attention": {"float32": attention(torch.float32), "bfloat16": attention(torch.bfloat16)},
-              "trim": trim(), "onednn_cache": os.environ.get("ONEDNN_PRIMITIVE_CACHE_CAPACITY"), "omp_release": _forced("RAGRPO_OMP_RELEASE") is not False and bool(_openmp_runtimes()),
+              "trim": trim(), "onednn_cache": os.environ.get("ONEDNN_PRIMITIVE_CACHE_CAPACITY"),
+              "omp_release": _forced("RAGRPO_OMP_RELEASE") is not False and bool(_openmp_runtimes()),
               "forced": {name: os.environ[name] for name in
                          ("RAGRPO_DEVICE", "RAGRPO_BF16", "RAGRPO_PACK", "RAGRPO_FP16", "RAGRPO_ATTENTION",
                           "RAGRPO_THREADS", "RAGRPO_TRIM", "RAGRPO_OMP_RELEASE",

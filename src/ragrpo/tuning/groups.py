@@ -8,6 +8,11 @@ passage 1). Here a group's answers see the passages in k orders that put the sou
 1..k, so an answer that retells passage 1 is right only in the rows whose source is first, and the
 group's own mean charges the habit. No reward term and no label is added.
 
+Measured, it did not break the habit: on training seed 43, where the balanced default reads, a mixed-order run
+learned to retell passage 1 (held-out accuracy 0.144 against 0.375; NOTES.md, session 24). Advantages sum to
+zero within a group, so the habit is charged in some rows and paid in others; right answers still come most
+easily from the rows whose source is first. It stays opt-in (`--order mixed`).
+
 TRL takes a group to be `num_generations` consecutive rows of what its sampler yields and never checks
 that their prompts match. The curriculum writes G rows per question, tagged with `GROUP_COLUMN`, and
 `grouped_trainer_class` swaps TRL's sampler for one that yields each question's rows together, with TRL's
