@@ -58,11 +58,7 @@ def child(steps: int, seed: int, out: Path) -> None:
     source = IndexSource("movies", str(work / "lancedb"), held_out=HELD_OUT, order_seed=seed)
     cfg = from_index_config(build_run_config(output=str(work / "run"), seed=seed, held_out=HELD_OUT,
                                              **{**QUICKSTART_GRPO, "max_steps": steps}), source, rewards_given=False)
-    import ragrpo.tuning.train as training
-
-    plain = training.train
-    training.train = lambda cfg, **kw: plain(cfg, **kw, callbacks=[StepMemory()])  # train_from_index calls it
-    train_from_index(cfg, source, overwrite=True)
+    train_from_index(cfg, source, overwrite=True, callbacks=[StepMemory()])
 
 
 def summarise(records: list[dict]) -> dict:
@@ -85,6 +81,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--child", nargs=2, metavar=("CAPACITY", "LOG"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.steps < 6:
+        parser.error("--steps must be at least 6: the step time is taken from step 5 on")
     if args.child:
         child(args.steps, args.seed, Path(args.child[1]))
         return

@@ -342,6 +342,13 @@ def rag_example(question: Question, hits: list[dict], column: str, *, reasoning:
     }
 
 
+def source_and_others(ids: list[str], source: str) -> tuple[int | None, list[int]]:
+    """Where the source is among a question's hits (None: not retrieved), and the other hits' indices. A second
+    chunk of the source counts as another passage."""
+    first = ids.index(source) if source in ids else None
+    return first, [i for i in range(len(ids)) if i != first]
+
+
 def balanced_orders(hit_ids: list[list[str]], sources: list[str], seed: int) -> list[list[int]]:
     """A passage order per question that puts the source at each position 1..k equally often.
 
@@ -354,8 +361,7 @@ def balanced_orders(hit_ids: list[list[str]], sources: list[str], seed: int) -> 
     block: list[int] = []
     out = []
     for ids, source in zip(hit_ids, sources, strict=True):
-        first = ids.index(source) if source in ids else None  # a second chunk of the source counts as another
-        others = [i for i in range(len(ids)) if i != first]
+        first, others = source_and_others(ids, source)
         rng.shuffle(others)
         if first is None:
             out.append(others)
@@ -529,13 +535,13 @@ def from_index_config(cfg: RunConfig, source: IndexSource, rewards_given: bool) 
 
 
 def train_from_index(cfg: RunConfig, source: IndexSource, *, overwrite: bool = False,
-                     storage_options: dict[str, str] | None = None):
+                     storage_options: dict[str, str] | None = None, callbacks=()):
     """Build the curriculum from the table, then GRPO-train on it as `ragrpo train` does.
 
     The training rows are written to `OUTPUT/curriculum/train.jsonl` and the run's `dataset` points
     there with `held_out` 0 (the held-out documents never made it into the file), so `--resume` and
     `ragrpo eval` read the same rows back. Prompts are not shortened: `max_prompt_length` is raised to
-    the longest prompt, so no passage loses its end.
+    the longest prompt, so no passage loses its end. `callbacks` (transformers TrainerCallbacks) go to `train`.
     """
     from ragrpo.config import grpo_config
     from ragrpo.models import load_model
@@ -570,7 +576,8 @@ def train_from_index(cfg: RunConfig, source: IndexSource, *, overwrite: bool = F
         dataset = build_dataset(cfg, tokenizer)
     cfg.dataset = str(output / "curriculum" / "train.jsonl")
     rollout = agentic_rollout(curriculum.split_record(), storage_options) if source.agentic else None
-    return train(cfg, overwrite=overwrite, dataset=dataset, files=files, rollout=rollout), curriculum
+    return train(cfg, overwrite=overwrite, dataset=dataset, files=files, rollout=rollout,
+                 callbacks=callbacks), curriculum
 
 
 def agentic_rollout(split: dict, storage_options: dict[str, str] | None = None):

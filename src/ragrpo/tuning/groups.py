@@ -44,13 +44,14 @@ def mixed_orders(hit_ids: list[list[str]], sources: list[str], group: int, seed:
     >>> len(orders), sorted({order.index(1) for order in orders})
     (8, [0, 1, 2])
     """
+    from ragrpo.tuning.curriculum import source_and_others
+
     if group < 1:
         raise RagrpoError(f"a mixed-order group needs at least one answer, got {group}")
     rng = random.Random(seed)
     out = []
     for ids, source in zip(hit_ids, sources, strict=True):
-        first = ids.index(source) if source in ids else None  # a second chunk of the source counts as another
-        others = [i for i in range(len(ids)) if i != first]
+        first, others = source_and_others(ids, source)
         variants = []
         for position in range(max(len(ids), 1)):
             shuffled = others[:]
