@@ -13,9 +13,9 @@ from ragrpo.tuning.groups import (
     GROUP_COLUMN,
     GroupSampler,
     grouped_trainer_class,
-    mixed_orders,
     question_groups,
 )
+from ragrpo.tuning.orders import mixed_orders
 
 
 def test_each_question_gets_its_group_of_orders_with_the_source_at_every_position():

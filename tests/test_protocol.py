@@ -21,7 +21,7 @@ from ragrpo.prompts import (
     without_references,
 )
 from ragrpo.rewards.builtin import source_citation
-from ragrpo.tuning.curriculum import balanced_orders
+from ragrpo.tuning.orders import balanced_orders
 
 
 def test_prompt_is_the_write_ups_with_a_header_per_passage():

@@ -31,7 +31,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import random
 import re
 import tempfile
 from collections import Counter
@@ -52,8 +51,9 @@ from ragrpo.prompts import (
 from ragrpo.retrieval.index import DEFAULT_DB, ID_COLUMNS, VECTOR_COLUMN, document_id, open_table  # noqa: F401
 from ragrpo.retrieval.search import MODES, text_column
 from ragrpo.rewards.builtin import STOP_WORDS, words
+from ragrpo.tuning.orders import balanced_orders, mixed_orders
 
-ORDERS = ("balanced", "retrieved", "mixed")  # mixed: tuning/groups.py
+ORDERS = ("balanced", "retrieved", "mixed")  # tuning/orders.py; mixed: tuning/groups.py too
 QUESTION_MODES = ("templates", "model")
 # The recipe of a from-index run, r14's (bench/results/from-index/NOTES.md says how each piece was found):
 # the weighted sum normalised within the group (normalising each reward first gave a reward without spread,
@@ -342,38 +342,6 @@ def rag_example(question: Question, hits: list[dict], column: str, *, reasoning:
     }
 
 
-def source_and_others(ids: list[str], source: str) -> tuple[int | None, list[int]]:
-    """Where the source is among a question's hits (None: not retrieved), and the other hits' indices. A second
-    chunk of the source counts as another passage."""
-    first = ids.index(source) if source in ids else None
-    return first, [i for i in range(len(ids)) if i != first]
-
-
-def balanced_orders(hit_ids: list[list[str]], sources: list[str], seed: int) -> list[list[int]]:
-    """A passage order per question that puts the source at each position 1..k equally often.
-
-    The retriever ranks the source first for most questions, so a model trained on retrieved order can
-    score by always citing [1] (a measured run did: bench/results/from-index/NOTES.md). Positions are
-    dealt from shuffled blocks of 1..k, so over any k questions holding their source each position comes
-    up once; the other passages are shuffled around it. Seeded, so a run's prompts can be rebuilt.
-    """
-    rng = random.Random(seed)
-    block: list[int] = []
-    out = []
-    for ids, source in zip(hit_ids, sources, strict=True):
-        first, others = source_and_others(ids, source)
-        rng.shuffle(others)
-        if first is None:
-            out.append(others)
-            continue
-        if not block:
-            block = list(range(len(ids)))
-            rng.shuffle(block)
-        position = min(block.pop(), len(others))
-        out.append(others[:position] + [first] + others[position:])
-    return out
-
-
 def retrieve_all(table, queries: list[str], *, where: str | None, k: int, mode: str = "vector") -> list[list[dict]]:
     """`rag.retrieve` for many queries, with the queries embedded in one batch first (one at a time costs
     ~10x more on a CPU); the search itself is `ask`'s, index settings included."""
@@ -399,7 +367,7 @@ def rag_examples(table, questions: list[Question], column: str, source: IndexSou
     """A prompt row per question: retrieved as `ask` retrieves, headed in the table's style, in `source.order`;
     with `source.agentic`, the question alone (`agentic_example`). In `mixed` order, `group` rows per question
     (one per answer of its GRPO group, tagged with the question's number in `GROUP_COLUMN`)."""
-    from ragrpo.tuning.groups import GROUP_COLUMN, mixed_orders
+    from ragrpo.tuning.groups import GROUP_COLUMN
 
     style = table_style(table, source.header)
     if source.agentic:

@@ -25,41 +25,9 @@ mixed-order groups; colocate mode generates for every row and can.
 
 from __future__ import annotations
 
-import random
-
 from ragrpo import RagrpoError
 
 GROUP_COLUMN = "question_group"  # the question a training row belongs to, when its group mixes orders
-
-
-def mixed_orders(hit_ids: list[list[str]], sources: list[str], group: int, seed: int) -> list[list[list[int]]]:
-    """For each question, `group` passage orders (indices into its hits), one per answer.
-
-    A question whose source was retrieved gets one order per source position 1..k', k' the number of its
-    hits, dealt in turn over the group from a seeded starting position (so where G is not a multiple of k',
-    the positions that get the extra answers vary from question to question); the other passages are
-    shuffled around the source in each. A question whose source was not retrieved gets k' shuffles.
-
-    >>> orders = mixed_orders([["a", "s", "b"]], ["s"], 8, seed=0)[0]
-    >>> len(orders), sorted({order.index(1) for order in orders})
-    (8, [0, 1, 2])
-    """
-    from ragrpo.tuning.curriculum import source_and_others
-
-    if group < 1:
-        raise RagrpoError(f"a mixed-order group needs at least one answer, got {group}")
-    rng = random.Random(seed)
-    out = []
-    for ids, source in zip(hit_ids, sources, strict=True):
-        first, others = source_and_others(ids, source)
-        variants = []
-        for position in range(max(len(ids), 1)):
-            shuffled = others[:]
-            rng.shuffle(shuffled)
-            variants.append(shuffled if first is None else shuffled[:position] + [first] + shuffled[position:])
-        start = rng.randrange(len(variants))
-        out.append([variants[(start + j) % len(variants)] for j in range(group)])
-    return out
 
 
 def question_groups(dataset, size: int) -> list[list[int]]:
