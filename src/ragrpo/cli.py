@@ -86,6 +86,11 @@ def main():
 @click.option("--config", "config_file", type=click.Path(dir_okay=False), default=None,
               help="TOML file: top-level run keys plus [grpo] and [lora] tables.")
 @click.option("--save-steps", type=int, default=None, help="Checkpoint every N steps (for --resume).")
+@click.option("--restart-if", "restart_if", default=None, metavar="REWARD<VALUE@STEP", help="Start the run again on "
+              "another seed when the reward averaged below VALUE over steps STEP/2..STEP [from-index default "
+              "rewards: answer_match<0.22@100].")
+@click.option("--restarts", type=int, default=None, help="Restarts --restart-if may make [default: 1; 0 only records "
+              "the check].")
 @click.option("--report-to", default=None, type=click.Choice(["none", "tensorboard", "wandb"]),
               help="Also log to TensorBoard or Weights & Biases (passed to the trainer).")
 @click.option("--output", default=None, help="Run folder [default: runs/latest].")

@@ -24,15 +24,17 @@ import json
 import os
 import shutil
 import string
+import sys
 import tempfile
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from ragrpo import RagrpoError, hardware
 from ragrpo.config import DEFAULT_PROMPT_TEMPLATE, RunConfig, grpo_config, lora_config
 from ragrpo.data import read_records, require_columns
 from ragrpo.rewards.registry import resolve_rewards
+from ragrpo.tuning.restart import SEED_STEP, RestartRule, Stalled, record_files
 
 
 @dataclass
@@ -375,7 +377,32 @@ def train(cfg: RunConfig, *, overwrite: bool = False, resume: bool = False, data
 
     Under `accelerate launch` (or torchrun) every rank runs this: each trains on its share of the
     prompts, and the main process alone writes the run folder (config, metrics, adapter, merged model).
+
+    With `cfg.restart_if` (`tuning.restart`), an attempt whose training reward is still below the rule's
+    bound at its step is stopped, and the run starts again from step 0 on the seed plus 1000, at most
+    `cfg.restarts` times; the run folder records the stopped attempts. A resumed run is never stopped.
     """
+    rule = RestartRule.parse(cfg.restart_if, cfg.rewards) if cfg.restart_if and not resume else None
+    stopped: list[Stalled] = []
+    while True:
+        check = rule.callback(stop=len(stopped) < cfg.restarts) if rule else None
+        try:
+            return _train_once(cfg, overwrite=overwrite or bool(stopped), resume=resume, dataset=dataset,
+                               files=files, callbacks=callbacks, rollout=rollout, check=check, stopped=stopped)
+        except Stalled as stall:
+            stopped.append(stall)
+            seed = cfg.seed + SEED_STEP
+            if world()[0] == 0:
+                c = stall.check
+                print(f"notice: {c['reward']} averaged {c['mean']:.3f} over steps {c['steps'][0]}-{c['steps'][1]} "
+                      f"on seed {c['seed']}, below {c['below']}: training again from step 0 on seed {seed} "
+                      f"(restart {len(stopped)} of {cfg.restarts})", file=sys.stderr, flush=True)
+            cfg = replace(cfg, seed=seed)
+
+
+def _train_once(cfg: RunConfig, *, overwrite: bool, resume: bool, dataset, files, callbacks, rollout, check,
+                stopped: list[Stalled]) -> TrainResult:
+    """One attempt of `train`; raises `Stalled` when `check` (a restart rule's callback) stopped it."""
     from ragrpo.models import load_model
 
     output = Path(cfg.output)
@@ -410,6 +437,7 @@ def train(cfg: RunConfig, *, overwrite: bool = False, resume: bool = False, data
     work.mkdir(parents=True, exist_ok=True)
     trainer = None
     try:
+        callbacks = (*callbacks, check) if check else callbacks
         trainer = make_trainer(cfg, model, tokenizer, dataset, work, callbacks, rollout)
         if checkpoint is None and main:
             _write_config(cfg, trainer, work, output)
@@ -419,7 +447,14 @@ def train(cfg: RunConfig, *, overwrite: bool = False, resume: bool = False, data
         elif main:
             _truncate_metrics(work / "metrics.jsonl", int(checkpoint.name.rsplit("-", 1)[1]))
         trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+        result = {**check.result, "seed": cfg.seed} if check and check.result else None
+        if check and check.stopped:
+            metrics = work / "metrics.jsonl"
+            raise Stalled(result, metrics.read_text() if metrics.exists() else "")
         if main:
+            for name, text in record_files(stopped, result).items():
+                (work / name).parent.mkdir(parents=True, exist_ok=True)
+                (work / name).write_text(text)
             save_run(trainer, tokenizer, work)
             checkpoints = work / "checkpoints"
             if checkpoints.exists() and not any(checkpoints.glob("checkpoint-*")):
