@@ -71,3 +71,18 @@ def test_quickstart_trains_from_the_index_and_prints_before_and_after(tmp_path):
     assert "(source: passage 2 of 3)" in shown or "(source: passage 3 of 3)" in shown
     assert f"Run folder: {run} (2 GRPO steps)" in out
     assert [line for line in result.stderr.splitlines() if line.startswith("[")][-1].startswith("[5/5]")
+
+
+def test_the_report_says_what_the_restart_rule_did():
+    from ragrpo.quickstart import restart_line
+
+    def check(seed, mean):
+        return {"reward": "answer_match", "below": 0.22, "step": 100, "steps": [51, 100], "seed": seed, "mean": mean,
+                "stalled": mean < 0.22}
+
+    assert restart_line(None) is None and restart_line({"stopped": [], "last": None}) is None
+    assert restart_line({"stopped": [], "last": check(43, 0.31)}) == (
+        "Restart rule (answer_match below 0.22): not needed (seed 43: answer_match 0.31 over steps 51-100).")
+    line = restart_line({"stopped": [check(42, 0.138)], "last": check(1042, 0.29)})
+    assert line.startswith("Restart rule (answer_match below 0.22): stopped seed 42: answer_match 0.14 over steps 51-100")
+    assert line.endswith("trained again, then seed 1042: answer_match 0.29 over steps 51-100.")

@@ -66,6 +66,7 @@ class QuickstartReport:
     gold: dict | None = None  # side -> figure -> value, from `greedy_gold_scores`
     source_first: float = 0.0  # the share of the gold questions whose source is shown first
     seed: int = 42
+    restarts: dict | None = None  # the run's restart record (`tuning.restart.read_record`)
 
 
 def _wrap(text: str, width: int) -> list[str]:
@@ -93,8 +94,28 @@ def gold_table(rep: QuickstartReport) -> str:
     if rep.source_first and first >= HABIT_FACTOR * rep.source_first:
         lines.append(f"Habit: the tuned model drew {first:.0%} of its answers from passage 1, where the source is "
                      f"passage 1 for {rep.source_first:.0%} of the questions. This training run learned to retell the "
-                     f"first passage; which runs do is down to the seed. Try `ragrpo quickstart --seed {rep.seed + 1}`.")
+                     f"first passage; which runs do is down to the seed"
+                     f"{' (its restart rule did not catch it)' if rep.restarts and rep.restarts['stopped'] else ''}. "
+                     f"Try `ragrpo quickstart --seed {rep.seed + 1}`.")
     return "\n".join(lines)
+
+
+def restart_line(record: dict | None) -> str | None:
+    """What the restart rule did in this run, in one line (None when the run had no rule)."""
+    if not record or not (record["stopped"] or record["last"]):
+        return None
+
+    def check(c: dict) -> str:
+        return f"seed {c['seed']}: {c['reward']} {c['mean']:.2f} over steps {c['steps'][0]}-{c['steps'][1]}"
+
+    stopped = record["stopped"]
+    last = record["last"]
+    if not stopped:
+        return f"Restart rule ({last['reward']} below {last['below']}): not needed ({check(last)})." if last else None
+    done = "; ".join(check(c) for c in stopped)
+    after = f", then {check(last)}" if last else ""
+    return (f"Restart rule ({stopped[0]['reward']} below {stopped[0]['below']}): stopped {done} (a run that reads "
+            f"is above it by then) and trained again{after}.")
 
 
 def drawn_label(answer) -> str:
@@ -122,7 +143,9 @@ def report(rep: QuickstartReport) -> str:
              f"(source: passage {row['source_rank']} of {len(row['context_ids'])})"),
             side_by_side("BASE MODEL", rep.gold_answers["base"], "GRPO-TUNED MODEL", rep.gold_answers["tuned"]),
         ]
-    parts.append(f"Run folder: {rep.run_dir} ({rep.steps} GRPO steps)    wall time: {rep.seconds / 60:.1f} min")
+    parts.append("\n".join(line for line in (
+        restart_line(rep.restarts),
+        f"Run folder: {rep.run_dir} ({rep.steps} GRPO steps)    wall time: {rep.seconds / 60:.1f} min") if line))
     return "\n\n".join(parts)
 
 
@@ -130,6 +153,7 @@ def run(workdir: str | Path = "runs/quickstart", *, seed: int = 42, max_steps: i
         echo=print) -> QuickstartReport:
     from ragrpo.models import load_model
     from ragrpo.tuning.curriculum import IndexSource, from_index_config, train_from_index
+    from ragrpo.tuning.restart import read_record
 
     started = time.perf_counter()
     workdir = Path(workdir)
@@ -176,4 +200,5 @@ def run(workdir: str | Path = "runs/quickstart", *, seed: int = 42, max_steps: i
     return QuickstartReport(base_answer, tuned_answer, shown, {"base": base_one, "tuned": tuned_one},
                             time.perf_counter() - started, result.output, result.steps, len(gold),
                             {"base": base_gold, "tuned": tuned_gold} if gold else None,
-                            sum(r["source_rank"] == 1 for r in gold) / max(len(gold), 1), seed)
+                            sum(r["source_rank"] == 1 for r in gold) / max(len(gold), 1), seed,
+                            read_record(result.output))
