@@ -173,6 +173,22 @@ def test_threads_are_set_once_from_the_variable_or_the_argument(monkeypatch):
         torch.set_num_threads(before)
 
 
+def test_every_command_takes_its_thread_count_from_the_variable():
+    def run(threads):
+        return subprocess.run([sys.executable, "-m", "ragrpo.cli", "hardware"], capture_output=True, text=True,
+                              env={**os.environ, "RAGRPO_THREADS": threads, "RAGRPO_BF16": "0", "RAGRPO_FP16": "0"},
+                              timeout=300)
+
+    one = run("1")
+    assert one.returncode == 0, one.stderr
+    record = json.loads(one.stdout)
+    assert record["threads"] == 1 and record["forced"]["RAGRPO_THREADS"] == "1"
+    assert record["bf16"] is False and record["fp16_decode"] is False  # the other variables hold too
+    bad = run("many")
+    assert bad.returncode == 2 and bad.stderr.strip().splitlines() == [
+        "Error: thread count 'many': use a whole number of at least 1"]
+
+
 def test_the_device_can_be_forced(force_hardware):
     force_hardware(DEVICE="cpu")
     assert hardware.device() == "cpu"

@@ -44,6 +44,10 @@ def user_errors(func):
             from ragrpo.models import quiet_transformers
 
             quiet_transformers()
+            if os.environ.get("RAGRPO_THREADS", "").strip():  # torch is imported only where the count is set
+                from ragrpo import hardware
+
+                hardware.apply_threads()
             return func(*args, **kwargs)
         except RagrpoError as exc:
             raise UserError(str(exc)) from None
@@ -562,6 +566,18 @@ def quickstart(workdir, max_steps, seed):
 
     result = run(workdir, seed=seed, max_steps=max_steps, echo=lambda line: click.echo(line, err=True))
     click.echo(report(result))
+
+
+@main.command("hardware")
+@user_errors
+def hardware_command():
+    """Print, as JSON, every hardware decision in force (device, bf16, packing, threads) and the CPU's flags.
+
+    Example: RAGRPO_THREADS=1 ragrpo hardware
+    """
+    from ragrpo import hardware
+
+    click.echo(json.dumps(hardware.summary(), indent=2))
 
 
 if __name__ == "__main__":

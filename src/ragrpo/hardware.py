@@ -9,7 +9,8 @@
                                  (activations and sums stay float32); default: measured, see `fp16`
     RAGRPO_ATTENTION eager | sdpa  transformers' attention in the fast engine's training passes; default:
                                  eager where they compute in bf16 on a CPU, else sdpa (see `attention`)
-    RAGRPO_THREADS  N            torch's intra-op threads, set once at start-up; default: torch's own
+    RAGRPO_THREADS  N            torch's intra-op threads, set at the start of every command; default:
+                                 torch's own
     RAGRPO_TRIM     0 | 1        hand freed heap pages back to the OS between ingest batches (glibc's
                                  malloc_trim); default: wherever the C library is glibc
     ONEDNN_PRIMITIVE_CACHE_CAPACITY N  oneDNN's own variable; ragrpo sets 64 where it is unset (see
@@ -301,20 +302,29 @@ def attention(dtype) -> str:
     return value or ("eager" if device() == "cpu" and dtype == torch.bfloat16 else "sdpa")
 
 
-def set_threads(threads: int | None = None) -> int:
-    """Set torch's intra-op threads once, at start-up: `threads`, else RAGRPO_THREADS, else torch's default;
-    and start the one-thread worker of `small_job`. Returns the count in force."""
+def apply_threads(threads: int | None = None) -> None:
+    """Set torch's intra-op threads: `threads`, else RAGRPO_THREADS; with neither, leave torch's default.
+    Every `ragrpo` command calls it at start-up, so the variable holds for training and evaluation too."""
+    value = threads if threads is not None else os.environ.get("RAGRPO_THREADS", "").strip() or None
+    if value is None:
+        return
+    try:
+        count = int(value)
+    except ValueError:
+        count = 0
+    if count < 1:
+        raise RagrpoError(f"thread count {value!r}: use a whole number of at least 1")
     import torch
 
-    value = threads if threads is not None else os.environ.get("RAGRPO_THREADS", "").strip() or None
-    if value is not None:
-        try:
-            count = int(value)
-        except ValueError:
-            count = 0
-        if count < 1:
-            raise RagrpoError(f"thread count {value!r}: use a whole number of at least 1")
-        torch.set_num_threads(count)
+    torch.set_num_threads(count)
+
+
+def set_threads(threads: int | None = None) -> int:
+    """`apply_threads`, then start the one-thread worker of `small_job` (a server's, for its queries).
+    Returns the count in force."""
+    import torch
+
+    apply_threads(threads)
     _small_jobs()  # the query worker's one thread is set here too, not per request
     return torch.get_num_threads()
 
