@@ -21,6 +21,7 @@ def test_a_rule_names_a_reward_of_the_run_a_bound_and_a_step():
     assert (rule.reward, rule.below, rule.step, rule.window) == ("answer_match", 0.22, 100, (51, 100))
     assert RestartRule.parse(" length < -1e3 @ 7 ", REWARDS).below == -1000.0
     assert RestartRule.parse("shaky<1@4", ["my_rewards.py:shaky=0.5"]).reward == "shaky"
+    assert RestartRule.parse("terse<1@4", ["my_pkg.rewards.terse"]).reward == "terse"
     for spec, says in [("answer_match>0.2@100", "write REWARD<VALUE@STEP"), ("length<0.2", "write REWARD<VALUE@STEP"),
                        ("answer_match<0.2@100", "not one of this run's rewards (length, token_diversity)"),
                        ("length<0.2@1", "the step must be at least 2")]:

@@ -48,7 +48,8 @@ class RestartRule:
         if not match:
             raise RagrpoError(f"--restart-if {spec!r}: write REWARD<VALUE@STEP, e.g. answer_match<0.22@100")
         reward, below, step = match.group(1), float(match.group(2)), int(match.group(3))
-        names = [r.split("=", 1)[0].rsplit(":", 1)[-1] for r in rewards]
+        # TRL logs a reward under its function's name: the last part of `pkg.module:function` or `pkg.module.function`
+        names = [r.split("=", 1)[0].rsplit(":", 1)[-1].rsplit(".", 1)[-1] for r in rewards]
         if reward not in names:
             raise RagrpoError(f"--restart-if {spec!r}: {reward!r} is not one of this run's rewards "
                               f"({', '.join(names)})")
