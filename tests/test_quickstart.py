@@ -83,6 +83,9 @@ def test_the_report_says_what_the_restart_rule_did():
     assert restart_line(None) is None and restart_line({"stopped": [], "last": None}) is None
     assert restart_line({"stopped": [], "last": check(43, 0.31)}) == (
         "Restart rule (answer_match below 0.22): not needed (seed 43: answer_match 0.31 over steps 51-100).")
+    recorded = restart_line({"stopped": [], "last": check(42, 0.18)})
+    assert recorded.startswith("Step-100 check (answer_match below 0.22): seed 42: answer_match 0.18 over steps "
+                               "51-100, below it;") and "--restarts 1" in recorded
     line = restart_line({"stopped": [check(42, 0.138)], "last": check(1042, 0.29)})
     assert line.startswith("Restart rule (answer_match below 0.22): stopped seed 42: answer_match 0.14 over steps 51-100")
     assert line.endswith("trained again, then seed 1042: answer_match 0.29 over steps 51-100.")

@@ -121,9 +121,13 @@ class RunConfig:
         default=None,
         metadata={"help": "REWARD<VALUE@STEP: stop a run whose reward averaged below VALUE over the steps after "
                           "STEP/2 up to STEP, and train again on the seed plus 1000 (ragrpo.tuning.restart). "
-                          "From-index runs on the default rewards use answer_match<0.22@100."},
+                          "From-index runs on the default rewards record answer_match<0.22@100 (0 restarts)."},
     )
-    restarts: int = field(default=1, metadata={"help": "How many times `restart_if` may start a run again."})
+    restarts: int | None = field(
+        default=None,
+        metadata={"help": "How many times `restart_if` may start a run again; 0 only records the check. None: 1 "
+                          "(from-index runs set 0 where they supply the rule themselves)."},
+    )
     engine: str | None = field(
         default=None,
         metadata={
@@ -147,7 +151,7 @@ class RunConfig:
             raise RagrpoError(f"held_out must be in [0, 1), got {self.held_out}")
         if self.engine not in (None, *ENGINES):
             raise RagrpoError(f"unknown engine {self.engine!r}; known engines: {', '.join(ENGINES)}")
-        if self.restarts < 0:
+        if self.restarts is not None and self.restarts < 0:
             raise RagrpoError(f"restarts must be 0 or more, got {self.restarts}")
         if self.max_samples is not None and self.max_samples < 1:
             raise RagrpoError(f"max_samples must be at least 1, got {self.max_samples}")

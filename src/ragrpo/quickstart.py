@@ -110,6 +110,10 @@ def restart_line(record: dict | None) -> str | None:
 
     stopped = record["stopped"]
     last = record["last"]
+    if not stopped and last and last["stalled"]:
+        return (f"Step-{last['step']} check ({last['reward']} below {last['below']}): {check(last)}, below it; the runs "
+                f"that read were above it by then (recorded only; `ragrpo train --from-index ... --restarts 1` trains "
+                f"again on another seed).")
     if not stopped:
         return f"Restart rule ({last['reward']} below {last['below']}): not needed ({check(last)})." if last else None
     done = "; ".join(check(c) for c in stopped)

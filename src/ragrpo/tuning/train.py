@@ -380,12 +380,14 @@ def train(cfg: RunConfig, *, overwrite: bool = False, resume: bool = False, data
 
     With `cfg.restart_if` (`tuning.restart`), an attempt whose training reward is still below the rule's
     bound at its step is stopped, and the run starts again from step 0 on the seed plus 1000, at most
-    `cfg.restarts` times; the run folder records the stopped attempts. A resumed run is never stopped.
+    `cfg.restarts` times (1 unless set; 0 only records the check); the run folder records each check. A
+    resumed run is never stopped.
     """
     rule = RestartRule.parse(cfg.restart_if, cfg.rewards) if cfg.restart_if and not resume else None
+    restarts = 1 if cfg.restarts is None else cfg.restarts
     stopped: list[Stalled] = []
     while True:
-        check = rule.callback(stop=len(stopped) < cfg.restarts) if rule else None
+        check = rule.callback(stop=len(stopped) < restarts) if rule else None
         try:
             return _train_once(cfg, overwrite=overwrite or bool(stopped), resume=resume, dataset=dataset,
                                files=files, callbacks=callbacks, rollout=rollout, check=check, stopped=stopped)
@@ -396,7 +398,7 @@ def train(cfg: RunConfig, *, overwrite: bool = False, resume: bool = False, data
                 c = stall.check
                 print(f"notice: {c['reward']} averaged {c['mean']:.3f} over steps {c['steps'][0]}-{c['steps'][1]} "
                       f"on seed {c['seed']}, below {c['below']}: training again from step 0 on seed {seed} "
-                      f"(restart {len(stopped)} of {cfg.restarts})", file=sys.stderr, flush=True)
+                      f"(restart {len(stopped)} of {restarts})", file=sys.stderr, flush=True)
             cfg = replace(cfg, seed=seed)
 
 
