@@ -7,7 +7,7 @@ the default, and four runs of other recipes) averaged 0.12 to 0.17. Hence the ru
 only the run's own reward is read, no label, no held-out answer.
 
 Measured as a restart (bench/results/from-index/NOTES.md, session 25), it did not pay: it stopped two new
-default runs at step 100, and neither second attempt read (held-out answer accuracy 0.15 and 0.23, against
+default runs at step 100, and neither second attempt read (held-out answer accuracy 0.15 and 0.24, against
 0.32 to 0.38 for runs that read), while each stop cost 100 steps. So the from-index default records the
 check and does not act on it (`restarts` 0); `--restarts 1` acts on it.
 
