@@ -95,13 +95,13 @@ def gold_table(rep: QuickstartReport) -> str:
         lines.append(f"Habit: the tuned model drew {first:.0%} of its answers from passage 1, where the source is "
                      f"passage 1 for {rep.source_first:.0%} of the questions. This training run learned to retell the "
                      f"first passage; which runs do is down to the seed"
-                     f"{' (its restart rule did not catch it)' if rep.restarts and rep.restarts['stopped'] else ''}. "
+                     f"{' (the attempt after its restart too)' if rep.restarts and rep.restarts['stopped'] else ''}. "
                      f"Try `ragrpo quickstart --seed {rep.seed + 1}`.")
     return "\n".join(lines)
 
 
 def restart_line(record: dict | None) -> str | None:
-    """What the restart rule did in this run, in one line (None when the run had no rule)."""
+    """What the run's step check saw and whether it restarted the run, in one line (None without a check)."""
     if not record or not (record["stopped"] or record["last"]):
         return None
 
