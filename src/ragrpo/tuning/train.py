@@ -291,6 +291,13 @@ def _write_config(cfg: RunConfig, trainer, work: Path, output: Path) -> None:
     (work / "config.json").write_text(json.dumps(record, indent=2, default=str))
 
 
+def _write_files(folder: Path, files: dict[str, str]) -> None:
+    """Write `files` (relative path -> text) under `folder`, making their folders."""
+    for name, text in files.items():
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_text(text)
+
+
 def load_run_config(output: str | Path) -> RunConfig:
     """The RunConfig a run folder was started with (its config.json)."""
     path = Path(output) / "config.json"
@@ -443,9 +450,7 @@ def _train_once(cfg: RunConfig, *, overwrite: bool, resume: bool, dataset, files
         trainer = make_trainer(cfg, model, tokenizer, dataset, work, callbacks, rollout)
         if checkpoint is None and main:
             _write_config(cfg, trainer, work, output)
-            for name, text in (files or {}).items():
-                (work / name).parent.mkdir(parents=True, exist_ok=True)
-                (work / name).write_text(text)
+            _write_files(work, files or {})
         elif main:
             _truncate_metrics(work / "metrics.jsonl", int(checkpoint.name.rsplit("-", 1)[1]))
         trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
@@ -454,9 +459,7 @@ def _train_once(cfg: RunConfig, *, overwrite: bool, resume: bool, dataset, files
             metrics = work / "metrics.jsonl"
             raise Stalled(result, metrics.read_text() if metrics.exists() else "")
         if main:
-            for name, text in record_files(stopped, result).items():
-                (work / name).parent.mkdir(parents=True, exist_ok=True)
-                (work / name).write_text(text)
+            _write_files(work, record_files(stopped, result))
             save_run(trainer, tokenizer, work)
             checkpoints = work / "checkpoints"
             if checkpoints.exists() and not any(checkpoints.glob("checkpoint-*")):
