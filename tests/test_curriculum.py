@@ -278,6 +278,22 @@ def test_curriculum_rows_are_what_ask_would_see(movie_db, mode):
 
 
 @pytest.mark.integration
+def test_a_curriculum_of_chosen_kinds_asks_only_those(movie_db):
+    source = IndexSource("movies", str(movie_db), k=3, held_out=0.2, max_documents=30, kinds=("who", "blank"))
+    everything = build_curriculum(IndexSource("movies", str(movie_db), k=3, held_out=0.2, max_documents=30))
+    names = build_curriculum(source)
+    assert {e["kind"] for e in everything.examples} >= {"keyword", "when", "who", "blank"}
+    assert {e["kind"] for e in names.examples} == {"who", "blank"}
+    # the same name questions as in the full curriculum, and none of its title or year questions
+    assert [e["query"] for e in names.examples] == [e["query"] for e in everything.examples
+                                                    if e["kind"] in ("who", "blank")]
+    assert json.loads(json.dumps(names.split_record()))["source"]["kinds"] == ["who", "blank"]
+    assert IndexSource(**json.loads(json.dumps(names.split_record()))["source"]).kinds == ("who", "blank")
+    with pytest.raises(RagrpoError, match="no question of kinds what could be made"):
+        build_curriculum(IndexSource("movies", str(movie_db), held_out=0.2, max_documents=30, kinds=("what",)))
+
+
+@pytest.mark.integration
 @pytest.mark.parametrize("where", ["release_yr < 1990", "release_year <<< 1990"])
 def test_bad_filter_fails_with_one_line(movie_db, where):
     from ragrpo.retrieval.index import open_table
@@ -598,6 +614,9 @@ def test_cli_from_index_errors_are_one_line(tmp_path):
                       "no table 'nope'")
     assert not (tmp_path / "run").exists()
     assert_user_error(ragrpo("eval", "--from-index", "movies", tmp_path, "--seeds", "0,x"), "--seeds")
+    assert_user_error(ragrpo("train", "--from-index", "movies", "--db", tmp_path, "--kinds", "who,title",
+                             "--output", tmp_path / "run"), "--kinds title: unknown question kind")
+    assert not (tmp_path / "run").exists()
 
 
 def test_ask_with_reasoning_shows_only_the_answer(monkeypatch):

@@ -123,12 +123,14 @@ def main():
               help="Passage order in training prompts: the source at each position equally often (seeded), as "
               "retrieved, or mixed: each question's G answers under k orders, the source at each position "
               "(with --from-index).")
+@click.option("--kinds", default=None, help="Train only on these question kinds, comma-separated: keyword (which "
+              "film), when (what year), who, blank (fill the blank), what, summary, model [default: all] (with --from-index).")
 @click.option("--agentic", is_flag=True, help="No passages up front: the model searches the table itself with "
               "<search> query </search> while it answers, and learns from the search rewards (with --from-index).")
 @click.option("--max-searches", type=int, default=3, show_default=True, help="Search calls per answer (with --agentic).")
 @user_errors
 def train(config_file, rewards, overwrite, resume, from_index, db, storage_options, where, k, mode, questions,
-          reasoning, cite, max_documents, passage_header, order, agentic, max_searches, **options):
+          reasoning, cite, max_documents, passage_header, order, kinds, agentic, max_searches, **options):
     """GRPO fine-tuning with a LoRA adapter; writes adapter/, merged/, config.json and metrics.jsonl.
 
     Example: ragrpo train --max-steps 20 --reward length --reward token_diversity=0.5 --output runs/demo
@@ -150,7 +152,8 @@ def train(config_file, rewards, overwrite, resume, from_index, db, storage_optio
 
         source = IndexSource(from_index, db, where=where, k=k, mode=mode, questions=questions, reasoning=reasoning,
                              cite=cite, held_out=cfg.held_out, max_documents=max_documents, header=passage_header,
-                             order=order, order_seed=cfg.seed, agentic=agentic, max_searches=max_searches)
+                             order=order, order_seed=cfg.seed, agentic=agentic, max_searches=max_searches,
+                             kinds=tuple(kind.strip() for kind in kinds.split(",") if kind.strip()) if kinds else ())
         from ragrpo.config import load_config_file
 
         given = bool(rewards) or bool(config_file and "rewards" in load_config_file(config_file))

@@ -55,6 +55,8 @@ from ragrpo.tuning.orders import balanced_orders, mixed_orders
 
 ORDERS = ("balanced", "retrieved", "mixed")  # tuning/orders.py; mixed: tuning/groups.py too
 QUESTION_MODES = ("templates", "model")
+# the kinds of training question `template_questions` and `model_questions` make; `--kinds` keeps some of them
+QUESTION_KINDS = ("keyword", "when", "who", "blank", "what", "summary", "model")
 # The recipe of a from-index run, r14's (bench/results/from-index/NOTES.md says how each piece was found):
 # the weighted sum normalised within the group (normalising each reward first gave a reward without spread,
 # length, the whole vote in r12), G=8 completions of one prompt per step, no KL term, and TRL's adaptive
@@ -99,8 +101,16 @@ class IndexSource:
     order_seed: int = 0
     agentic: bool = False  # no passages up front: the model searches the table itself (`tuning.agentic`)
     max_searches: int = 3
+    # the question kinds trained on (QUESTION_KINDS); empty: all. Title and year questions ("keyword", "when")
+    # are answered from a passage's header, and almost only where the source is passage 1, so they can teach a
+    # position rather than reading: bench/results/from-index/NOTES.md, session 26
+    kinds: tuple[str, ...] = ()
 
     def __post_init__(self):
+        self.kinds = tuple(self.kinds)
+        unknown = sorted(set(self.kinds) - set(QUESTION_KINDS))
+        if unknown:
+            raise RagrpoError(f"--kinds {','.join(unknown)}: unknown question kind; use some of {', '.join(QUESTION_KINDS)}")
         if self.max_searches < 1:
             raise RagrpoError(f"--max-searches must be at least 1, got {self.max_searches}")
         if self.agentic and self.reasoning:
@@ -444,9 +454,10 @@ def build_curriculum(source: IndexSource, model=None, tokenizer=None, *,
         raise RagrpoError(f"{len(rows)} documents cannot be split into training and held-out with held_out "
                           f"{source.held_out}; add documents or change the share")
     questions = make_questions(rows, column, source.questions, model, tokenizer)
-    train_questions = [q for q in questions if q.source_id not in held]
+    train_questions = [q for q in questions if q.source_id not in held and (not source.kinds or q.kind in source.kinds)]
     if not train_questions:
-        raise RagrpoError(f"no question could be made from the documents of {source.table!r}")
+        asked = f" of kinds {', '.join(source.kinds)}" if source.kinds else ""
+        raise RagrpoError(f"no question{asked} could be made from the documents of {source.table!r}")
     examples = rag_examples(table, train_questions, column, source, group)
     return Curriculum(source, column, sorted(set(ids) - held), sorted(held), examples,
                       [q for q in questions if q.source_id in held], table_uri=str(table.uri),
