@@ -13,13 +13,16 @@ from ragrpo.prompts import REASONING_INSTRUCTION, build_prompt, cite_instruction
 from ragrpo.rewards.builtin import REWARDS, cited_passages, get_source_citation_reward, source_citation
 from ragrpo.rewards.registry import guarded
 from ragrpo.tuning.curriculum import (
+    QUESTION_KINDS,
     IndexSource,
     build_curriculum,
     document_frequencies,
     document_id,
     is_held_out,
     keywords,
+    parse_kinds,
     template_questions,
+    training_kinds,
 )
 
 ROW = {"title": "The Ferryman's Ledger", "release_year": 1923,
@@ -279,18 +282,36 @@ def test_curriculum_rows_are_what_ask_would_see(movie_db, mode):
 
 @pytest.mark.integration
 def test_a_curriculum_of_chosen_kinds_asks_only_those(movie_db):
-    source = IndexSource("movies", str(movie_db), k=3, held_out=0.2, max_documents=30, kinds=("who", "blank"))
-    everything = build_curriculum(IndexSource("movies", str(movie_db), k=3, held_out=0.2, max_documents=30))
-    names = build_curriculum(source)
+    def curriculum(kinds):
+        return build_curriculum(IndexSource("movies", str(movie_db), k=3, held_out=0.2, max_documents=30,
+                                            kinds=parse_kinds(kinds)))
+
+    everything, names, default = curriculum("all"), curriculum("who, blank"), curriculum(None)
     assert {e["kind"] for e in everything.examples} >= {"keyword", "when", "who", "blank"}
     assert {e["kind"] for e in names.examples} == {"who", "blank"}
     # the same name questions as in the full curriculum, and none of its title or year questions
     assert [e["query"] for e in names.examples] == [e["query"] for e in everything.examples
                                                     if e["kind"] in ("who", "blank")]
-    assert json.loads(json.dumps(names.split_record()))["source"]["kinds"] == ["who", "blank"]
-    assert IndexSource(**json.loads(json.dumps(names.split_record()))["source"]).kinds == ("who", "blank")
+    # by default, the questions a passage's header answers are left out where the table gives others
+    assert [e["query"] for e in default.examples] == [e["query"] for e in names.examples]
+    record = json.loads(json.dumps(names.split_record()))
+    assert record["source"]["kinds"] == ["who", "blank"] and IndexSource(**record["source"]).kinds == ("who", "blank")
+    assert record["train_kinds"] == dict(Counter(e["kind"] for e in names.examples))
     with pytest.raises(RagrpoError, match="no question of kinds what could be made"):
-        build_curriculum(IndexSource("movies", str(movie_db), held_out=0.2, max_documents=30, kinds=("what",)))
+        curriculum("what")
+
+
+def test_the_default_kinds_keep_header_questions_only_where_nothing_else_was_made():
+    made = {"keyword", "when", "who", "blank"}
+    assert training_kinds(IndexSource("movies"), made) == {"who", "blank"}
+    assert training_kinds(IndexSource("movies"), {"keyword", "when"}) == {"keyword", "when"}
+    assert training_kinds(IndexSource("movies", agentic=True), made) == made  # it searches: no position to learn
+    assert training_kinds(IndexSource("movies", questions="model"), {"model", "keyword"}) == {"model", "keyword"}
+    assert training_kinds(IndexSource("movies", kinds=("when",)), made) == {"when"}
+    assert parse_kinds("all") == QUESTION_KINDS and parse_kinds(" who ,blank,") == ("who", "blank")
+    for kinds, says in [(("who", "title"), "--kinds title: unknown question kind"), ((), "--kinds names no kind")]:
+        with pytest.raises(RagrpoError, match=says):
+            IndexSource("movies", kinds=kinds)
 
 
 @pytest.mark.integration

@@ -123,8 +123,9 @@ def main():
               help="Passage order in training prompts: the source at each position equally often (seeded), as "
               "retrieved, or mixed: each question's G answers under k orders, the source at each position "
               "(with --from-index).")
-@click.option("--kinds", default=None, help="Train only on these question kinds, comma-separated: keyword (which "
-              "film), when (what year), who, blank (fill the blank), what, summary, model [default: all] (with --from-index).")
+@click.option("--kinds", default=None, help="Train on these question kinds, comma-separated, or all: keyword (which "
+              "film), when (what year), who, blank (fill the blank), what, summary, model [default: all but keyword "
+              "and when, which a passage's header answers, where the table gives others] (with --from-index).")
 @click.option("--agentic", is_flag=True, help="No passages up front: the model searches the table itself with "
               "<search> query </search> while it answers, and learns from the search rewards (with --from-index).")
 @click.option("--max-searches", type=int, default=3, show_default=True, help="Search calls per answer (with --agentic).")
@@ -148,12 +149,12 @@ def train(config_file, rewards, overwrite, resume, from_index, db, storage_optio
     cfg = build_run_config(config_file, rewards=list(rewards) or None, **options)
     if from_index and not resume:
         from ragrpo.retrieval.index import parse_storage_options
-        from ragrpo.tuning.curriculum import IndexSource, from_index_config, train_from_index
+        from ragrpo.tuning.curriculum import IndexSource, from_index_config, parse_kinds, train_from_index
 
         source = IndexSource(from_index, db, where=where, k=k, mode=mode, questions=questions, reasoning=reasoning,
                              cite=cite, held_out=cfg.held_out, max_documents=max_documents, header=passage_header,
                              order=order, order_seed=cfg.seed, agentic=agentic, max_searches=max_searches,
-                             kinds=tuple(kind.strip() for kind in kinds.split(",") if kind.strip()) if kinds else ())
+                             kinds=parse_kinds(kinds))
         from ragrpo.config import load_config_file
 
         given = bool(rewards) or bool(config_file and "rewards" in load_config_file(config_file))

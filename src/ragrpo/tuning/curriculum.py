@@ -57,6 +57,10 @@ ORDERS = ("balanced", "retrieved", "mixed")  # tuning/orders.py; mixed: tuning/g
 QUESTION_MODES = ("templates", "model")
 # the kinds of training question `template_questions` and `model_questions` make; `--kinds` keeps some of them
 QUESTION_KINDS = ("keyword", "when", "who", "blank", "what", "summary", "model")
+# Template questions answered by a passage's header (its title, its year). With passages shown, the default
+# trains without them where the table gives other questions: they are answered almost only where the source is
+# passage 1, so what they teach is to retell passage 1 (bench/results/from-index/NOTES.md, session 26).
+HEADER_KINDS = ("keyword", "when")
 # The recipe of a from-index run, r14's (bench/results/from-index/NOTES.md says how each piece was found):
 # the weighted sum normalised within the group (normalising each reward first gave a reward without spread,
 # length, the whole vote in r12), G=8 completions of one prompt per step, no KL term, and TRL's adaptive
@@ -101,16 +105,15 @@ class IndexSource:
     order_seed: int = 0
     agentic: bool = False  # no passages up front: the model searches the table itself (`tuning.agentic`)
     max_searches: int = 3
-    # the question kinds trained on (QUESTION_KINDS); empty: all. Title and year questions ("keyword", "when")
-    # are answered from a passage's header, and almost only where the source is passage 1, so they can teach a
-    # position rather than reading: bench/results/from-index/NOTES.md, session 26
-    kinds: tuple[str, ...] = ()
+    # the question kinds trained on (QUESTION_KINDS); None: `training_kinds` decides (no HEADER_KINDS)
+    kinds: tuple[str, ...] | None = None
 
     def __post_init__(self):
-        self.kinds = tuple(self.kinds)
-        unknown = sorted(set(self.kinds) - set(QUESTION_KINDS))
-        if unknown:
-            raise RagrpoError(f"--kinds {','.join(unknown)}: unknown question kind; use some of {', '.join(QUESTION_KINDS)}")
+        self.kinds = None if self.kinds is None else tuple(self.kinds)
+        unknown = sorted(set(self.kinds or ()) - set(QUESTION_KINDS))
+        if unknown or self.kinds == ():
+            said = f"{','.join(unknown)}: unknown question kind" if unknown else "names no kind"
+            raise RagrpoError(f"--kinds {said}; use some of {', '.join(QUESTION_KINDS)}, or all")
         if self.max_searches < 1:
             raise RagrpoError(f"--max-searches must be at least 1, got {self.max_searches}")
         if self.agentic and self.reasoning:
@@ -414,7 +417,8 @@ class Curriculum:
         return {"source": asdict(self.source), "text_column": self.text_column,
                 "table_uri": self.table_uri, "table_version": self.table_version,
                 "train_documents": self.train_ids, "held_out_documents": self.held_ids,
-                "train_questions": self.train_questions, "held_out_questions": len(self.held_questions)}
+                "train_questions": self.train_questions, "held_out_questions": len(self.held_questions),
+                "train_kinds": dict(Counter(row["kind"] for row in self.examples if "kind" in row))}
 
     @property
     def train_questions(self) -> int:
@@ -438,6 +442,25 @@ class Curriculum:
         }
 
 
+def parse_kinds(text: str | None) -> tuple[str, ...] | None:
+    """`--kinds`: comma-separated kinds, `all`, or None (the default, `training_kinds`)."""
+    if text is None:
+        return None
+    return QUESTION_KINDS if text.strip() == "all" else tuple(k.strip() for k in text.split(",") if k.strip())
+
+
+def training_kinds(source: IndexSource, made: set[str]) -> set[str]:
+    """The kinds of question a run trains on, of the kinds `made` for its training documents: those asked for
+    (`--kinds`); by default, with template questions over passages shown up front, all but HEADER_KINDS where
+    another kind was made. An agentic run searches before it sees a passage, so no position pays there: it keeps
+    them all."""
+    if source.kinds is not None:
+        return set(source.kinds)
+    if source.agentic or source.questions != "templates":
+        return made
+    return made - set(HEADER_KINDS) or made
+
+
 def build_curriculum(source: IndexSource, model=None, tokenizer=None, *,
                      storage_options: dict[str, str] | None = None, group: int = 1) -> Curriculum:
     """Split the table's documents, make questions, and retrieve for the training questions. The
@@ -454,7 +477,8 @@ def build_curriculum(source: IndexSource, model=None, tokenizer=None, *,
         raise RagrpoError(f"{len(rows)} documents cannot be split into training and held-out with held_out "
                           f"{source.held_out}; add documents or change the share")
     questions = make_questions(rows, column, source.questions, model, tokenizer)
-    train_questions = [q for q in questions if q.source_id not in held and (not source.kinds or q.kind in source.kinds)]
+    kinds = training_kinds(source, {q.kind for q in questions if q.source_id not in held})
+    train_questions = [q for q in questions if q.source_id not in held and q.kind in kinds]
     if not train_questions:
         asked = f" of kinds {', '.join(source.kinds)}" if source.kinds else ""
         raise RagrpoError(f"no question{asked} could be made from the documents of {source.table!r}")
