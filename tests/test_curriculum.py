@@ -768,13 +768,18 @@ def test_from_index_settings_fill_only_what_the_configuration_leaves_open():
     assert given.rewards == ["length"] and given.grpo["beta"] == 0.04
     assert "num_generations" not in given.grpo and given.grpo["per_device_train_batch_size"] == 4
     assert "multi_objective_aggregation" not in given.grpo
-    # the step-100 check comes with the default rewards it was chosen on, recorded only (0 restarts) unless asked
-    assert silent.restart_if == "answer_match<0.22@100" and silent.restarts == 0 and given.restart_if is None
-    asked = from_index_config(build_run_config(output="r", restarts=1), source, rewards_given=False)
+    # the step-100 check comes with the default rewards and the question kinds it was chosen on (every kind),
+    # recorded only (0 restarts) unless asked
+    assert silent.restart_if is None and given.restart_if is None
+    every = IndexSource("movies", "db", kinds=QUESTION_KINDS)
+    recorded = from_index_config(build_run_config(output="r"), every, rewards_given=False)
+    assert recorded.restart_if == "answer_match<0.22@100" and recorded.restarts == 0
+    asked = from_index_config(build_run_config(output="r", restarts=1), every, rewards_given=False)
     assert asked.restart_if == "answer_match<0.22@100" and asked.restarts == 1
     own = from_index_config(build_run_config(output="r", restart_if="answer_match<0.1@60"), source, rewards_given=False)
     assert own.restart_if == "answer_match<0.1@60" and own.restarts is None  # train() reads None as 1
-    for other in (IndexSource("movies", "db", reasoning=True), IndexSource("movies", "db", agentic=True)):
+    for other in (IndexSource("movies", "db", reasoning=True, kinds=QUESTION_KINDS),
+                  IndexSource("movies", "db", agentic=True, kinds=QUESTION_KINDS)):
         assert from_index_config(build_run_config(output="r"), other, rewards_given=False).restart_if is None
 
 

@@ -92,7 +92,7 @@ def main():
 @click.option("--save-steps", type=int, default=None, help="Checkpoint every N steps (for --resume).")
 @click.option("--restart-if", "restart_if", default=None, metavar="REWARD<VALUE@STEP", help="Start the run again on "
               "another seed when the reward averaged below VALUE over steps STEP/2..STEP [from-index default "
-              "rewards: answer_match<0.22@100, recorded only].")
+              "rewards with --kinds all: answer_match<0.22@100, recorded only].")
 @click.option("--restarts", type=int, default=None, help="Restarts the rule may make; 0 only records the check "
               "[default: 1 with --restart-if, 0 for the from-index default rule].")
 @click.option("--report-to", default=None, type=click.Choice(["none", "tensorboard", "wandb"]),

@@ -121,7 +121,8 @@ class RunConfig:
         default=None,
         metadata={"help": "REWARD<VALUE@STEP: stop a run whose reward averaged below VALUE over the steps after "
                           "STEP/2 up to STEP, and train again on the seed plus 1000 (ragrpo.tuning.restart). "
-                          "From-index runs on the default rewards record answer_match<0.22@100 (0 restarts)."},
+                          "From-index runs on the default rewards and every question kind record answer_match<0.22@100 "
+                          "(0 restarts)."},
     )
     restarts: int | None = field(
         default=None,
