@@ -69,12 +69,16 @@ def _model_dir(config: dict) -> str:
 
 def table(records: list[dict], windows: list[int]) -> dict:
     """Mean `answer_match` and the share of steps that teach (the group's rewards differ), per window of steps,
-    by kind group and by source position."""
+    by kind group, by source position, and by both."""
     out = {}
     for start, end in zip([0] + windows, windows):
         rows = [r for r in records if start < r["step"] <= end]
         cells = {}
-        for name, key in (("kind", lambda r: KIND_GROUPS.get(r["kind"], r["kind"])), ("position", lambda r: r["position"])):
+        def kind(r):
+            return KIND_GROUPS.get(r["kind"], r["kind"])
+
+        for name, key in (("kind", kind), ("position", lambda r: r["position"]),
+                          ("kind@position", lambda r: f"{kind(r)}@{r['position']}")):
             for value in sorted({key(r) for r in rows}, key=str):
                 chosen = [r for r in rows if key(r) == value]
                 cells[f"{name} {value}"] = {"steps": len(chosen),
@@ -98,9 +102,9 @@ def main() -> None:
         results[str(run)] = tables = table(read_steps(run, args.metrics, args.seed), windows)
         print(f"\n{run}: answer_match (share of steps that teach), steps per cell in brackets")
         names = sorted({c for cells in tables.values() for c in cells})
-        print(f"{'':12}" + "".join(f"{w:>22}" for w in tables))
+        print(f"{'':20}" + "".join(f"{w:>22}" for w in tables))
         for name in names:
-            print(f"{name:12}" + "".join(
+            print(f"{name:20}" + "".join(
                 f"{cells[name]['answer_match']:>9.2f} ({cells[name]['teaches']:.2f}) [{cells[name]['steps']:>3}]"
                 if name in cells else f"{'-':>22}" for cells in tables.values()))
     if args.out:
