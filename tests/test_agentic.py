@@ -470,12 +470,10 @@ def agentic_run(tmp_path_factory, movie_db, searcher_dir):
 def index_run_dir(tmp_path_factory, movie_db, tiny_model_dir_module):
     """A plain (not agentic) from-index run folder with its curriculum: what `eval --agentic` must refuse."""
     from ragrpo.tuning.curriculum import IndexSource, build_curriculum
+    from ragrpo.tuning.train import write_files
 
     folder = tmp_path_factory.mktemp("runs") / "plain"
-    curriculum = build_curriculum(IndexSource("movies", str(movie_db), k=2, held_out=0.2, max_documents=20))
-    for name, text in curriculum.files().items():
-        (folder / name).parent.mkdir(parents=True, exist_ok=True)
-        (folder / name).write_text(text)
+    write_files(folder, build_curriculum(IndexSource("movies", str(movie_db), k=2, held_out=0.2, max_documents=20)).files())
     (folder / "merged").mkdir()
     return folder
 

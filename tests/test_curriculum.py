@@ -460,6 +460,17 @@ def test_drawn_from_the_source_reads_the_answer_words_not_its_citation():
     assert figures["drawn from passage 1"] == 2 / 4  # rows 1 and 3 read passage 1, whichever is the source
 
 
+def test_words_in_copied_runs_count_a_retold_source_sentence_not_a_quoted_name():
+    from ragrpo.evaluation.from_index import score_answers
+
+    rows = [{"context": PASSAGES, "context_ids": ["s", "y", "z"], "source_id": "s", "query": "Who keeps a ledger?",
+             "prompt": "Who keeps a ledger?", "source_rank": 1}] * 3
+    answers = ["Thames ferryman Walter Crouch keeps a ledger [1].", "Walter Crouch [1].",
+               "The ferryman Walter Crouch keeps a ledger, and a widow fixes a tower."]
+    figures = score_answers(answers, rows, ["length"]).figures
+    assert figures["words in copied runs"] == pytest.approx((1 + 0 + 6 / 13) / 3)  # 7 of 7, 0 of 2, 6 of 13
+
+
 def test_a_habit_of_citing_the_last_passage_passes_below_passage_1_but_not_the_worst_position():
     from ragrpo.evaluation.from_index import score_answers
 

@@ -121,6 +121,7 @@ def test_a_mixed_order_run_scores_each_question_under_every_source_position(movi
     assert len(rows) == 2 * curriculum.train_questions
     split = json.loads((result.output / "curriculum" / "split.json").read_text())
     assert split["train_questions"] == curriculum.train_questions == len({r[GROUP_COLUMN] for r in rows})
+    assert sum(split["train_kinds"].values()) == split["train_questions"]  # kinds count questions, not rows
     assert len(SEEN) == 3 and all(len(batch) == 4 for batch in SEEN)  # 2 questions a step, 2 answers each
     retrieved = 0
     for batch in SEEN:

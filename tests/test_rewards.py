@@ -20,6 +20,7 @@ from ragrpo.rewards.builtin import (
     get_groundedness_reward,
     get_length_reward,
     get_repetition_reward,
+    get_verbatim_span_reward,
     length,
     passages,
 )
@@ -260,6 +261,35 @@ def test_repetition(completion, expected):
     assert REWARDS["repetition"](completions=[completion]) == [pytest.approx(expected)]
 
 
+PLOT = ["Window washer Troy Haskett is dangling on a scaffold when the rope snaps [1].",
+        "A ferryman named Jakob Marten keeps a ledger of every crossing."]
+
+
+@pytest.mark.parametrize("completion,expected", [
+    ("Troy Haskett.", 0.0),  # a name is short of the run that costs
+    ("Window washer Troy Haskett is dangling on a scaffold.", -1.0),  # one sentence, copied whole
+    ("Window washer Troy Haskett is dangling [1] on a scaffold.", -1.0),  # a citation mark does not break the run
+    ("He is dangling on a scaffold when the rope snaps, says Troy.", -9 / 12),  # 9 of 12 words in one run
+    ("Troy Haskett is dangling on a scaffold as Jakob Marten keeps a ledger of every crossing.", -15 / 16),  # a run from each
+    ("the rope snaps a ferryman named Jakob", 0.0),  # a run across two passages' seam is not copied
+    ("Haskett dangles; the rope of the scaffold snaps when a window washer falls.", 0.0),  # retold
+    ("", 0.0),
+])
+def test_verbatim_span(completion, expected):
+    assert REWARDS["verbatim_span"](completions=[completion], context=[PLOT]) == [pytest.approx(expected)]
+
+
+def test_verbatim_span_longest_run_allowed_is_a_parameter():
+    answer = ["The rope snaps while Troy Haskett is dangling."]
+    assert get_verbatim_span_reward(longest=3)(completions=answer, context=[PLOT]) == [pytest.approx(-4 / 8)]
+    assert get_verbatim_span_reward(longest=4)(completions=answer, context=[PLOT]) == [0.0]
+    assert get_verbatim_span_reward(longest=3).__name__ == "verbatim_span_3w"
+    with pytest.raises(RagrpoError, match="at least 1 word"):
+        get_verbatim_span_reward(longest=0)
+    with pytest.raises(RagrpoError, match="'context' column"):
+        REWARDS["verbatim_span"](completions=answer)
+
+
 # ---- factories, names, conventions ----------------------------------------------------------------
 
 
@@ -330,7 +360,7 @@ def test_registry_names_are_metric_keys_with_one_line_descriptions():
                              "source_citation_only", "source_citation_exact", "source_citation_exact_1w", "source_citation_debiased_1w",
                              "drawn_from_source", "drawn_from_first", "drawn_position_charge", "single_citation", "single_citation_debiased", "answer_match",
                              "answer_match_ended",
-                             "context_reliance", "relevance", "repetition", "overlong",
+                             "context_reliance", "relevance", "repetition", "verbatim_span", "overlong",
                              "search_found_source", "search_format", "search_cost"]
     funcs, _ = resolve_rewards(list(REWARDS))
     assert [f.__name__ for f in funcs] == list(REWARDS)

@@ -22,6 +22,8 @@ both models), and every seed gives one value of each figure:
 
     groundedness       share of the answer's content words found in the retrieved passages
     groundedness beyond question   the same over the answer's words that are not in the question
+    words in copied runs   share of the answer's words in a run of 6 or more words copied from one passage
+                       (minus the `verbatim_span` reward): retelling the source sentence for sentence
     source_citation    the reward: mean over the passages referred to of 1 / 0 / -1 (see rewards/builtin.py)
     source_citation_grounded   the same, a reference to the source earning only the share of the
                        answer's content words (beyond the question) found in the source passage
@@ -69,7 +71,7 @@ HEADLINE = ("answer accuracy", "answer accuracy, hedges allowed", "answer accura
             "answer accuracy, worst source position",
             "token F1", "cites source only", "cites source only, source not passage 1",
             "cites source only, worst source position", "drawn from the source",
-            "drawn from the source, source not passage 1", "groundedness", "distinct-2")
+            "drawn from the source, source not passage 1", "groundedness", "words in copied runs", "distinct-2")
 PREFIX_CHARS = 100  # answer accuracy is also taken over this many characters of each answer
 DISTINCT_2_DROP = 0.05  # how far distinct-2 may fall below the base model's (issue 17's done-when)
 
@@ -148,6 +150,7 @@ def score_answers(completions: list[str], rows: list[dict], reward_specs: list[s
         cited_passages,
         get_groundedness_reward,
         get_source_citation_reward,
+        get_verbatim_span_reward,
         source_citation,
         token_diversity,
     )
@@ -162,6 +165,7 @@ def score_answers(completions: list[str], rows: list[dict], reward_specs: list[s
     answers = [answer_text(c) for c in completions]
     grounded = get_groundedness_reward()(completions, **columns)
     grounded_new = get_groundedness_reward(beyond_question=True)(completions, **columns)
+    copied = [-score for score in get_verbatim_span_reward()(completions, **columns)]
     cites = source_citation(completions, **columns)
     cites_grounded = get_source_citation_reward(grounded=True)(completions, **columns)
     referred = [set(cited_passages(a)) for a in answers]
@@ -189,7 +193,8 @@ def score_answers(completions: list[str], rows: list[dict], reward_specs: list[s
         for position in sorted({r["source_rank"] for r in rows}):
             where = f"source at passage {position}" if position else "source not retrieved"
             figures[f"answer accuracy, {where}"] = [c for c, r in zip(correct, rows) if r["source_rank"] == position]
-    figures |= {"groundedness": grounded, "groundedness beyond question": grounded_new, "source_citation": cites,
+    figures |= {"groundedness": grounded, "groundedness beyond question": grounded_new,
+                "words in copied runs": copied, "source_citation": cites,
                "source_citation_grounded": cites_grounded, "cites source only": only,
                "cites source only, source not passage 1": only_below,
                "cites one passage": [float(one) for one in single],

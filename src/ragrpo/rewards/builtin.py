@@ -308,6 +308,48 @@ def get_groundedness_reward(ngram: int = 1, beyond_question: bool = False) -> Gr
     return GroundednessBeyondQuestion(ngram) if beyond_question else Groundedness(ngram)
 
 
+class VerbatimSpan(Reward):
+    """Minus the share of the answer's words that sit in a run of more than `longest` words copied from one
+    passage of the 'context', in [-1, 0].
+
+    Against answers that retell the source sentence for sentence: `answer_match` and the marked source both
+    pay for copying, and copying the same sentences for every question about a document drags distinct-2
+    down (the clean-clone quickstart of session 26, bench/results/from-index/NOTES.md). A name or a title
+    quoted in full stays within `longest` words and costs nothing. Citation marks are left out; runs are
+    matched per passage, so none spans the seam between two passages.
+
+    >>> context = ["Window washer Troy Haskett is dangling on a scaffold when the rope snaps."]
+    >>> VerbatimSpan()(["Troy Haskett.", "Window washer Troy Haskett is dangling on a scaffold.", ""],
+    ...                context=[context] * 3)
+    [0.0, -1.0, 0.0]
+    >>> VerbatimSpan(longest=3)(["Troy Haskett is dangling, and the rope snaps."], context=[context])
+    [-0.5]
+    """
+
+    def __init__(self, longest: int = 5):
+        if longest < 1:
+            raise RagrpoError(f"verbatim_span needs a longest allowed run of at least 1 word, not {longest}")
+        self.longest = longest
+        self.__name__ = "verbatim_span" if longest == 5 else f"verbatim_span_{longest}w"
+
+    def __call__(self, completions, context=None, **kwargs) -> list[float]:
+        run = self.longest + 1  # the shortest run that costs
+        scores = []
+        for completion, sample_context in zip(completions, column(context, "context"), strict=True):
+            said = words(without_references(answer_text(completion)))
+            copied = [False] * len(said)
+            sources = [set(ngrams(words(p), run)) for p in passages(sample_context)]
+            for start, gram in enumerate(ngrams(said, run)):
+                if any(gram in source for source in sources):
+                    copied[start:start + run] = [True] * run
+            scores.append(-sum(copied) / len(said) if said else 0.0)
+        return scores
+
+
+def get_verbatim_span_reward(longest: int = 5) -> VerbatimSpan:
+    return VerbatimSpan(longest)
+
+
 # ---- answering what was asked -------------------------------------------------------------------
 
 
@@ -411,6 +453,7 @@ REWARDS: dict[str, Callable] = {
     "context_reliance": ContextReliance(),
     "relevance": Relevance(),
     "repetition": Repetition(),
+    "verbatim_span": VerbatimSpan(),
     "overlong": Overlong(),
     "search_found_source": SearchFoundSource(),
     "search_format": SearchFormat(),

@@ -249,14 +249,20 @@ class Curriculum:
                 "table_uri": self.table_uri, "table_version": self.table_version,
                 "train_documents": self.train_ids, "held_out_documents": self.held_ids,
                 "train_questions": self.train_questions, "held_out_questions": len(self.held_questions),
-                "train_kinds": dict(Counter(row["kind"] for row in self.examples if "kind" in row))}
+                "train_kinds": dict(Counter(row["kind"] for row in self.question_rows().values() if "kind" in row))}
+
+    def question_rows(self) -> dict:
+        """One training row per question: a mixed-order curriculum writes G rows for each, tagged with its number."""
+        from ragrpo.tuning.groups import GROUP_COLUMN
+
+        rows = {}
+        for n, row in enumerate(self.examples):
+            rows.setdefault(row.get(GROUP_COLUMN, n), row)
+        return rows
 
     @property
     def train_questions(self) -> int:
-        """The number of training questions (a mixed-order curriculum writes G rows for each)."""
-        from ragrpo.tuning.groups import GROUP_COLUMN
-
-        return len({row.get(GROUP_COLUMN, n) for n, row in enumerate(self.examples)})
+        return len(self.question_rows())
 
     def files(self) -> dict[str, str]:
         """The run folder's `curriculum/` files, as text."""
@@ -301,8 +307,9 @@ def build_curriculum(source: IndexSource, model=None, tokenizer=None, *,
         raise RagrpoError(f"{len(rows)} documents cannot be split into training and held-out with held_out "
                           f"{source.held_out}; add documents or change the share")
     questions = make_questions(rows, column, source.questions, model, tokenizer)
-    kinds = training_kinds(source, {q.kind for q in questions if q.source_id not in held})
-    train_questions = [q for q in questions if q.source_id not in held and q.kind in kinds]
+    trainable = [q for q in questions if q.source_id not in held]
+    kinds = training_kinds(source, {q.kind for q in trainable})
+    train_questions = [q for q in trainable if q.kind in kinds]
     if not train_questions:
         asked = f" of kinds {', '.join(source.kinds)}" if source.kinds else ""
         raise RagrpoError(f"no question{asked} could be made from the documents of {source.table!r}")

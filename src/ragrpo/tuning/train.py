@@ -291,7 +291,7 @@ def _write_config(cfg: RunConfig, trainer, work: Path, output: Path) -> None:
     (work / "config.json").write_text(json.dumps(record, indent=2, default=str))
 
 
-def _write_files(folder: Path, files: dict[str, str]) -> None:
+def write_files(folder: Path, files: dict[str, str]) -> None:
     """Write `files` (relative path -> text) under `folder`, making their folders."""
     for name, text in files.items():
         (folder / name).parent.mkdir(parents=True, exist_ok=True)
@@ -450,7 +450,7 @@ def _train_once(cfg: RunConfig, *, overwrite: bool, resume: bool, dataset, files
         trainer = make_trainer(cfg, model, tokenizer, dataset, work, callbacks, rollout)
         if checkpoint is None and main:
             _write_config(cfg, trainer, work, output)
-            _write_files(work, files or {})
+            write_files(work, files or {})
         elif main:
             _truncate_metrics(work / "metrics.jsonl", int(checkpoint.name.rsplit("-", 1)[1]))
         trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
@@ -459,7 +459,7 @@ def _train_once(cfg: RunConfig, *, overwrite: bool, resume: bool, dataset, files
             metrics = work / "metrics.jsonl"
             raise Stalled(result, metrics.read_text() if metrics.exists() else "")
         if main:
-            _write_files(work, record_files(stopped, result))
+            write_files(work, record_files(stopped, result))
             save_run(trainer, tokenizer, work)
             checkpoints = work / "checkpoints"
             if checkpoints.exists() and not any(checkpoints.glob("checkpoint-*")):
