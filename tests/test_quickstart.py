@@ -69,6 +69,8 @@ def test_quickstart_trains_from_the_index_and_prints_before_and_after(tmp_path):
     # and one gold question whose source is not passage 1, with its gold answer
     shown = next(line for line in out.splitlines() if line.startswith("Gold answer: "))
     assert "(source: passage 2 of 3)" in shown or "(source: passage 3 of 3)" in shown
+    # about a person, as the run's name questions are
+    assert next(line for line in out.splitlines() if line.startswith("Gold question (")).startswith("Gold question (person): ")
     assert f"Run folder: {run} (2 GRPO steps)" in out
     assert [line for line in result.stderr.splitlines() if line.startswith("[")][-1].startswith("[5/5]")
 
