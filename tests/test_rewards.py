@@ -290,6 +290,18 @@ def test_verbatim_span_longest_run_allowed_is_a_parameter():
         REWARDS["verbatim_span"](completions=answer)
 
 
+@pytest.mark.parametrize("completion,expected", [
+    ("Troy Haskett [1].", 1.0),  # right, in a few words
+    ("Window washer Troy Haskett is dangling on a scaffold.", 0.5),  # right, every word a copied run
+    ("He is dangling on a scaffold when the rope snaps, says Troy Haskett.", 1 - 9 / 13 / 2),  # right, 9 of 13 copied
+    ("Window washer Jakob Marten is dangling on a scaffold.", 0.0),  # wrong: copying costs nothing more
+    ("Nobody.", 0.0),
+])
+def test_answer_match_own_words_charges_copying_only_to_a_right_answer(completion, expected):
+    scores = REWARDS["answer_match_own_words"](completions=[completion], targets=[["Troy Haskett"]], context=[PLOT])
+    assert scores == [pytest.approx(expected)]
+
+
 # ---- factories, names, conventions ----------------------------------------------------------------
 
 
@@ -359,7 +371,7 @@ def test_registry_names_are_metric_keys_with_one_line_descriptions():
                              "citation", "source_citation", "source_citation_grounded", "source_citation_answered",
                              "source_citation_only", "source_citation_exact", "source_citation_exact_1w", "source_citation_debiased_1w",
                              "drawn_from_source", "drawn_from_first", "drawn_position_charge", "single_citation", "single_citation_debiased", "answer_match",
-                             "answer_match_ended",
+                             "answer_match_ended", "answer_match_own_words",
                              "context_reliance", "relevance", "repetition", "verbatim_span", "overlong",
                              "search_found_source", "search_format", "search_cost"]
     funcs, _ = resolve_rewards(list(REWARDS))

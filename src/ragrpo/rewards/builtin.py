@@ -422,6 +422,33 @@ class AnswerMatchEnded(Reward):
         return [r * (1.0 + p / 2) for r, p in zip(right, penalty, strict=True)]
 
 
+class AnswerMatchOwnWords(Reward):
+    """`answer_match`, paid in full only to an answer that does not retell a passage: a right answer earns
+    `1 + verbatim_span / 2`, from 1 in its own words down to 0.5 when every word is in a copied run; a wrong one 0.
+
+    So copying costs only once the answer is right. As a separate term (`verbatim_span=1`, r28 seed 45) the
+    penalty was the whole advantage in every group whose answers were all wrong, and the run stopped drawing
+    on the passages before any answer was right (bench/results/from-index/NOTES.md, session 27), as r21's
+    overlong term did to length.
+
+    >>> reward = AnswerMatchOwnWords()
+    >>> context = ["Window washer Troy Haskett is dangling on a scaffold when the rope snaps."]
+    >>> reward(["Troy Haskett.", "Window washer Troy Haskett is dangling on a scaffold.", "Nobody."],
+    ...        targets=[["Troy Haskett"]] * 3, context=[context] * 3)
+    [1.0, 0.5, 0.0]
+    """
+
+    __name__ = "answer_match_own_words"
+
+    def __init__(self, copied: VerbatimSpan | None = None):
+        self.copied = copied or VerbatimSpan()
+
+    def __call__(self, completions, context=None, **kwargs) -> list[float]:
+        right = answer_match(completions, **kwargs)
+        penalty = self.copied(completions, context=context)
+        return [r * (1.0 + p / 2) for r, p in zip(right, penalty, strict=True)]
+
+
 def hedges(names: list[list[str]], ids: list[str], source: str) -> list[str]:
     """The names (`prompts.passage_names`) of the shown passages that are not the source's, bar the source's own."""
     own = {name for group, doc in zip(names, ids) if doc == source for name in group}
@@ -450,6 +477,7 @@ REWARDS: dict[str, Callable] = {
     "single_citation_debiased": SingleCitationDebiased(),
     "answer_match": answer_match,
     "answer_match_ended": AnswerMatchEnded(),
+    "answer_match_own_words": AnswerMatchOwnWords(),
     "context_reliance": ContextReliance(),
     "relevance": Relevance(),
     "repetition": Repetition(),
