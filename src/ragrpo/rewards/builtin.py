@@ -338,9 +338,10 @@ class VerbatimSpan(Reward):
         for completion, sample_context in zip(completions, column(context, "context"), strict=True):
             said = words(without_references(answer_text(completion)))
             copied = [False] * len(said)
-            sources = [set(ngrams(words(p), run)) for p in passages(sample_context)]
+            # n-grams are collected per passage, so none spans the seam between two passages
+            support = {g for passage in passages(sample_context) for g in ngrams(words(passage), run)}
             for start, gram in enumerate(ngrams(said, run)):
-                if any(gram in source for source in sources):
+                if gram in support:
                     copied[start:start + run] = [True] * run
             scores.append(-sum(copied) / len(said) if said else 0.0)
         return scores
