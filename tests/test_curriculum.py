@@ -301,6 +301,18 @@ def test_a_curriculum_of_chosen_kinds_asks_only_those(movie_db):
         curriculum("what")
 
 
+def test_header_questions_marked_not_first_show_their_source_below_passage_1(movie_db):
+    late = build_curriculum(IndexSource("movies", str(movie_db), k=3, held_out=0.2, max_documents=30,
+                                        kinds=QUESTION_KINDS, not_first=("keyword", "when")))
+    ranks = {kind: Counter(e["source_rank"] for e in late.examples if e["kind"] == kind and e["source_rank"])
+             for kind in ("keyword", "when", "who", "blank")}
+    for kind in ("keyword", "when"):
+        assert set(ranks[kind]) == {2, 3}, ranks
+    names = ranks["who"] + ranks["blank"]
+    assert set(names) == {1, 2, 3} and max(names.values()) - min(names.values()) <= 1
+    assert IndexSource(**json.loads(json.dumps(late.split_record()))["source"]).not_first == ("keyword", "when")
+
+
 def test_the_default_kinds_keep_header_questions_only_where_nothing_else_was_made():
     made = {"keyword", "when", "who", "blank"}
     assert training_kinds(IndexSource("movies"), made) == {"who", "blank"}
@@ -312,6 +324,9 @@ def test_the_default_kinds_keep_header_questions_only_where_nothing_else_was_mad
     for kinds, says in [(("who", "title"), "--kinds title: unknown question kind"), ((), "--kinds names no kind")]:
         with pytest.raises(RagrpoError, match=says):
             IndexSource("movies", kinds=kinds)
+    for kinds, says in [(("year",), "--not-first year: unknown question kind"), ((), "--not-first names no kind")]:
+        with pytest.raises(RagrpoError, match=says):
+            IndexSource("movies", not_first=kinds)
 
 
 @pytest.mark.integration
@@ -648,6 +663,8 @@ def test_cli_from_index_errors_are_one_line(tmp_path):
     assert_user_error(ragrpo("eval", "--from-index", "movies", tmp_path, "--seeds", "0,x"), "--seeds")
     assert_user_error(ragrpo("train", "--from-index", "movies", "--db", tmp_path, "--kinds", "who,title",
                              "--output", tmp_path / "run"), "--kinds title: unknown question kind")
+    assert_user_error(ragrpo("train", "--from-index", "movies", "--db", tmp_path, "--not-first", "",
+                             "--output", tmp_path / "run"), "--not-first names no kind")
     assert not (tmp_path / "run").exists()
 
 

@@ -34,6 +34,13 @@ def test_each_question_gets_its_group_of_orders_with_the_source_at_every_positio
     assert orders == mixed_orders(ids, sources, group=8, seed=3) != mixed_orders(ids, sources, group=8, seed=4)
 
 
+def test_a_question_marked_not_first_gets_its_group_over_the_later_positions_only():
+    ids = [["s", "y", "z"], ["t", "u", "v"]]
+    [late, plain] = mixed_orders(ids, ["s", "t"], group=8, seed=0, not_first=[True, False])
+    assert Counter(order.index(0) for order in late) == {1: 4, 2: 4}
+    assert set(order.index(0) for order in plain) == {0, 1, 2}
+
+
 def test_a_question_without_its_source_gets_shuffles_and_a_short_hit_list_fewer_orders():
     [group] = mixed_orders([["x", "y", "z"]], ["missing"], group=4, seed=0)
     assert all(sorted(order) == [0, 1, 2] for order in group)

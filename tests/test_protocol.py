@@ -88,6 +88,19 @@ def test_balanced_orders_spread_the_source_over_every_position():
     assert sorted(order) == [0, 1]
 
 
+def test_questions_marked_not_first_never_show_their_source_first_and_the_rest_stay_balanced():
+    ids = [[f"d{q}", f"e{q}", f"f{q}"] for q in range(300)]
+    sources = [row[0] for row in ids]
+    late = [q % 3 == 0 for q in range(300)]  # 100 marked questions among 200 others
+    orders = balanced_orders(ids, sources, seed=3, not_first=late)
+    marked = Counter(order.index(0) + 1 for order, m in zip(orders, late) if m)
+    others = Counter(order.index(0) + 1 for order, m in zip(orders, late) if not m)
+    assert marked == {2: 50, 3: 50}
+    assert sorted(others.values()) == [66, 67, 67]  # 200 questions dealt from blocks of 3
+    # one passage: the source can only be first, so it is
+    assert balanced_orders([["s"]], ["s"], seed=0, not_first=[True]) == [[0]]
+
+
 def test_answer_settings_saved_with_a_model_are_the_defaults_and_flags_win(tmp_path):
     assert saved_settings(tmp_path) is None
     assert resolve_settings(tmp_path, k=None, mode=None) == (AnswerSettings(), [])

@@ -126,12 +126,14 @@ def main():
 @click.option("--kinds", default=None, help="Train on these question kinds, comma-separated, or all: keyword (which "
               "film), when (what year), who, blank (fill the blank), what, summary, model [default: all but keyword "
               "and when, which a passage's header answers, where the table gives others] (with --from-index).")
+@click.option("--not-first", default=None, help="Question kinds, comma-separated, whose source is never passage 1 "
+              "in a training prompt, e.g. keyword,when with --kinds all (with --from-index).")
 @click.option("--agentic", is_flag=True, help="No passages up front: the model searches the table itself with "
               "<search> query </search> while it answers, and learns from the search rewards (with --from-index).")
 @click.option("--max-searches", type=int, default=3, show_default=True, help="Search calls per answer (with --agentic).")
 @user_errors
 def train(config_file, rewards, overwrite, resume, from_index, db, storage_options, where, k, mode, questions,
-          reasoning, cite, max_documents, passage_header, order, kinds, agentic, max_searches, **options):
+          reasoning, cite, max_documents, passage_header, order, kinds, not_first, agentic, max_searches, **options):
     """GRPO fine-tuning with a LoRA adapter; writes adapter/, merged/, config.json and metrics.jsonl.
 
     Example: ragrpo train --max-steps 20 --reward length --reward token_diversity=0.5 --output runs/demo
@@ -154,7 +156,7 @@ def train(config_file, rewards, overwrite, resume, from_index, db, storage_optio
         source = IndexSource(from_index, db, where=where, k=k, mode=mode, questions=questions, reasoning=reasoning,
                              cite=cite, held_out=cfg.held_out, max_documents=max_documents, header=passage_header,
                              order=order, order_seed=cfg.seed, agentic=agentic, max_searches=max_searches,
-                             kinds=parse_kinds(kinds))
+                             kinds=parse_kinds(kinds), not_first=parse_kinds(not_first))
         from ragrpo.config import load_config_file
 
         given = bool(rewards) or bool(config_file and "rewards" in load_config_file(config_file))
@@ -301,6 +303,8 @@ def search(query, table, db, storage_options, where, k, as_json, mode, rerank):
               "'{title} ({release_year})' [default: the model's training setting, else the table's title and year].")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object (answer, sources, token counts) "
               "at the end instead of streaming text.")
+@click.option("--not-first", default=None, help="Question kinds, comma-separated, whose source is never passage 1 "
+              "in a training prompt, e.g. keyword,when with --kinds all (with --from-index).")
 @click.option("--agentic", is_flag=True, help="No passages up front: the model searches the table itself "
               "(<search> query </search>), sees the results and answers; each search is printed as it is made.")
 @click.option("--max-searches", type=int, default=3, show_default=True, help="Search calls per answer (with --agentic).")

@@ -109,13 +109,17 @@ class IndexSource:
     max_searches: int = 3
     # the question kinds trained on (QUESTION_KINDS); None: `training_kinds` decides (no HEADER_KINDS)
     kinds: tuple[str, ...] | None = None
+    # question kinds whose source is never shown first in a training prompt (with a balanced or mixed order)
+    not_first: tuple[str, ...] | None = None
 
     def __post_init__(self):
         self.kinds = None if self.kinds is None else tuple(self.kinds)
-        unknown = sorted(set(self.kinds or ()) - set(QUESTION_KINDS))
-        if unknown or self.kinds == ():
-            said = f"{','.join(unknown)}: unknown question kind" if unknown else "names no kind"
-            raise RagrpoError(f"--kinds {said}; use some of {', '.join(QUESTION_KINDS)}, or all")
+        self.not_first = None if self.not_first is None else tuple(self.not_first)
+        for option, given in (("--kinds", self.kinds), ("--not-first", self.not_first)):
+            unknown = sorted(set(given or ()) - set(QUESTION_KINDS))
+            if unknown or given == ():
+                said = f"{','.join(unknown)}: unknown question kind" if unknown else "names no kind"
+                raise RagrpoError(f"{option} {said}; use some of {', '.join(QUESTION_KINDS)}, or all")
         if self.max_searches < 1:
             raise RagrpoError(f"--max-searches must be at least 1, got {self.max_searches}")
         if self.agentic and self.reasoning:
@@ -222,13 +226,14 @@ def rag_examples(table, questions: list[Question], column: str, source: IndexSou
     hits = retrieve_all(table, [q.query for q in questions], where=source.where, k=source.k, mode=source.mode)
     ids = [[document_id(hit, column) for hit in h] for h in hits]
     sources = [q.source_id for q in questions]
+    late = [q.kind in (source.not_first or ()) for q in questions]
     if source.order == "mixed":
-        orders = mixed_orders(ids, sources, group, source.order_seed)
+        orders = mixed_orders(ids, sources, group, source.order_seed, late)
         return [{**rag_example(q, h, column, reasoning=source.reasoning, cite=source.cite, style=style, order=o),
                  GROUP_COLUMN: n}
                 for n, (q, h, group_orders) in enumerate(zip(questions, hits, orders, strict=True))
                 for o in group_orders]
-    orders = balanced_orders(ids, sources, source.order_seed) if source.order == "balanced" else [None] * len(hits)
+    orders = balanced_orders(ids, sources, source.order_seed, late) if source.order == "balanced" else [None] * len(hits)
     return [rag_example(q, h, column, reasoning=source.reasoning, cite=source.cite, style=style, order=o)
             for q, h, o in zip(questions, hits, orders, strict=True)]
 
