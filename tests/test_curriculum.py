@@ -378,18 +378,22 @@ def test_from_index_run_records_its_split_and_trains_on_its_rewards(index_run):
     assert all(REASONING_INSTRUCTION in r["prompt"][0]["content"] for r in rows)
     config = json.loads((run / "config.json").read_text())["run"]
     assert config["dataset"] == str(run / "curriculum" / "train.jsonl") and config["held_out"] == 0.0
-    assert config["rewards"] == ["answer_match=2", "source_citation_debiased_1w", "drawn_from_first=0", "format=0.5"]
+    assert config["rewards"] == ["answer_match_own_words=2", "source_citation_debiased_1w", "drawn_from_first=0",
+                                 "answer_match=0", "verbatim_span=0", "format=0.5"]
     assert config["grpo"]["multi_objective_aggregation"] == "sum_then_normalize"
     assert config["grpo"]["beta"] == 0.0 and config["grpo"]["use_adaptive_entropy"] is True
     assert config["grpo"]["num_generations"] == 2  # the group size given is kept
     logged = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in logged if "reward" in r]
     assert steps and all("rewards/drawn_from_first/mean" in r for r in steps)
-    for r in steps:  # the habit gauge is logged at weight 0: the reward is the paid terms' weighted sum alone
-        paid = 2 * r["rewards/answer_match/mean"] + r["rewards/source_citation_debiased_1w/mean"] + 0.5 * r[
+    for r in steps:  # the gauges are logged at weight 0: the reward is the paid terms' weighted sum alone
+        paid = 2 * r["rewards/answer_match_own_words/mean"] + r["rewards/source_citation_debiased_1w/mean"] + 0.5 * r[
             "rewards/format/mean"]
         assert r["reward"] == pytest.approx(paid, abs=1e-5)
-        assert 0.0 <= r["rewards/drawn_from_first/mean"] <= 1.0
+        assert 0.0 <= r["rewards/drawn_from_first/mean"] <= 1.0 and -1.0 <= r["rewards/verbatim_span/mean"] <= 0.0
+        # a right answer in its own words earns what answer_match pays, a copied one down to half of it
+        assert r["rewards/answer_match/mean"] / 2 - 1e-6 <= r["rewards/answer_match_own_words/mean"] \
+            <= r["rewards/answer_match/mean"] + 1e-6
     assert result.steps == 2
 
 
@@ -788,7 +792,8 @@ def test_from_index_settings_fill_only_what_the_configuration_leaves_open():
 
     source = IndexSource("movies", "db")
     silent = from_index_config(build_run_config(output="r"), source, rewards_given=False)
-    assert silent.rewards == ["answer_match=2", "source_citation_debiased_1w", "drawn_from_first=0"]
+    assert silent.rewards == ["answer_match_own_words=2", "source_citation_debiased_1w", "drawn_from_first=0",
+                              "answer_match=0", "verbatim_span=0"]
     assert silent.grpo["num_generations"] == silent.grpo["per_device_train_batch_size"] == 8
     assert silent.grpo["multi_objective_aggregation"] == "sum_then_normalize" and silent.grpo["beta"] == 0.0
     given = from_index_config(build_run_config(output="r", rewards=["length"], beta=0.04,
