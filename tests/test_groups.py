@@ -38,7 +38,7 @@ def test_a_question_marked_not_first_gets_its_group_over_the_later_positions_onl
     ids = [["s", "y", "z"], ["t", "u", "v"]]
     [late, plain] = mixed_orders(ids, ["s", "t"], group=8, seed=0, not_first=[True, False])
     assert Counter(order.index(0) for order in late) == {1: 4, 2: 4}
-    assert set(order.index(0) for order in plain) == {0, 1, 2}
+    assert {order.index(0) for order in plain} == {0, 1, 2}
 
 
 def test_a_question_without_its_source_gets_shuffles_and_a_short_hit_list_fewer_orders():
