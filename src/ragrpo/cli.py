@@ -303,8 +303,6 @@ def search(query, table, db, storage_options, where, k, as_json, mode, rerank):
               "'{title} ({release_year})' [default: the model's training setting, else the table's title and year].")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object (answer, sources, token counts) "
               "at the end instead of streaming text.")
-@click.option("--not-first", default=None, help="Question kinds, comma-separated, whose source is never passage 1 "
-              "in a training prompt, e.g. keyword,when with --kinds all (with --from-index).")
 @click.option("--agentic", is_flag=True, help="No passages up front: the model searches the table itself "
               "(<search> query </search>), sees the results and answers; each search is printed as it is made.")
 @click.option("--max-searches", type=int, default=3, show_default=True, help="Search calls per answer (with --agentic).")
