@@ -38,8 +38,11 @@ def read_steps(run: Path, metrics: Path | None = None, seed: int | None = None) 
     if config["grpo"].get("per_device_train_batch_size", group) != group:
         raise SystemExit(f"{run}: more than one question a step; this script reads one-question steps only")
     frame = pd.read_json(run / "curriculum" / "train.jsonl", lines=True)
-    frame = frame.sample(frac=1.0, random_state=data_seed).reset_index(drop=True)
-    order = list(RepeatSampler(range(len(frame)), mini_repeat_count=group, batch_size=1, seed=seed))[::group]
+    shuffled = config["grpo"].get("shuffle_dataset") is not False  # --not-first-questions trains in file order
+    if shuffled:
+        frame = frame.sample(frac=1.0, random_state=data_seed).reset_index(drop=True)
+    order = list(RepeatSampler(range(len(frame)), mini_repeat_count=group, batch_size=1, seed=seed,
+                               shuffle=shuffled))[::group]
     tokenizer = AutoTokenizer.from_pretrained(_model_dir(config))
     records, tokens = [], 0.0
     for line in (metrics or run / "metrics.jsonl").read_text().splitlines():

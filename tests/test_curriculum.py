@@ -313,6 +313,38 @@ def test_header_questions_marked_not_first_show_their_source_below_passage_1(mov
     assert IndexSource(**json.loads(json.dumps(late.split_record()))["source"]).not_first == ("keyword", "when")
 
 
+def test_the_first_questions_trained_show_their_source_below_passage_1_then_every_position(movie_db):
+    from ragrpo.config import build_run_config
+    from ragrpo.tuning.curriculum import from_index_config
+
+    def curriculum(**options):
+        return build_curriculum(IndexSource("movies", str(movie_db), k=3, held_out=0.2, max_documents=30, **options))
+
+    early = curriculum(not_first_questions=9)
+    first = [e["source_rank"] for e in early.examples[:9]]
+    assert set(first) - {0} == {2, 3} and sum(1 for r in first if r) >= 7, first
+    rest = Counter(e["source_rank"] for e in early.examples[9:] if e["source_rank"])
+    assert set(rest) == {1, 2, 3} and max(rest.values()) - min(rest.values()) <= 1, rest
+    # the same questions as a run without it, in an order of their own that the seed repeats
+    queries = lambda c: [e["query"] for e in c.examples]
+    plain = curriculum()
+    assert sorted(queries(early)) == sorted(queries(plain)) and queries(early) != queries(plain)
+    assert queries(curriculum(not_first_questions=9)) == queries(early)
+    assert queries(curriculum(not_first_questions=9, order_seed=1)) != queries(early)
+    assert IndexSource(**json.loads(json.dumps(early.split_record()))["source"]).not_first_questions == 9
+    # the rows train in the order written: TRL's shuffling is off, and a configuration that turns it on is refused
+    cfg = from_index_config(build_run_config(output="r"), early.source, rewards_given=False)
+    assert cfg.grpo["shuffle_dataset"] is False
+    assert "shuffle_dataset" not in from_index_config(build_run_config(output="r"), plain.source, False).grpo
+    with pytest.raises(RagrpoError, match="remove shuffle_dataset = true"):
+        from_index_config(build_run_config(output="r", grpo={"shuffle_dataset": True}), early.source, False)
+    for options, says in [({"not_first_questions": -1}, "--not-first-questions must be 0 or more, got -1"),
+                          ({"not_first_questions": 5, "order": "mixed"}, "needs --order balanced"),
+                          ({"not_first_questions": 5, "agentic": True}, "without --agentic")]:
+        with pytest.raises(RagrpoError, match=says):
+            IndexSource("movies", **options)
+
+
 def test_the_default_kinds_keep_header_questions_only_where_nothing_else_was_made():
     made = {"keyword", "when", "who", "blank"}
     assert training_kinds(IndexSource("movies"), made) == {"who", "blank"}
@@ -669,6 +701,8 @@ def test_cli_from_index_errors_are_one_line(tmp_path):
                              "--output", tmp_path / "run"), "--kinds title: unknown question kind")
     assert_user_error(ragrpo("train", "--from-index", "movies", "--db", tmp_path, "--not-first", "",
                              "--output", tmp_path / "run"), "--not-first names no kind")
+    assert_user_error(ragrpo("train", "--from-index", "movies", "--db", tmp_path, "--not-first-questions", "-3",
+                             "--output", tmp_path / "run"), "--not-first-questions must be 0 or more")
     assert not (tmp_path / "run").exists()
 
 

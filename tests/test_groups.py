@@ -106,9 +106,9 @@ def test_max_samples_keeps_whole_questions(tmp_path, base_model):
 SEEN = []  # what `seen_groups` was handed, one list per reward call
 
 
-def seen_groups(prompts, completions, query, source_rank, question_group, **kwargs):
+def seen_groups(prompts, completions, query, source_rank, question_group=None, **kwargs):
     """A reward that records its batch (named in the run's rewards as `test_groups.seen_groups`)."""
-    SEEN.append(list(zip(question_group, query, source_rank, strict=True)))
+    SEEN.append(list(zip(question_group or [None] * len(query), query, source_rank, strict=True)))
     return [0.0] * len(prompts)
 
 
@@ -138,3 +138,23 @@ def test_a_mixed_order_run_scores_each_question_under_every_source_position(movi
                 assert {first[2], second[2]} == {1, 2}
                 retrieved += 1
     assert retrieved >= 3
+
+
+@pytest.mark.integration
+def test_a_run_trains_its_first_questions_with_the_source_below_passage_1_in_the_order_written(
+        movie_db, tiny_model_dir, tmp_path):
+    from ragrpo.config import build_run_config
+    from ragrpo.tuning.curriculum import from_index_config, train_from_index
+
+    SEEN.clear()
+    source = IndexSource("movies", str(movie_db), k=3, held_out=0.2, max_documents=30, not_first_questions=4)
+    cfg = build_run_config(output=str(tmp_path / "run"), model=str(tiny_model_dir), max_steps=5, num_generations=2,
+                           max_completion_length=8, rewards=["answer_match", "test_groups.seen_groups=0"],
+                           grpo={"per_device_train_batch_size": 2, "logging_steps": 1, "save_strategy": "no"})
+    result, _ = train_from_index(from_index_config(cfg, source, rewards_given=True), source)
+    assert result.steps == 5 and len(SEEN) == 5
+    rows = [json.loads(line) for line in (result.output / "curriculum" / "train.jsonl").read_text().splitlines()]
+    # step n trains the n-th row written, in both of its answers; the first 4 never show their source first
+    assert [{(query, rank) for _, query, rank in batch} for batch in SEEN] == [
+        {(row["query"], row["source_rank"])} for row in rows[:5]]
+    assert all(row["source_rank"] != 1 for row in rows[:4])

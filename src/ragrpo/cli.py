@@ -128,12 +128,15 @@ def main():
               "and when, which a passage's header answers, where the table gives others] (with --from-index).")
 @click.option("--not-first", default=None, help="Question kinds, comma-separated, whose source is never passage 1 "
               "in a training prompt, e.g. keyword,when with --kinds all (with --from-index).")
+@click.option("--not-first-questions", type=int, default=0, show_default=True, help="The first N questions trained "
+              "on never show their source as passage 1; the rest are balanced (with --from-index).")
 @click.option("--agentic", is_flag=True, help="No passages up front: the model searches the table itself with "
               "<search> query </search> while it answers, and learns from the search rewards (with --from-index).")
 @click.option("--max-searches", type=int, default=3, show_default=True, help="Search calls per answer (with --agentic).")
 @user_errors
 def train(config_file, rewards, overwrite, resume, from_index, db, storage_options, where, k, mode, questions,
-          reasoning, cite, max_documents, passage_header, order, kinds, not_first, agentic, max_searches, **options):
+          reasoning, cite, max_documents, passage_header, order, kinds, not_first, not_first_questions, agentic,
+          max_searches, **options):
     """GRPO fine-tuning with a LoRA adapter; writes adapter/, merged/, config.json and metrics.jsonl.
 
     Example: ragrpo train --max-steps 20 --reward length --reward token_diversity=0.5 --output runs/demo
@@ -156,7 +159,8 @@ def train(config_file, rewards, overwrite, resume, from_index, db, storage_optio
         source = IndexSource(from_index, db, where=where, k=k, mode=mode, questions=questions, reasoning=reasoning,
                              cite=cite, held_out=cfg.held_out, max_documents=max_documents, header=passage_header,
                              order=order, order_seed=cfg.seed, agentic=agentic, max_searches=max_searches,
-                             kinds=parse_kinds(kinds), not_first=parse_kinds(not_first))
+                             kinds=parse_kinds(kinds), not_first=parse_kinds(not_first),
+                             not_first_questions=not_first_questions)
         from ragrpo.config import load_config_file
 
         given = bool(rewards) or bool(config_file and "rewards" in load_config_file(config_file))

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import random
 import tempfile
 from collections import Counter
 from dataclasses import asdict, dataclass
@@ -115,6 +116,9 @@ class IndexSource:
     kinds: tuple[str, ...] | None = None
     # question kinds whose source is never shown first in a training prompt (with a balanced or mixed order)
     not_first: tuple[str, ...] | None = None
+    # the first N questions trained on show their source at 2..k only (balanced order); the rows are then written
+    # in the order they train, and TRL's shuffling is turned off (`from_index_config`)
+    not_first_questions: int = 0
 
     def __post_init__(self):
         self.kinds = None if self.kinds is None else tuple(self.kinds)
@@ -126,6 +130,11 @@ class IndexSource:
                 raise RagrpoError(f"{option} {said}; use some of {', '.join(QUESTION_KINDS)}, or all")
         if self.max_searches < 1:
             raise RagrpoError(f"--max-searches must be at least 1, got {self.max_searches}")
+        if self.not_first_questions < 0:
+            raise RagrpoError(f"--not-first-questions must be 0 or more, got {self.not_first_questions}")
+        if self.not_first_questions and (self.agentic or self.order != "balanced"):
+            raise RagrpoError("--not-first-questions deals passage orders in the order questions are trained: it "
+                              "needs --order balanced, without --agentic")
         if self.agentic and self.reasoning:
             raise RagrpoError("--agentic and --reasoning cannot be combined: an agentic answer follows its searches")
         if self.questions not in QUESTION_MODES:
@@ -230,7 +239,7 @@ def rag_examples(table, questions: list[Question], column: str, source: IndexSou
     hits = retrieve_all(table, [q.query for q in questions], where=source.where, k=source.k, mode=source.mode)
     ids = [[document_id(hit, column) for hit in h] for h in hits]
     sources = [q.source_id for q in questions]
-    late = [q.kind in (source.not_first or ()) for q in questions]
+    late = [q.kind in (source.not_first or ()) or n < source.not_first_questions for n, q in enumerate(questions)]
     if source.order == "mixed":
         orders = mixed_orders(ids, sources, group, source.order_seed, late)
         return [{**rag_example(q, h, column, reasoning=source.reasoning, cite=source.cite, style=style, order=o),
@@ -322,6 +331,8 @@ def build_curriculum(source: IndexSource, model=None, tokenizer=None, *,
     if not train_questions:
         asked = f" of kinds {', '.join(source.kinds)}" if source.kinds else ""
         raise RagrpoError(f"no question{asked} could be made from the documents of {source.table!r}")
+    if source.not_first_questions:  # the rows train in the order written: shuffle them here, seeded
+        random.Random(source.order_seed).shuffle(train_questions)
     examples = rag_examples(table, train_questions, column, source, group)
     return Curriculum(source, column, sorted(set(ids) - held), sorted(held), examples,
                       [q for q in questions if q.source_id in held], table_uri=str(table.uri),
@@ -379,6 +390,11 @@ def from_index_config(cfg: RunConfig, source: IndexSource, rewards_given: bool) 
             cfg.restarts = 0 if cfg.restarts is None else cfg.restarts
     for name, value in DEFAULT_GRPO.items():
         cfg.grpo.setdefault(name, value)
+    if source.not_first_questions:  # its first questions must be trained first (`build_dataset` keeps the order too)
+        if cfg.grpo.get("shuffle_dataset") is True:
+            raise RagrpoError("--not-first-questions trains the curriculum in its own order: remove "
+                              "shuffle_dataset = true from the configuration")
+        cfg.grpo["shuffle_dataset"] = False
     if not set(DEFAULT_GROUP) & set(cfg.grpo):
         cfg.grpo.update(DEFAULT_GROUP)
     return cfg

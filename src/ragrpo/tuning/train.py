@@ -127,7 +127,8 @@ def split_prompts(cfg: RunConfig, tokenizer):
 
 
 def build_dataset(cfg: RunConfig, tokenizer):
-    """A `datasets.Dataset` of the training prompts, shuffled with the run's seed.
+    """A `datasets.Dataset` of the training prompts, shuffled with the run's seed (kept in file order where the
+    GRPO settings say `shuffle_dataset = false`, as TRL's sampler then does).
 
     The dataset's other columns travel with it: TRL hands them to every reward function as keyword
     arguments (a `context` column for `groundedness`, say).
@@ -137,7 +138,8 @@ def build_dataset(cfg: RunConfig, tokenizer):
     from ragrpo.tuning.groups import GROUP_COLUMN
 
     frame, _, _ = split_prompts(cfg, tokenizer)
-    frame = frame.sample(frac=1.0, random_state=cfg.seed).reset_index(drop=True)
+    if cfg.grpo.get("shuffle_dataset") is not False:
+        frame = frame.sample(frac=1.0, random_state=cfg.seed).reset_index(drop=True)
     if cfg.max_samples and GROUP_COLUMN in frame.columns:  # a mixed-order curriculum: whole questions
         frame = frame[frame[GROUP_COLUMN].isin(frame[GROUP_COLUMN].unique()[:cfg.max_samples])]
     elif cfg.max_samples:
