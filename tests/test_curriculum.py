@@ -464,6 +464,29 @@ def test_eval_from_index_scores_both_models_per_seed(index_run, tiny_model_dir, 
     assert all(isinstance(c, str) for c in recorded["completions"]) and len(recorded["completions"]) == 4
 
 
+def test_eval_asks_the_same_prompts_whatever_the_run_dealt_its_training_questions(index_run, tiny_model_dir,
+                                                                                   tmp_path):
+    import shutil
+
+    from ragrpo.evaluation.from_index import compare_from_index
+
+    result, _ = index_run
+    late = tmp_path / "late-run"
+    shutil.copytree(result.output, late)
+    split = json.loads((late / "curriculum" / "split.json").read_text())
+    split["source"].update(not_first_questions=20, not_first=["who", "blank"])  # what training alone uses
+    (late / "curriculum" / "split.json").write_text(json.dumps(split))
+    for retrieved in (False, True):
+        order = {"order": "retrieved"} if retrieved else {}
+        sha = {}
+        for name, run in (("plain", result.output), ("late", late)):
+            compare_from_index(run, base=str(tiny_model_dir), seeds=[0], max_new_tokens=2, max_questions=12,
+                               output=tmp_path / f"{name}-{retrieved}", **order)
+            sha[name] = json.loads((tmp_path / f"{name}-{retrieved}" / "answers" / "base-seed0.json").read_text())[
+                "prompts_sha256"]
+        assert sha["plain"] == sha["late"]
+
+
 def test_citation_accuracy_counts_the_source_alone_and_separates_lower_ranked_sources():
     from ragrpo.evaluation.from_index import score_answers
 

@@ -201,7 +201,8 @@ def compare_agentic(run_dir: str | Path, table: str | None = None, *, base: str 
     echo(f"{len(questions)} held-out gold questions ({gold}); a search of the question verbatim finds the source "
          f"for {verbatim_found:.3f}")
     # single-shot RAG with the same model: the run's k passages for the question verbatim, as retrieved
-    single = IndexSource(**{**source, "agentic": False, "cite": True, "order": "retrieved", "order_seed": 0})
+    single = IndexSource(**{**source, "agentic": False, "cite": True, "order": "retrieved", "order_seed": 0,
+                            "not_first": None, "not_first_questions": 0})
     rows = rag_examples(handle, questions, column, single)
     for row, question in zip(rows, questions, strict=True):
         row["answers"] = question.meta["answers"]

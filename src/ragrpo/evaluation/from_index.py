@@ -395,8 +395,10 @@ def compare_from_index(run_dir: str | Path, table: str | None = None, *, base: s
     questions = questions[:max_questions] if max_questions else questions
     if not questions:
         raise RagrpoError(f"{run_dir}: the run has no held-out questions")
-    # runs recorded before `mode` and `order` were settings retrieved by vector, in retrieved order
-    setting = IndexSource(**{"mode": "vector", **source, "order": order, "order_seed": 0})
+    # runs recorded before `mode` and `order` were settings retrieved by vector, in retrieved order; what the run
+    # dealt its training questions (sources kept off passage 1) does not carry over to the questions asked here
+    setting = IndexSource(**{"mode": "vector", **source, "order": order, "order_seed": 0, "not_first": None,
+                             "not_first_questions": 0})
     rows = rag_examples(handle, questions, split["text_column"], setting)
     for row, question in zip(rows, questions, strict=True):
         if "answers" in question.meta:
