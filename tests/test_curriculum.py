@@ -487,6 +487,26 @@ def test_eval_asks_the_same_prompts_whatever_the_run_dealt_its_training_question
         assert sha["plain"] == sha["late"]
 
 
+def test_done_when_flags_a_run_that_answers_fewer_passage_1_questions_than_the_base():
+    from ragrpo.evaluation.from_index import IndexComparison, SeedScores, done_when
+
+    def side(accuracy, first, third, seeds=(0, 1)):
+        return [SeedScores(seed, {"answer accuracy": accuracy + 0.01 * seed, "distinct-2": 0.7,
+                                  "answer accuracy, source at passage 1": first,
+                                  "answer accuracy, source at passage 2": 0.2,
+                                  "answer accuracy, source at passage 3": third}, {}) for seed in seeds]
+
+    def guard(tuned):
+        result = IndexComparison("run", "movies", 90, 1.0, 3, 0.33, [0, 1], side(0.05, 0.10, 0.04), tuned)
+        return [line for line in done_when(result) if line.startswith("- guard")]
+
+    # the mirror habit: more right answers overall, fewer where the source is passage 1
+    said = ("- guard against a position habit, answer accuracy at every source position at least the base's: "
+            "**NOT met** (below the base's at passage 1: 0.100 -> 0.040)")
+    assert guard(side(0.18, 0.04, 0.31)) == [said]
+    assert guard(side(0.25, 0.40, 0.12))[0].endswith("**met**")
+
+
 def test_citation_accuracy_counts_the_source_alone_and_separates_lower_ranked_sources():
     from ragrpo.evaluation.from_index import score_answers
 
