@@ -166,6 +166,7 @@ def compare_agentic(run_dir: str | Path, table: str | None = None, *, base: str 
     from ragrpo.evaluation.from_index import cached_answers, gold_questions, score_answers
     from ragrpo.tuning.agentic import run_tool
     from ragrpo.tuning.curriculum import (
+        TRAINING_ONLY,
         IndexSource,
         document_id,
         open_run_table,
@@ -202,7 +203,7 @@ def compare_agentic(run_dir: str | Path, table: str | None = None, *, base: str 
          f"for {verbatim_found:.3f}")
     # single-shot RAG with the same model: the run's k passages for the question verbatim, as retrieved
     single = IndexSource(**{**source, "agentic": False, "cite": True, "order": "retrieved", "order_seed": 0,
-                            "not_first": None, "not_first_questions": 0})
+                            **TRAINING_ONLY})
     rows = rag_examples(handle, questions, column, single)
     for row, question in zip(rows, questions, strict=True):
         row["answers"] = question.meta["answers"]

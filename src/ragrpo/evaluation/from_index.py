@@ -373,7 +373,13 @@ def compare_from_index(run_dir: str | Path, table: str | None = None, *, base: s
     from transformers import AutoTokenizer
 
     from ragrpo.config import PRESETS
-    from ragrpo.tuning.curriculum import IndexSource, open_run_table, rag_examples, read_curriculum
+    from ragrpo.tuning.curriculum import (
+        TRAINING_ONLY,
+        IndexSource,
+        open_run_table,
+        rag_examples,
+        read_curriculum,
+    )
     from ragrpo.tuning.train import load_run_config
 
     started = time.time()
@@ -395,10 +401,8 @@ def compare_from_index(run_dir: str | Path, table: str | None = None, *, base: s
     questions = questions[:max_questions] if max_questions else questions
     if not questions:
         raise RagrpoError(f"{run_dir}: the run has no held-out questions")
-    # runs recorded before `mode` and `order` were settings retrieved by vector, in retrieved order; what the run
-    # dealt its training questions (sources kept off passage 1) does not carry over to the questions asked here
-    setting = IndexSource(**{"mode": "vector", **source, "order": order, "order_seed": 0, "not_first": None,
-                             "not_first_questions": 0})
+    # runs recorded before `mode` and `order` were settings retrieved by vector, in retrieved order
+    setting = IndexSource(**{"mode": "vector", **source, "order": order, "order_seed": 0, **TRAINING_ONLY})
     rows = rag_examples(handle, questions, split["text_column"], setting)
     for row, question in zip(rows, questions, strict=True):
         if "answers" in question.meta:

@@ -64,7 +64,9 @@ from ragrpo.tuning.questions import (  # noqa: F401  (re-exported: the questions
     template_questions,
 )
 
-ORDERS = ("balanced", "retrieved", "mixed")  # tuning/orders.py; mixed: tuning/groups.py too
+ORDERS = ("balanced", "retrieved", "mixed")
+# `IndexSource` settings that deal a run's training questions only: an evaluation of the run asks without them
+TRAINING_ONLY = {"not_first": None, "not_first_questions": 0}  # tuning/orders.py; mixed: tuning/groups.py too
 # The recipe of a from-index run, r14's (bench/results/from-index/NOTES.md says how each piece was found):
 # the weighted sum normalised within the group (normalising each reward first gave a reward without spread,
 # length, the whole vote in r12), G=8 completions of one prompt per step, no KL term, and TRL's adaptive
